@@ -1,0 +1,96 @@
+"""Jobs that combine the encoder stage with the library: encode what is missing, then index.
+
+These are what `rsretrieve index` and `rsretrieve eval` run; a notebook can call them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from indexer.pipeline import DatasetSpec, EncoderSpec, EncodeSummary, encode
+from rsretrieve.bands import Modality
+from rsretrieve.faiss_index import EmbeddingIndex, index_is_current
+from rsretrieve.store import EmbeddingStore
+from rsretrieve.workspace import Selection, Workspace
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a job needs, resolved from the command line and the workspace."""
+
+    workspace: Workspace
+    selection: Selection
+    subset: str | None = None
+    store: Path | None = None  # explicit store path; default: one per dataset, subset and model
+    device: str = "auto"
+    batch_size: int | None = None
+    scheduler: str | None = None
+    dtype: str = "float32"
+
+    @property
+    def store_path(self) -> Path:
+        if self.store:
+            return Path(self.store)
+        name = self.selection.dataset + (f"-{self.subset}" if self.subset else "")
+        return self.workspace.store_path(name, self.selection.model)
+
+    @property
+    def dataset_spec(self) -> DatasetSpec:
+        return DatasetSpec(self.selection.dataset, self.selection.root, self.subset)
+
+    @property
+    def encoder_spec(self) -> EncoderSpec:
+        return EncoderSpec(self.selection.model_spec, self.device, self.batch_size)
+
+
+def ensure_embeddings(job: Job, modality: Modality, client=None, **progress) -> EncodeSummary:
+    """Encode the patches of `modality` that the store lacks (nothing, if it is complete)."""
+    return encode(
+        job.dataset_spec,
+        modality,
+        job.store_path,
+        job.encoder_spec,
+        client=client,
+        scheduler=job.scheduler,
+        dtype=job.dtype,
+        **progress,
+    )
+
+
+@dataclass
+class IndexOutcome:
+    path: Path
+    built: bool
+    kind: str
+    vectors: int
+
+
+def ensure_index(job: Job, modality: Modality, kind: str = "auto", use_gpu: bool = False) -> IndexOutcome:
+    """Build the modality's index from the store unless an index of the same store is current."""
+    store = EmbeddingStore(job.store_path)
+    group = store.open(modality)
+    provenance = store.provenance(modality)
+    directory = job.workspace.index_dir(job.store_path, modality)
+    n_valid = int(group["valid"].sum())
+    if index_is_current(directory, provenance, n_valid, kind=kind):
+        index = EmbeddingIndex.load(directory, expected_provenance=provenance)
+        return IndexOutcome(directory, False, index.kind, index.ntotal)
+    index = EmbeddingIndex.build(group, kind=kind, mask=group["valid"].values, use_gpu=use_gpu)
+    index.save(directory)
+    return IndexOutcome(directory, True, index.kind, index.ntotal)
+
+
+def run_index(
+    job: Job,
+    modality: Modality,
+    kind: str = "auto",
+    client=None,
+    on_encoded: Callable[[EncodeSummary], None] | None = None,
+    **progress,
+) -> tuple[EncodeSummary, IndexOutcome]:
+    summary = ensure_embeddings(job, modality, client=client, **progress)
+    if on_encoded:
+        on_encoded(summary)
+    return summary, ensure_index(job, modality, kind=kind)

@@ -1,0 +1,314 @@
+"""The encoder stage: data chunks -> CSMoE [CLS] embeddings -> Zarr store, over a Dask cluster.
+
+Each data chunk becomes two tasks: `read` (GeoTIFF/LMDB/parquet decoding and normalisation, runs on
+any worker thread) and `encode` (one batch through the model). Encode tasks claim the worker's single
+`encoder` resource, so a worker runs one encode at a time on its CPU cores or GPU while its other
+threads read the next chunks: reading overlaps encoding. Each worker process loads the model once.
+
+The driver writes each finished chunk into its region of the store and only then marks it done, so
+an interrupted run resumes where it stopped and a finished run does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rsretrieve.bands import Modality
+from rsretrieve.datasets import Chunk, PatchBatch, open_dataset
+from rsretrieve.encode import embed_pixels
+from rsretrieve.errors import RSRetrieveError
+from rsretrieve.store import ChunkSpan, EmbeddingStore
+
+ENCODER_RESOURCE = "encoder"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How a worker opens the dataset: picklable, reopened once per process."""
+
+    name: str
+    root: str | None = None
+    subset: str | None = None
+    options: tuple[tuple[str, object], ...] = ()  # reader options, e.g. (("chunk_size", 64),)
+
+    def open(self):
+        key = (self.name, self.root, self.subset, self.options)
+        with _CACHE_LOCK:
+            if key not in _DATASETS:
+                _DATASETS[key] = open_dataset(self.name, Path(self.root) if self.root else None, self.subset, **dict(self.options))
+            return _DATASETS[key]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "root": self.root, "subset": self.subset, "options": dict(self.options)}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which model to run where: a config name or checkpoint path, a device, a batch size."""
+
+    model: str = "csmoe-p16"
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int | None = None  # default: 32 on CPU, 256 on a GPU
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise RSRetrieveError("--device cuda: no CUDA device is available on this machine")
+        return self.device
+
+    def resolved_batch_size(self) -> int:
+        return self.batch_size or (256 if self.resolved_device().startswith("cuda") else 32)
+
+
+@dataclass
+class EncodeSummary:
+    modality: Modality
+    store: Path
+    chunks_total: int
+    chunks_already_done: int
+    chunks_encoded: int = 0
+    patches_encoded: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def patches_per_second(self) -> float:
+        return self.patches_encoded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.chunks_already_done == self.chunks_total
+
+
+class EncodeInterrupted(RSRetrieveError):
+    """The run stopped (a task failed, or Ctrl-C); what was written stays valid and resumable."""
+
+    def __init__(self, message: str, summary: EncodeSummary):
+        super().__init__(message)
+        self.summary = summary
+
+
+# -- worker side --------------------------------------------------------------------------------
+_CACHE_LOCK = threading.Lock()
+_DATASETS: dict = {}
+_MODELS: dict = {}
+
+
+def _worker_model(spec: EncoderSpec, device: str):
+    """The process's one copy of the model, loaded on first use."""
+    from rsretrieve.checkpoint import load_model
+
+    key = (spec.model, device)
+    with _CACHE_LOCK:
+        if key not in _MODELS:
+            _MODELS.clear()  # one model per worker process
+            _MODELS[key] = load_model(spec.model, device=device)
+        return _MODELS[key]
+
+
+def _worker_device(spec: EncoderSpec) -> str:
+    device = spec.resolved_device()
+    if device != "cuda":
+        return device
+    import torch
+
+    try:  # one GPU per worker: LocalCluster names its workers 0, 1, ...
+        from distributed import get_worker
+
+        return f"cuda:{int(get_worker().name) % torch.cuda.device_count()}"
+    except (ValueError, TypeError):
+        return "cuda"
+
+
+def read_chunk(dataset: DatasetSpec, chunk: Chunk) -> PatchBatch:
+    return dataset.open().read_chunk(chunk)
+
+
+def encode_batch(batch: PatchBatch, spec: EncoderSpec, chunk_hook: Callable | None = None, chunk: Chunk | None = None) -> tuple[list[str], np.ndarray, list]:
+    """Embed one chunk's pixels. Returns (patch_ids, embeddings float32 (n, D), skipped)."""
+    if chunk_hook is not None:
+        chunk_hook(chunk)
+    device = _worker_device(spec)
+    model = _worker_model(spec, device)
+    embeddings = embed_pixels(model, batch.pixels, chunk.modality, device, spec.resolved_batch_size())
+    return list(batch.patch_ids), embeddings, list(batch.skipped)
+
+
+# -- driver side --------------------------------------------------------------------------------
+def local_cluster_kwargs(device: str) -> dict:
+    """A local cluster sized to this machine: one worker per GPU, else one worker using all cores."""
+    cores = os.cpu_count() or 1
+    n_gpus = 0
+    if device in ("auto", "cuda"):
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+    workers = max(1, n_gpus)
+    return {
+        "n_workers": workers,
+        "threads_per_worker": max(2, cores // workers),
+        "resources": {ENCODER_RESOURCE: 1},
+        "processes": True,
+        "dashboard_address": None,
+        "silence_logs": logging.ERROR,
+    }
+
+
+def chunk_spans(chunks: list[Chunk], meta) -> list[ChunkSpan]:
+    """Each chunk's row range in the store; the metadata table lists patches in chunk order."""
+    spans, start = [], 0
+    for chunk in chunks:
+        stop = start + chunk.n_patches
+        spans.append(ChunkSpan(chunk.key, start, stop))
+        start = stop
+    if start != meta.num_rows:
+        raise RSRetrieveError(f"chunks list {start} patches but the metadata has {meta.num_rows}")
+    return spans
+
+
+def encode(
+    dataset: DatasetSpec,
+    modality: Modality,
+    store_path: str | Path,
+    encoder: EncoderSpec,
+    *,
+    client=None,
+    scheduler: str | None = None,
+    dtype: str = "float32",
+    on_start: Callable[[int, int], None] | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+    chunk_hook: Callable[[Chunk], None] | None = None,
+) -> EncodeSummary:
+    """Encode every patch of `modality` not yet in the store.
+
+    `client`: an existing dask.distributed Client; else `scheduler` (an address) is connected to;
+    else a LocalCluster sized to the machine is started for this call. `on_start(total_patches,
+    patches_to_do)` and `on_chunk(patches_written, patches_skipped)` drive a progress bar.
+    `chunk_hook(chunk)` runs in the worker before each chunk is encoded (tests inject faults with it).
+    """
+    from rsretrieve import __version__
+    from rsretrieve.encode import describe_model
+
+    started = time.perf_counter()
+    ds = dataset.open()
+    chunks = ds.chunks(modality)
+    meta = ds.metadata(modality)
+    spans = chunk_spans(chunks, meta)
+    store = EmbeddingStore(store_path)
+    provenance, dim = describe_model(encoder.model)
+    provenance = {**provenance, "rsretrieve_version": __version__, "dataset": dataset.to_dict()}
+    store.create_or_check(modality, meta, spans, dim, provenance, dtype=dtype)
+
+    done = store.done_chunks(modality)
+    todo = [(chunk, span) for chunk, span in zip(chunks, spans) if chunk.key not in done]
+    summary = EncodeSummary(modality, Path(store_path), len(chunks), len(chunks) - len(todo), provenance=store.provenance(modality))
+    if on_start:
+        on_start(meta.num_rows, sum(span.stop - span.start for _, span in todo))
+    if todo:
+        with _client(client, scheduler, encoder.device) as dask_client:
+            _run(dask_client, dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+class _client:
+    """Use the given client, connect to a scheduler, or start (and stop) a local cluster."""
+
+    def __init__(self, client, scheduler: str | None, device: str):
+        self.given, self.scheduler, self.device = client, scheduler, device
+        self.owned: list = []
+
+    def __enter__(self):
+        from distributed import Client, LocalCluster
+
+        if self.given is not None:
+            return self.given
+        if self.scheduler:
+            client = Client(self.scheduler)
+        else:
+            cluster = LocalCluster(**local_cluster_kwargs(self.device))
+            client = Client(cluster)
+            self.owned.append(cluster)
+        self.owned.insert(0, client)
+        return client
+
+    def __exit__(self, *exc):
+        for thing in self.owned:
+            thing.close()
+
+
+def _encoder_resources(client) -> dict | None:
+    """Claim the encoder resource only where every worker declares it (external clusters may not)."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    if workers and all(ENCODER_RESOURCE in w.get("resources", {}) for w in workers):
+        return {ENCODER_RESOURCE: 1}
+    return None
+
+
+def _run(client, dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook) -> None:
+    from distributed import as_completed
+
+    resources = _encoder_resources(client)
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    window = 3 * workers  # chunks in flight: enough to overlap reads with encoding, bounded memory
+    pending = list(reversed(todo))
+    span_of = {}
+    run = uuid.uuid4().hex[:8]  # task keys unique per run: a resumed run must not reuse failed tasks
+
+    def submit_next(tracker):
+        chunk, span = pending.pop()
+        batch = client.submit(read_chunk, dataset, chunk, key=f"read-{modality}-{chunk.key}-{run}", pure=False)
+        future = client.submit(encode_batch, batch, encoder, chunk_hook, chunk, resources=resources, key=f"encode-{modality}-{chunk.key}-{run}", pure=False)
+        span_of[future.key] = span
+        tracker.add(future)
+
+    tracker = as_completed()
+    for _ in range(min(window, len(pending))):
+        submit_next(tracker)
+    try:
+        for future in tracker:
+            if future.status == "error":
+                cause = future.exception()
+                _cancel(client, tracker)
+                raise EncodeInterrupted(
+                    f"encoding stopped at chunk {span_of[future.key].key}: {type(cause).__name__}: {cause}. "
+                    f"{summary.chunks_encoded} chunks written this run are kept; run the same command again to resume",
+                    summary,
+                ) from cause
+            patch_ids, embeddings, skipped = future.result()
+            span = span_of.pop(future.key)
+            store.write_chunk(modality, span, patch_ids, embeddings.astype(dtype, copy=False))
+            summary.chunks_encoded += 1
+            summary.patches_encoded += len(patch_ids)
+            summary.skipped.extend(skipped)
+            if on_chunk:
+                on_chunk(span.stop - span.start, len(skipped))
+            future.release()
+            if pending:
+                submit_next(tracker)
+    except KeyboardInterrupt:
+        _cancel(client, tracker)
+        raise EncodeInterrupted(
+            f"interrupted: {summary.chunks_encoded} chunks written this run are kept; run the same command again to resume",
+            summary,
+        ) from None
+
+
+def _cancel(client, tracker) -> None:
+    remaining = list(tracker.futures) if hasattr(tracker, "futures") else []
+    if remaining:
+        client.cancel(remaining)
+    tracker.clear()

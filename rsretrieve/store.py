@@ -1,0 +1,237 @@
+"""The embedding store: Zarr v3 written through xarray, one group per modality.
+
+Each group is a self-describing Dataset that opens with plain `xarray.open_zarr(path, group="s2")`:
+
+    embedding (patch, dim)    float32 (or float16); NaN until encoded, and for skipped patches
+    valid     (patch)         bool: encoded and usable
+    coords    patch_id, pair_id, split, country, labels (patch, label) bool, label, lat, lon,
+              grid_cell, timestamp, product_id (those the source has)
+    chunk_key / chunk_start / chunk_stop / chunk_done (chunk)   the resumability ledger
+    attrs     provenance: model, config, checkpoint_sha256 ("random-init" for untrained weights),
+              normalisation, rsretrieve version, creation time
+
+Rows are allocated for every patch up front, in the dataset's chunk order, so each data chunk owns
+one fixed region. A chunk is written (embedding + valid) and only then marked done in the ledger;
+writing a region twice is harmless, so a crash between the two costs one chunk's recomputation and
+never a duplicate or a hole.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import xarray as xr
+import zarr
+
+from rsretrieve.bands import MODALITIES, Modality, normalisation_attrs
+from rsretrieve.errors import StoreError, located
+from rsretrieve.labels import CLASSES, multi_hot
+
+# provenance keys that must agree before embeddings may share a store or an index
+IDENTITY_KEYS = ("model", "config", "checkpoint_sha256", "dtype")
+STRING_COORDS = ("patch_id", "pair_id", "split", "country", "grid_cell", "product_id")
+FLOAT_COORDS = ("lat", "lon")
+
+
+@dataclass(frozen=True)
+class ChunkSpan:
+    """A data chunk's place in the store: rows [start, stop)."""
+
+    key: str
+    start: int
+    stop: int
+
+
+def identity(provenance: dict) -> dict:
+    return {key: provenance.get(key) for key in IDENTITY_KEYS}
+
+
+def describe(provenance: dict) -> str:
+    sha = provenance.get("checkpoint_sha256", "?")
+    return f"{provenance.get('model')} ({'random-init' if sha == 'random-init' else 'sha256 ' + str(sha)[:12]})"
+
+
+class EmbeddingStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def has(self, modality: Modality) -> bool:
+        return (self.path / modality / "zarr.json").exists()
+
+    def modalities(self) -> list[Modality]:
+        return [m for m in MODALITIES if self.has(m)]
+
+    def open(self, modality: Modality) -> xr.Dataset:
+        if not self.has(modality):
+            raise StoreError(located(self.path, f"has no {modality.upper()} embeddings yet; run `rsretrieve index --modality {modality}`"))
+        return xr.open_zarr(self.path, group=modality, consolidated=True)
+
+    def provenance(self, modality: Modality) -> dict:
+        return dict(self._group(modality, "r").attrs["provenance"])
+
+    def ledger(self, modality: Modality) -> tuple[list[ChunkSpan], np.ndarray]:
+        group = self._group(modality, "r")
+        keys = [str(k) for k in group["chunk_key"][:]]
+        starts, stops = group["chunk_start"][:], group["chunk_stop"][:]
+        spans = [ChunkSpan(k, int(a), int(b)) for k, a, b in zip(keys, starts, stops)]
+        return spans, np.asarray(group["chunk_done"][:], dtype=bool)
+
+    def done_chunks(self, modality: Modality) -> set[str]:
+        spans, done = self.ledger(modality)
+        return {span.key for span, flag in zip(spans, done) if flag}
+
+    def summary(self) -> dict:
+        """Counts per modality, for `rsretrieve info`."""
+        out: dict = {"path": str(self.path), "modalities": {}}
+        for modality in self.modalities():
+            group = self._group(modality, "r")
+            spans, done = self.ledger(modality)
+            valid = np.asarray(group["valid"][:], dtype=bool)
+            prov = dict(group.attrs["provenance"])
+            out["modalities"][modality] = {
+                "patches": int(valid.size),
+                "encoded": int(valid.sum()),
+                "chunks_done": int(done.sum()),
+                "chunks": len(spans),
+                "complete": bool(done.all()),
+                "model": prov.get("model"),
+                "checkpoint_sha256": prov.get("checkpoint_sha256"),
+                "random_init": prov.get("checkpoint_sha256") == "random-init",
+            }
+        return out
+
+    # -- writing ---------------------------------------------------------------------------------
+    def create_or_check(
+        self,
+        modality: Modality,
+        meta: pa.Table,
+        spans: Sequence[ChunkSpan],
+        dim: int,
+        provenance: dict,
+        dtype: str = "float32",
+    ) -> None:
+        """Allocate the group for these patches, or check that the existing one matches.
+
+        An existing group written by another model, checkpoint or dtype is refused: embeddings of
+        different models must never be mixed."""
+        provenance = {**provenance, "dtype": dtype}
+        if self.has(modality):
+            self._check_matches(modality, provenance, spans)
+            return
+        dataset = _skeleton(meta, spans, dim, dtype)
+        dataset.attrs["provenance"] = {
+            **provenance,
+            "normalisation": normalisation_attrs(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        dataset.attrs["description"] = f"CSMoE [CLS] embeddings of {modality.upper()} patches (rsretrieve)"
+        self.path.mkdir(parents=True, exist_ok=True)
+        dataset.to_zarr(self.path, group=modality, mode="w", compute=False, zarr_format=3, consolidated=False)
+        _consolidate(self.path)
+
+    def write_chunk(self, modality: Modality, span: ChunkSpan, patch_ids: Sequence[str], embeddings: np.ndarray) -> None:
+        """Write one chunk's embeddings into its region, then mark the chunk done."""
+        group = self._group(modality, "r+")
+        region_ids = [str(p) for p in group["patch_id"][span.start : span.stop]]
+        position = {pid: i for i, pid in enumerate(region_ids)}
+        n = span.stop - span.start
+        block = np.full((n, group["embedding"].shape[1]), np.nan, dtype=group["embedding"].dtype)
+        valid = np.zeros(n, dtype=bool)
+        for pid, vector in zip(patch_ids, embeddings):
+            if pid not in position:
+                raise StoreError(located(self.path, f"patch {pid} does not belong to chunk {span.key}"))
+            block[position[pid]] = vector
+            valid[position[pid]] = True
+        group["embedding"][span.start : span.stop] = block
+        group["valid"][span.start : span.stop] = valid
+        index = self._chunk_index(group, span.key)
+        group["chunk_done"][index] = True  # only after the data is in place
+
+    # -- internals -------------------------------------------------------------------------------
+    def _group(self, modality: Modality, mode: str) -> zarr.Group:
+        try:
+            return zarr.open_group(self.path / modality, mode=mode, zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreError(located(self.path, f"no {modality} group ({exc})")) from None
+
+    @staticmethod
+    def _chunk_index(group: zarr.Group, key: str) -> int:
+        keys = [str(k) for k in group["chunk_key"][:]]
+        return keys.index(key)
+
+    def _check_matches(self, modality: Modality, provenance: dict, spans: Sequence[ChunkSpan]) -> None:
+        existing = self.provenance(modality)
+        if identity(existing) != identity(provenance):
+            diff = [k for k in IDENTITY_KEYS if existing.get(k) != provenance.get(k)]
+            raise StoreError(
+                located(
+                    self.path,
+                    f"holds {modality.upper()} embeddings of {describe(existing)}, not {describe(provenance)} "
+                    f"(differs in {', '.join(diff)}); embeddings of different models are never mixed — "
+                    "use another --store or delete this one",
+                )
+            )
+        stored, _ = self.ledger(modality)
+        if list(stored) != list(spans):
+            raise StoreError(
+                located(self.path, f"was created for a different set or chunking of {modality.upper()} patches; use another --store")
+            )
+
+
+def _consolidate(path: Path) -> None:
+    """Consolidate the whole store's metadata at its root, where xarray looks for it. Shapes never
+    change after a group is created, so once per group creation keeps every later open fast."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # zarr notes that consolidated metadata is a zarr-python extension of the v3 spec; xarray uses it
+        warnings.simplefilter("ignore", category=UserWarning)
+        zarr.consolidate_metadata(path)
+
+
+def _skeleton(meta: pa.Table, spans: Sequence[ChunkSpan], dim: int, dtype: str) -> xr.Dataset:
+    """The lazily-filled Dataset: coordinates written now, embeddings region by region later."""
+    import dask.array as da
+
+    n = meta.num_rows
+    if spans and spans[-1].stop != n:
+        raise ValueError(f"chunks cover {spans[-1].stop} rows but metadata has {n}")
+    rows_per_chunk = max((s.stop - s.start for s in spans), default=1) or 1
+    coords: dict = {"label": ("label", np.array(CLASSES, dtype=object))}
+    columns = set(meta.column_names)
+    for name in STRING_COORDS:
+        if name in columns:
+            values = meta[name].to_pylist()
+            coords[name] = ("patch", np.array(["" if v is None else str(v) for v in values], dtype=object))
+    for name in FLOAT_COORDS:
+        if name in columns:
+            coords[name] = ("patch", np.array([np.nan if v is None else v for v in meta[name].to_pylist()], dtype="float64"))
+    if "timestamp" in columns:
+        coords["timestamp"] = ("patch", _timestamps(meta["timestamp"]))
+    if "labels" in columns:
+        coords["labels"] = (("patch", "label"), np.stack([multi_hot(v or []) for v in meta["labels"].to_pylist()]) if n else np.zeros((0, len(CLASSES)), bool))
+    data = {
+        "embedding": (("patch", "dim"), da.full((n, dim), np.nan, dtype=dtype, chunks=(rows_per_chunk, dim))),
+        "valid": (("patch",), da.zeros(n, dtype=bool, chunks=rows_per_chunk)),
+        "chunk_key": (("chunk",), np.array([s.key for s in spans], dtype=object)),
+        "chunk_start": (("chunk",), np.array([s.start for s in spans], dtype="int64")),
+        "chunk_stop": (("chunk",), np.array([s.stop for s in spans], dtype="int64")),
+        "chunk_done": (("chunk",), np.zeros(len(spans), dtype=bool)),
+    }
+    return xr.Dataset(data, coords=coords)
+
+
+def _timestamps(column: pa.ChunkedArray) -> np.ndarray:
+    if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
+        return column.cast(pa.timestamp("ms")).to_numpy(zero_copy_only=False).astype("datetime64[ms]")
+    values = [None if v is None else str(v) for v in column.to_pylist()]
+    try:
+        return np.array([np.datetime64(v, "ms") if v else np.datetime64("NaT", "ms") for v in values])
+    except ValueError:
+        return np.array(["" if v is None else v for v in values], dtype=object)

@@ -1,0 +1,123 @@
+"""The workspace: where stores, indexes and the user's remembered choices live.
+
+Default `./rsretrieve-workspace`; `RSRETRIEVE_WORKSPACE` or `--workspace` override it. A small
+`config.json` remembers each dataset's root after first use and which dataset and model are current,
+so that `index`, `query` and `eval` need no paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rsretrieve.errors import RSRetrieveError, located
+
+DEFAULT_WORKSPACE = "rsretrieve-workspace"
+DEFAULT_MODEL = "csmoe-p16"
+DEFAULT_DATASET = "sample"
+ROOT_ENV = {"benv2": "RSRETRIEVE_BENV2_ROOT", "majortom": "RSRETRIEVE_MAJORTOM_ROOT"}
+
+
+def default_workspace_path() -> Path:
+    return Path(os.environ.get("RSRETRIEVE_WORKSPACE", DEFAULT_WORKSPACE)).expanduser()
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What later commands act on: a dataset (with its root) and a model (with its checkpoint)."""
+
+    dataset: str
+    root: str | None
+    model: str
+    checkpoint: str | None
+
+    @property
+    def model_spec(self) -> str:
+        """What `load_model` takes: the checkpoint path when there is one, else the config name."""
+        return self.checkpoint or self.model
+
+
+class Workspace:
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path).expanduser() if path else default_workspace_path()
+
+    # -- layout ---------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def stores_dir(self) -> Path:
+        return self.path / "stores"
+
+    @property
+    def indexes_dir(self) -> Path:
+        return self.path / "indexes"
+
+    def store_path(self, dataset: str, model: str) -> Path:
+        """One store per dataset and model: a second model never writes into the first's store."""
+        return self.stores_dir / f"{dataset}--{_slug(model)}.zarr"
+
+    def index_dir(self, store_path: Path, modality: str) -> Path:
+        return self.indexes_dir / store_path.stem / modality
+
+    def stores(self) -> list[Path]:
+        return sorted(self.stores_dir.glob("*.zarr")) if self.stores_dir.exists() else []
+
+    # -- remembered configuration -------------------------------------------------------------
+    def load_config(self) -> dict:
+        if not self.config_path.exists():
+            return {}
+        try:
+            return json.loads(self.config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RSRetrieveError(located(self.config_path, f"not valid JSON ({exc.msg}); fix or delete it")) from None
+
+    def save_config(self, config: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.config_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+        tmp.replace(self.config_path)  # atomic: a crash never leaves half a config
+
+    def dataset_root(self, dataset: str) -> str | None:
+        """Root of a dataset: the environment variable wins, then the remembered root."""
+        env = ROOT_ENV.get(dataset)
+        if env and os.environ.get(env):
+            return os.environ[env]
+        return self.load_config().get("datasets", {}).get(dataset, {}).get("root")
+
+    def select(
+        self,
+        dataset: str | None = None,
+        root: str | Path | None = None,
+        model: str | None = None,
+        checkpoint: str | Path | None = None,
+        remember: bool = True,
+    ) -> Selection:
+        """Resolve what to act on from explicit choices, then the remembered ones, then defaults;
+        remember explicit choices for the next command."""
+        config = self.load_config()
+        current = config.get("current", {})
+        dataset = dataset or current.get("dataset") or DEFAULT_DATASET
+        root_str = str(Path(root).expanduser().resolve()) if root else self.dataset_root(dataset)
+        if checkpoint:
+            checkpoint = str(Path(checkpoint).expanduser().resolve())
+            model = model or Path(checkpoint).stem
+        elif model:
+            checkpoint = None
+        else:
+            model = current.get("model") or DEFAULT_MODEL
+            checkpoint = current.get("checkpoint")
+        selection = Selection(dataset=dataset, root=root_str, model=model, checkpoint=checkpoint)
+        if remember:
+            if root_str and dataset != "sample":
+                config.setdefault("datasets", {}).setdefault(dataset, {})["root"] = root_str
+            config["current"] = {"dataset": dataset, "model": model, "checkpoint": checkpoint}
+            self.save_config(config)
+        return selection
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

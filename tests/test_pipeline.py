@@ -1,0 +1,123 @@
+"""The encoder stage: the bundled sample through a real Dask LocalCluster into a Zarr store."""
+
+import sys
+import warnings
+
+import cloudpickle
+import numpy as np
+import pytest
+import xarray as xr
+
+from indexer.pipeline import DatasetSpec, EncodeInterrupted, EncoderSpec, encode
+from rsretrieve.checkpoint import load_model
+from rsretrieve.datasets import open_dataset
+from rsretrieve.encode import embed_pixels
+from rsretrieve.errors import StoreError
+from rsretrieve.labels import CLASSES
+
+MODEL = "csmoe-tiny"
+# chunks of 4 patches so that the sample spans several chunks and an interruption lands mid-way
+SAMPLE = DatasetSpec("sample", options=(("chunk_size", 4), ("include_snow_cloud", True)))
+
+# the fault-injecting hook below must travel to worker processes by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, resources={"encoder": 1}, processes=True, dashboard_address=None)
+    with Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def full_store(tmp_path_factory, client):
+    path = tmp_path_factory.mktemp("stores") / "full.zarr"
+    for modality in ("s1", "s2"):
+        encode(SAMPLE, modality, path, EncoderSpec(MODEL, "cpu", 8), client=client)
+    return path
+
+
+def test_store_reads_back_with_plain_xarray(full_store):
+    reference = open_dataset("sample", include_snow_cloud=True)
+    for modality in ("s1", "s2"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # consolidated metadata: a plain open must not warn
+            ds = xr.open_zarr(full_store, group=modality)
+        meta = reference.metadata(modality)
+        assert ds.sizes["patch"] == meta.num_rows == 24
+        assert ds.sizes["dim"] == 64
+        assert bool(ds["valid"].all())
+        assert len(set(ds["patch_id"].values.tolist())) == 24
+        assert len(set(ds["pair_id"].values.tolist())) == 24
+        assert list(ds["label"].values.tolist()) == list(CLASSES)
+        assert ds["labels"].dtype == bool and int(ds["labels"].sum()) >= 24  # every patch has a label
+        assert set(ds["split"].values.tolist()) >= {"train", "validation", "test"}
+        assert np.isfinite(ds["lat"].values).all() and np.isfinite(ds["lon"].values).all()
+        prov = ds.attrs["provenance"]
+        assert prov["model"] == MODEL and prov["checkpoint_sha256"] == "random-init"
+        assert prov["normalisation"]["s2_bands"][0] == "B02"
+        assert "rsretrieve_version" in prov and "created" in prov
+
+
+def test_store_embeddings_equal_the_model_called_directly(full_store):
+    model = load_model(MODEL)
+    dataset = open_dataset("sample", include_snow_cloud=True)
+    for modality in ("s1", "s2"):
+        ds = xr.open_zarr(full_store, group=modality)
+        row_of = {pid: i for i, pid in enumerate(ds["patch_id"].values.tolist())}
+        for chunk in dataset.chunks(modality)[:2]:
+            batch = dataset.read_chunk(chunk)
+            direct = embed_pixels(model, batch.pixels, modality, "cpu")
+            stored = ds["embedding"].values[[row_of[p] for p in batch.patch_ids]]
+            np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-5)
+
+
+def fail_from_third_chunk(chunk):
+    if int(chunk.key.rsplit(":", 1)[-1]) >= 2:
+        raise RuntimeError(f"injected worker failure at {chunk.key}")
+
+
+def test_interrupted_encode_resumes_to_the_same_store(tmp_path, client, full_store):
+    path = tmp_path / "resumed.zarr"
+    encoder = EncoderSpec(MODEL, "cpu", 8)
+    with pytest.raises(EncodeInterrupted, match="injected worker failure") as info:
+        encode(SAMPLE, "s2", path, encoder, client=client, chunk_hook=fail_from_third_chunk)
+    partial = xr.open_zarr(path, group="s2")
+    written = int(partial["chunk_done"].sum())
+    assert 0 < written < partial.sizes["chunk"], "the failure must land mid-way"
+    assert info.value.summary.chunks_encoded == written
+
+    resumed = encode(SAMPLE, "s2", path, encoder, client=client)
+    assert resumed.chunks_already_done == written
+    assert resumed.chunks_encoded == resumed.chunks_total - written
+
+    final, reference = xr.open_zarr(path, group="s2"), xr.open_zarr(full_store, group="s2")
+    assert bool(final["chunk_done"].all()) and bool(final["valid"].all())
+    ids = final["patch_id"].values.tolist()
+    assert len(ids) == len(set(ids)) == 24
+    assert list(ids) == list(reference["patch_id"].values.tolist())
+    np.testing.assert_allclose(final["embedding"].values, reference["embedding"].values, rtol=1e-5, atol=1e-6)
+
+    again = encode(SAMPLE, "s2", path, encoder, client=client)
+    assert again.nothing_to_do and again.chunks_encoded == 0
+
+
+def test_second_model_is_refused_on_an_existing_store(full_store, client):
+    before = xr.open_zarr(full_store, group="s1")["embedding"].values.copy()
+    with pytest.raises(StoreError, match="never mixed"):
+        encode(SAMPLE, "s1", full_store, EncoderSpec("csmae-tiny", "cpu", 8), client=client)
+    after = xr.open_zarr(full_store, group="s1")["embedding"].values
+    np.testing.assert_array_equal(before, after)  # nothing already written is damaged
+
+
+def test_float16_store(tmp_path, client):
+    path = tmp_path / "half.zarr"
+    encode(SAMPLE, "s1", path, EncoderSpec(MODEL, "cpu", 8), client=client, dtype="float16")
+    ds = xr.open_zarr(path, group="s1")
+    assert ds["embedding"].dtype == np.float16 and bool(ds["valid"].all())
+    with pytest.raises(StoreError, match="dtype"):
+        encode(SAMPLE, "s1", path, EncoderSpec(MODEL, "cpu", 8), client=client, dtype="float32")
