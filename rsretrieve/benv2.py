@@ -1,0 +1,451 @@
+"""BigEarthNet-v2 (reBEN) reader: the release GeoTIFF tree and the rico-hdl LMDB.
+
+Release layout (REFERENCE.md section 3):
+    <root>/BigEarthNet-S2/<S2 product>/<patch_id>/<patch_id>_<band>.tif
+    <root>/BigEarthNet-S1/<S1 product>/<s1_name>/<s1_name>_{VV,VH}.tif
+    <root>/metadata.parquet  (+ metadata_for_patches_with_snow_cloud_or_shadow.parquet)
+The product folder is the patch name without its trailing `_<row>_<col>`; paths are built from
+the name, never found by walking the tree.
+
+rico-hdl LMDB: key = patch name (S2 patch_id or s1_name), value = safetensors bytes of a dict
+band name -> 2-D array (S2 uint16 at native size, S1 float32 dB).
+
+Pixels come back normalised with `rsretrieve.bands` ((B, C, 120, 120) float32; 20 m S2 bands
+nearest-upsampled). S1 and S2 patches pair through `s1_name`; both carry pair_id = S2 patch_id.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rsretrieve.bands import Modality, bands_for, native_size, normalise
+from rsretrieve.datasets import PATCH, Chunk, PatchBatch, empty_batch, meta_table
+from rsretrieve.errors import DataError, RSRetrieveError, located
+from rsretrieve.geo import pixel_to_xy
+from rsretrieve.labels import multi_hot
+
+META_FILE = "metadata.parquet"
+SNOW_CLOUD_FILE = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
+S2_DIR, S1_DIR = "BigEarthNet-S2", "BigEarthNet-S1"
+META_COLUMNS = ("patch_id", "labels", "split", "country", "s1_name", "s2v1_name",
+                "contains_seasonal_snow", "contains_cloud_or_shadow")
+NEEDED_COLUMNS = ("patch_id", "labels", "split", "country", "s1_name")
+SPLITS = ("train", "validation", "test")
+DEFAULT_CHUNK_SIZE = 256
+BATCH_COLUMNS = ["patch_id", "pair_id", "split", "country", "labels", "lat", "lon", "timestamp", "product_id"]
+
+_NAME_RC = re.compile(r"^(.+)_(\d+)_(\d+)$")
+_DATE = re.compile(r"_(\d{8}T\d{6})(?:_|$)")
+GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+
+
+# --- names and paths -------------------------------------------------------------------------
+
+def product_of(name: str) -> str:
+    """Product folder of a patch: its name without the trailing `_<row>_<col>`."""
+    m = _NAME_RC.match(name)
+    if not m:
+        raise DataError(located(name, "patch name does not end in _<row>_<col>"))
+    return m.group(1)
+
+
+def timestamp_of(name: str) -> datetime | None:
+    """Acquisition time from a patch name (`..._20170613T101031_...`), or None."""
+    m = _DATE.search(name)
+    return datetime.strptime(m.group(1), "%Y%m%dT%H%M%S") if m else None
+
+
+def patch_dir(root: Path, name: str, modality: Modality) -> Path:
+    return Path(root) / (S2_DIR if modality == "s2" else S1_DIR) / product_of(name) / name
+
+
+def band_path(root: Path, name: str, modality: Modality, band: str) -> Path:
+    return patch_dir(root, name, modality) / f"{name}_{band}.tif"
+
+
+def has_tree(root: Path) -> bool:
+    return (Path(root) / S2_DIR).is_dir() or (Path(root) / S1_DIR).is_dir()
+
+
+def find_lmdb(root: Path) -> Path | None:
+    root = Path(root)
+    if (root / "data.mdb").is_file():
+        return root
+    for cand in sorted(root.glob("*")):
+        if cand.is_dir() and (cand / "data.mdb").is_file():
+            return cand
+    return None
+
+
+# --- pixels ----------------------------------------------------------------------------------
+
+def _check_values(arr: np.ndarray, where: object, modality: Modality) -> None:
+    if modality == "s1":
+        if arr.dtype.kind != "f":
+            raise DataError(located(where, f"S1 band has dtype {arr.dtype}, expected float32 dB"))
+    elif arr.dtype.kind not in "uif":
+        raise DataError(located(where, f"S2 band has dtype {arr.dtype}, expected uint16"))
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise DataError(located(where, f"{bad} NaN/infinite pixel(s)"))
+
+
+def assemble(bands: dict[str, np.ndarray], modality: Modality, where: object) -> np.ndarray:
+    """Band dict (native sizes) -> raw (C, 120, 120) float32 in `bands_for(modality)` order."""
+    out = np.empty((len(bands_for(modality)), PATCH, PATCH), np.float32)
+    for i, band in enumerate(bands_for(modality)):
+        if band not in bands:
+            raise DataError(located(where, f"band {band} missing"))
+        arr = np.asarray(bands[band])
+        size = native_size(band)
+        if arr.shape != (size, size):
+            raise DataError(located(where, f"band {band} is {arr.shape}, expected ({size}, {size})"))
+        _check_values(arr, f"{where} {band}" if not str(where).endswith(".tif") else where, modality)
+        if size != PATCH:
+            f = PATCH // size
+            arr = arr.repeat(f, axis=0).repeat(f, axis=1)
+        out[i] = arr
+    return out
+
+
+def read_band_tif(path: Path):
+    """(array, transform, crs) of a single-band GeoTIFF; DataError on anything unreadable."""
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    if not path.is_file():
+        raise DataError(located(path, "missing band file"))
+    try:
+        with rasterio.open(path) as ds:
+            if ds.count != 1:
+                raise DataError(located(path, f"has {ds.count} bands, expected 1"))
+            return ds.read(1), ds.transform, ds.crs
+    except DataError:
+        raise
+    except (RasterioError, OSError, ValueError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(located(path, f"unreadable GeoTIFF ({msg})")) from None
+
+
+def read_tree_patch(root: Path, name: str, modality: Modality):
+    """Raw (C, 120, 120) float32 and the patch centre (x, y, crs) or None, from the GeoTIFF tree."""
+    bands, centre = {}, None
+    for band in bands_for(modality):
+        path = band_path(root, name, modality, band)
+        arr, transform, crs = read_band_tif(path)
+        if native_size(band) == PATCH and centre is None and crs is not None:
+            x, y = pixel_to_xy(transform, arr.shape[1] / 2.0, arr.shape[0] / 2.0)
+            centre = (x, y, crs.to_string())
+        _check_values(arr, path, modality)
+        bands[band] = arr
+    return assemble(bands, modality, patch_dir(root, name, modality)), centre
+
+
+def tree_centre(root: Path, name: str, modality: Modality):
+    """Patch centre (x, y, crs) from the header of its first 10 m band file, or None."""
+    import rasterio
+
+    path = band_path(root, name, modality, bands_for(modality)[0])
+    try:
+        with rasterio.open(path) as ds:
+            if ds.crs is None:
+                return None
+            x, y = pixel_to_xy(ds.transform, ds.width / 2.0, ds.height / 2.0)
+            return (x, y, ds.crs.to_string())
+    except Exception:
+        return None
+
+
+def lmdb_env(path: Path):
+    """A read-only LMDB environment. Opened per chunk and closed after it (never kept open, so a
+    forked worker process never inherits an open environment)."""
+    import lmdb
+
+    try:
+        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True, max_readers=512)
+    except lmdb.Error as e:
+        raise DataError(located(path, f"cannot open LMDB ({' '.join(str(e).split())})")) from None
+
+
+def read_lmdb_patch(path: Path, name: str, modality: Modality, txn=None) -> np.ndarray:
+    from safetensors.numpy import load
+
+    where = f"{path}[{name}]"
+    if txn is None:
+        env = lmdb_env(path)
+        try:
+            with env.begin(buffers=False) as t:
+                value = t.get(name.encode())
+        finally:
+            env.close()
+    else:
+        value = txn.get(name.encode())
+    if value is None:
+        raise DataError(located(path, f"no entry for {name}"))
+    try:
+        bands = load(bytes(value))
+    except Exception as e:  # safetensors raises its own error types
+        raise DataError(located(where, f"corrupt safetensors value ({' '.join(str(e).split())})")) from None
+    return assemble(bands, modality, where)
+
+
+# --- metadata --------------------------------------------------------------------------------
+
+_META_CACHE: dict[tuple, pa.Table] = {}
+
+
+def read_metadata(path: Path) -> pa.Table:
+    """A BigEarthNet-v2 metadata parquet, checked for the needed columns (cached per process)."""
+    path = Path(path)
+    try:
+        stamp = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise DataError(located(path, "metadata parquet not found")) from None
+    key = (str(path), stamp)
+    if key not in _META_CACHE:
+        try:
+            schema = pq.read_schema(path)
+            missing = [c for c in NEEDED_COLUMNS if c not in schema.names]
+            if missing:
+                raise DataError(located(path, f"missing column(s) {', '.join(missing)}"))
+            table = pq.read_table(path, columns=[c for c in META_COLUMNS if c in schema.names])
+        except DataError:
+            raise
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(located(path, f"unreadable parquet ({' '.join(str(e).split())})")) from None
+        for col in ("contains_seasonal_snow", "contains_cloud_or_shadow"):
+            if col not in table.column_names:
+                table = table.append_column(col, pa.array([False] * table.num_rows))
+        for labels in table.column("labels").to_pylist():
+            try:
+                multi_hot(labels or [])
+            except KeyError as e:
+                raise DataError(located(path, str(e.args[0]))) from None
+        _META_CACHE[key] = table
+    return _META_CACHE[key]
+
+
+def _latlon(centres: list) -> tuple[list, list]:
+    """Batch-project (x, y, crs) centres (or None) to WGS84 lat, lon lists."""
+    from rsretrieve.geo import to_wgs84
+
+    lat: list = [None] * len(centres)
+    lon: list = [None] * len(centres)
+    by_crs: dict[str, list[int]] = {}
+    for i, c in enumerate(centres):
+        if c is not None:
+            by_crs.setdefault(c[2], []).append(i)
+    for crs, idx in by_crs.items():
+        la, lo = to_wgs84(crs, [centres[i][0] for i in idx], [centres[i][1] for i in idx])
+        for j, i in enumerate(idx):
+            lat[i], lon[i] = float(la[j]), float(lo[j])
+    return lat, lon
+
+
+class BENv2Dataset:
+    """BigEarthNet-v2 from the release tree or a rico-hdl LMDB (see module docstring)."""
+
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        source: str = "auto",
+        subset: str | None = None,
+        split: str | list[str] | None = None,
+        include_snow_cloud: bool = False,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        metadata: Path | str | None = None,
+        tree_root: Path | str | None = None,
+        dataset_name: str = "benv2",
+    ):
+        self.root = Path(root)
+        self.name = dataset_name
+        self.include_snow_cloud = include_snow_cloud
+        self.chunk_size = int(chunk_size)
+        if self.chunk_size < 1:
+            raise RSRetrieveError(f"chunk_size must be >= 1, got {chunk_size}")
+        if not self.root.exists():
+            raise DataError(located(self.root, "dataset root not found"))
+        lmdb_path = find_lmdb(self.root)
+        if source == "auto":
+            source = "tree" if has_tree(self.root) else "lmdb" if lmdb_path else ""
+            if not source:
+                raise DataError(located(self.root, f"neither a {S2_DIR}/{S1_DIR} tree nor an LMDB (data.mdb) found"))
+        if source == "tree":
+            if not has_tree(self.root):
+                raise DataError(located(self.root, f"no {S2_DIR}/ or {S1_DIR}/ folder"))
+            self.data_path = self.root
+            self.tree_root = self.root
+        elif source == "lmdb":
+            if lmdb_path is None:
+                raise DataError(located(self.root, "no LMDB (data.mdb) found"))
+            self.data_path = lmdb_path
+            tr = Path(tree_root) if tree_root else (self.root if has_tree(self.root) else None)
+            self.tree_root = tr
+        else:
+            raise RSRetrieveError(f"source must be 'auto', 'tree' or 'lmdb', got {source!r}")
+        self.source = source
+        if metadata is None:
+            base = self.root if (self.root / META_FILE).exists() or source == "tree" else lmdb_path.parent
+            metadata = base / META_FILE
+        self.metadata_path = Path(metadata)
+        self.snow_cloud_path = self.metadata_path.with_name(SNOW_CLOUD_FILE)
+        if isinstance(split, str):
+            split = [split]
+        if split is not None:
+            bad = [s for s in split if s not in SPLITS]
+            if bad:
+                raise RSRetrieveError(f"unknown split(s) {bad}; expected {', '.join(SPLITS)}")
+        self.splits = tuple(split) if split else None
+        self.subset = None
+        if subset:
+            from rsretrieve.subsets import get_subset
+
+            self.subset = get_subset(subset)
+        self._cache: dict = {}
+
+    # pickling: drop caches (tables, lat/lon), keep only paths and options
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
+    def __repr__(self) -> str:
+        return f"BENv2Dataset({self.name!r}, {self.data_path}, source={self.source!r})"
+
+    # --- selection
+    def pairs(self) -> pa.Table:
+        """The selected rows of metadata.parquet (+ snow/cloud rows when included): one per pair."""
+        if "pairs" not in self._cache:
+            table = read_metadata(self.metadata_path)
+            if self.include_snow_cloud and self.snow_cloud_path.exists():
+                extra = read_metadata(self.snow_cloud_path).select(table.column_names)
+                table = pa.concat_tables([table, extra.cast(table.schema)])
+            if self.subset is not None:
+                table = self.subset.apply(table, include_snow_cloud=self.include_snow_cloud)
+            elif not self.include_snow_cloud:
+                from rsretrieve.subsets import Subset
+
+                table = Subset("all", "", None, 10).apply(table)
+            if self.splits is not None:
+                table = table.filter(pa.compute.is_in(table.column("split"), pa.array(self.splits)))
+            self._cache["pairs"] = table
+        return self._cache["pairs"]
+
+    def count_message(self) -> str | None:
+        """Expected-vs-found message for the named subset (None when it matches or none is set)."""
+        from rsretrieve.subsets import check_count
+
+        if self.subset is None or self.splits is not None or self.include_snow_cloud:
+            return None
+        return check_count(self.subset, self.pairs().num_rows)
+
+    def _index(self) -> dict[str, int]:
+        if "index" not in self._cache:
+            t = self.pairs()
+            idx = {p: i for i, p in enumerate(t.column("patch_id").to_pylist())}
+            idx.update({s: i for i, s in enumerate(t.column("s1_name").to_pylist())})
+            self._cache["index"] = idx
+        return self._cache["index"]
+
+    def names(self, modality: Modality) -> list[str]:
+        col = "patch_id" if modality == "s2" else "s1_name"
+        return self.pairs().column(col).to_pylist()
+
+    # --- PatchDataset
+    def chunks(self, modality: Modality) -> list[Chunk]:
+        bands_for(modality)
+        names = self.names(modality)
+        out = []
+        for i in range(0, len(names), self.chunk_size):
+            part = tuple(names[i : i + self.chunk_size])
+            out.append(Chunk(self.name, f"{self.name}:{modality}:{i // self.chunk_size:06d}", modality,
+                             self.source, str(self.data_path), part, -1, len(part)))
+        return out
+
+    def _meta_columns(self, names: list[str], modality: Modality, centres: list) -> dict[str, list]:
+        t = self.pairs()
+        index = self._index()
+        rows = [index[n] for n in names]
+        take = t.take(pa.array(rows, pa.int64())) if rows else t.slice(0, 0)
+        lat, lon = _latlon(centres)
+        return {
+            "patch_id": list(names),
+            "pair_id": take.column("patch_id").to_pylist(),
+            "split": take.column("split").to_pylist(),
+            "country": take.column("country").to_pylist(),
+            "labels": take.column("labels").to_pylist(),
+            "lat": lat,
+            "lon": lon,
+            "timestamp": [timestamp_of(n) for n in names],
+            "product_id": [product_of(n) for n in names],
+        }
+
+    def metadata(self, modality: Modality) -> pa.Table:
+        """One row per selected patch, in chunk order, without reading pixels. lat/lon come from
+        the GeoTIFF headers when a tree is available, else they are null."""
+        key = ("metadata", modality)
+        if key not in self._cache:
+            names = self.names(modality)
+            if self.tree_root is not None:
+                import rasterio
+
+                with rasterio.Env(**GDAL_ENV):
+                    centres = [tree_centre(self.tree_root, n, modality) for n in names]
+            else:
+                centres = [None] * len(names)
+            self._cache[key] = meta_table(self._meta_columns(names, modality, centres))
+        return self._cache[key]
+
+    def read_chunk(self, chunk: Chunk) -> PatchBatch:
+        """Read, validate and normalise one chunk; bad patches go to `skipped`, never zero-filled."""
+        import rasterio
+
+        modality = chunk.modality
+        pixels, names, centres, skipped = [], [], [], []
+        index = self._index()
+        with rasterio.Env(**GDAL_ENV):
+            txn = env = None
+            if chunk.source == "lmdb":
+                env = lmdb_env(Path(chunk.path))
+                txn = env.begin(buffers=False)
+            try:
+                for name in chunk.patch_ids:
+                    if name not in index:
+                        skipped.append((name, located(self.metadata_path, f"{name} is not in the selected metadata")))
+                        continue
+                    try:
+                        if chunk.source == "tree":
+                            raw, centre = read_tree_patch(Path(chunk.path), name, modality)
+                        else:
+                            raw = read_lmdb_patch(Path(chunk.path), name, modality, txn)
+                            centre = tree_centre(self.tree_root, name, modality) if self.tree_root else None
+                    except DataError as e:
+                        skipped.append((name, str(e)))
+                        continue
+                    pixels.append(raw)
+                    names.append(name)
+                    centres.append(centre)
+            finally:
+                if txn is not None:
+                    txn.abort()
+                    env.close()
+        if not names:
+            return empty_batch(modality, BATCH_COLUMNS, skipped)
+        x = normalise(np.stack(pixels), modality)
+        return PatchBatch(x, names, meta_table(self._meta_columns(names, modality, centres)), skipped)
+
+    # --- convenience
+    def read_patch(self, name: str, modality: Modality) -> np.ndarray:
+        """Normalised (C, 120, 120) pixels of one patch; DataError if it is bad."""
+        if self.source == "tree":
+            raw, _ = read_tree_patch(self.data_path, name, modality)
+        else:
+            raw = read_lmdb_patch(self.data_path, name, modality)
+        return normalise(raw, modality)

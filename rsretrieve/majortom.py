@@ -1,0 +1,308 @@
+"""Major TOM Core reader (Core-S2L2A, Core-S1RTC image parquet shards).
+
+Layout: `<root>/Core-S2L2A/images/*.parquet`, `<root>/Core-S1RTC/images/*.parquet` (a folder that
+itself holds shards, or a collection folder, is accepted too). One row per row group = one tile;
+band cells are single-band GeoTIFF bytes (S2 `B02..B12` at native resolution; S1 `vv`, `vh` linear
+power, nodata -32768), decoded with `rasterio.io.MemoryFile`.
+
+Each tile is cut into floor(H/120) x floor(W/120) patches of 120 px at 10 m (1068 px -> 8 x 8),
+partial patches discarded (as the CSMoE paper). A patch with any invalid pixel is dropped and
+reported in `PatchBatch.skipped`: S1 nodata (-32768), non-positive or non-finite linear power;
+S2 the declared nodata, or 0 (L2A no-data) when none is declared. S1 is converted to dB
+(10 log10); 20 m S2 bands are nearest-upsampled to 10 m; then `bands.normalise`.
+
+Ids: tile key = grid_cell (or `grid_cell.k` for the k-th further tile of the same cell in one
+shard, which only the bundled sample has); pair_id = `<tile key>/<row>_<col>` (window origin in
+pixels, the same for S1 and S2 of a cell); patch_id = `<product_id>/<tile key>/<row>_<col>`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rsretrieve.bands import Modality, bands_for, normalise
+from rsretrieve.datasets import PATCH, Chunk, PatchBatch, empty_batch, meta_table
+from rsretrieve.errors import DataError, RSRetrieveError, located
+
+S1_NODATA = -32768.0
+COLLECTIONS = {"s2": "S2L2A", "s1": "S1RTC"}
+TIME_COLUMNS = ("product_datetime", "timestamp")
+BATCH_COLUMNS = ["patch_id", "pair_id", "lat", "lon", "grid_cell", "timestamp", "product_id", "window"]
+
+
+def band_columns(modality: Modality) -> tuple[str, ...]:
+    return tuple(b.lower() for b in bands_for(modality)) if modality == "s1" else bands_for(modality)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def find_shards(root: Path, modality: Modality) -> list[Path]:
+    root = Path(root)
+    tag = COLLECTIONS[modality]
+    cands = [d for d in sorted(root.glob(f"*{tag}*")) if d.is_dir()]
+    if tag in root.name:
+        cands.insert(0, root)
+    for d in cands:
+        shards = sorted((d / "images").glob("*.parquet")) or sorted(p for p in d.glob("*.parquet") if p.name != "metadata.parquet")
+        if shards:
+            return shards
+    return []
+
+
+def parse_time(value) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=None)
+    s = str(value).strip()
+    for fmt in ("%Y%m%dT%H%M%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f",
+                "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d"):
+        try:
+            return datetime.strptime(s.rstrip("Z"), fmt)
+        except ValueError:
+            pass
+    m = re.search(r"(\d{8}T\d{6})", s)
+    return datetime.strptime(m.group(1), "%Y%m%dT%H%M%S") if m else None
+
+
+def shard_columns(path: Path, modality: Modality) -> tuple[str, list[str]]:
+    """(time column name, all needed columns) of a shard; DataError if one is missing."""
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(located(path, f"unreadable parquet ({_one_line(e)})")) from None
+    time_col = next((c for c in TIME_COLUMNS if c in names), None)
+    if time_col is None:
+        raise DataError(located(path, "missing column 'product_datetime' (or 'timestamp')"))
+    needed = ["product_id", "grid_cell", *band_columns(modality)]
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise DataError(located(path, f"missing column(s) {', '.join(repr(c) for c in missing)}"))
+    extra = ["source_patch_id"] if "source_patch_id" in names else []
+    return time_col, [*needed, time_col, *extra]
+
+
+def decode_band(data: bytes | None, where: str):
+    """(array, transform, crs, nodata) of a GeoTIFF band cell."""
+    from rasterio.io import MemoryFile
+
+    if not data:
+        raise DataError(located(where, "empty band cell"))
+    try:
+        with MemoryFile(data) as mf, mf.open() as ds:
+            return ds.read(1), ds.transform, ds.crs, ds.nodata
+    except Exception as e:
+        raise DataError(located(where, f"undecodable GeoTIFF cell ({_one_line(e)})")) from None
+
+
+def tile_pixels(bands: dict[str, tuple], modality: Modality, where: str):
+    """Raw (C, H, W) float32 (S1 in dB) and a (H, W) invalid mask, from decoded band cells."""
+    cols = band_columns(modality)
+    ref = bands[cols[0]][0]
+    h, w = ref.shape
+    raw = np.empty((len(cols), h, w), np.float32)
+    invalid = np.zeros((h, w), bool)
+    for i, col in enumerate(cols):
+        arr, _, _, nodata = bands[col]
+        if arr.shape != (h, w):
+            fh, rh = divmod(h, arr.shape[0])
+            fw, rw = divmod(w, arr.shape[1])
+            if rh or rw or fh != fw or fh < 1:
+                raise DataError(located(where, f"band {col} is {arr.shape}, not an integer fraction of {(h, w)}"))
+            arr = arr.repeat(fh, axis=0).repeat(fw, axis=1)
+        a = arr.astype(np.float64 if modality == "s1" else np.float32)
+        bad = ~np.isfinite(a)
+        if modality == "s1":
+            if nodata is not None:
+                bad |= a == nodata
+            bad |= a == S1_NODATA
+            bad |= a <= 0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                a = 10.0 * np.log10(np.where(bad, 1.0, a))
+        else:
+            bad |= a == (nodata if nodata is not None else 0)
+            bad |= a == 0
+        invalid |= bad
+        raw[i] = np.where(bad, 0, a)
+    return raw, invalid
+
+
+def windows(h: int, w: int, size: int = PATCH) -> list[tuple[int, int, int, int]]:
+    return [(r * size, c * size, size, size) for r in range(h // size) for c in range(w // size)]
+
+
+_KEYS_CACHE: dict[tuple, list[str]] = {}
+
+
+def tile_keys(path: Path) -> list[str]:
+    """Per row of a shard: grid_cell, or grid_cell.k for the k-th repeat of a cell in the shard."""
+    key = (str(path), os.getpid())
+    if key not in _KEYS_CACHE:
+        try:
+            cells = pq.read_table(path, columns=["grid_cell"]).column("grid_cell").to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(located(path, f"unreadable parquet ({_one_line(e)})")) from None
+        seen: dict[str, int] = {}
+        out = []
+        for c in cells:
+            k = seen.get(c, 0)
+            seen[c] = k + 1
+            out.append(c if k == 0 else f"{c}.{k}")
+        _KEYS_CACHE[key] = out
+    return _KEYS_CACHE[key]
+
+
+def _row_offsets(pf: pq.ParquetFile) -> list[int]:
+    offs, n = [], 0
+    for i in range(pf.metadata.num_row_groups):
+        offs.append(n)
+        n += pf.metadata.row_group(i).num_rows
+    return offs
+
+
+class MajorTOMDataset:
+    """Major TOM Core S2L2A / S1RTC shards, cut into 120 px patches."""
+
+    def __init__(self, root: Path | str, *, dataset_name: str = "majortom", patch_size: int = PATCH,
+                 tile_size: int | None = None):
+        self.root = Path(root)
+        self.name = dataset_name
+        if patch_size != PATCH:
+            raise RSRetrieveError(f"patch_size must be {PATCH} (the model's BigEarthNet patch size)")
+        self.patch_size = patch_size
+        self.tile_size = tile_size
+        if not self.root.exists():
+            raise DataError(located(self.root, "dataset root not found"))
+        self._cache: dict = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
+    def shards(self, modality: Modality) -> list[Path]:
+        shards = find_shards(self.root, modality)
+        if not shards:
+            raise DataError(located(self.root, f"no Core-{COLLECTIONS[modality]} parquet shards found"))
+        return shards
+
+    def chunks(self, modality: Modality) -> list[Chunk]:
+        out = []
+        for shard in self.shards(modality):
+            shard_columns(shard, modality)
+            try:
+                pf = pq.ParquetFile(shard)
+                n_rg = pf.metadata.num_row_groups
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(located(shard, f"unreadable parquet ({_one_line(e)})")) from None
+            if n_rg == 0:
+                raise DataError(located(shard, "empty parquet shard (no row groups)"))
+            rel = shard.relative_to(self.root) if shard.is_relative_to(self.root) else shard
+            for rg in range(n_rg):
+                out.append(Chunk(self.name, f"{self.name}:{modality}:{rel.as_posix()}:rg{rg}", modality,
+                                 "majortom", str(shard), (), rg, 0))
+        return out
+
+    def _read_rows(self, chunk: Chunk, columns: list[str]) -> tuple[pa.Table, int]:
+        path = Path(chunk.path)
+        try:
+            pf = pq.ParquetFile(path)
+            table = pf.read_row_group(chunk.row_group, columns=columns)
+            first = _row_offsets(pf)[chunk.row_group]
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(located(path, f"unreadable row group {chunk.row_group} ({_one_line(e)})")) from None
+        return table, first
+
+    def read_chunk(self, chunk: Chunk, *, _header_only: bool = False) -> PatchBatch:
+        from rsretrieve.geo import pixel_to_xy, to_wgs84
+
+        modality = chunk.modality
+        path = Path(chunk.path)
+        cols_meta = list(BATCH_COLUMNS)
+        try:
+            time_col, columns = shard_columns(path, modality)
+            if _header_only:
+                columns = [c for c in columns if c not in band_columns(modality)[1:]]
+            table, first = self._read_rows(chunk, columns)
+            keys = tile_keys(path)
+        except DataError as e:
+            return empty_batch(modality, cols_meta, [(f"{path}:rg{chunk.row_group}", str(e))])
+        has_src = "source_patch_id" in table.column_names
+        if has_src:
+            cols_meta.append("source_patch_id")
+        data = {c: table.column(c).to_pylist() for c in table.column_names}
+        pixels, ids, skipped = [], [], []
+        meta: dict[str, list] = {c: [] for c in cols_meta}
+        for i in range(table.num_rows):
+            key = keys[first + i]
+            product = data["product_id"][i] or ""
+            where = f"{path}:row {first + i}"
+            try:
+                decoded = {}
+                for col in band_columns(modality):
+                    if col in data:
+                        decoded[col] = decode_band(data[col][i], f"{where}:{col}")
+                ref = decoded[band_columns(modality)[0]]
+                h, w = ref[0].shape
+                if self.tile_size and _header_only:
+                    h = w = self.tile_size
+                raw = invalid = None
+                if not _header_only:
+                    raw, invalid = tile_pixels(decoded, modality, where)
+            except DataError as e:
+                skipped.append((f"{product}/{key}", str(e)))
+                continue
+            wins = windows(h, w, self.patch_size)
+            if not wins:
+                skipped.append((f"{product}/{key}", located(where, f"tile {h}x{w} px is smaller than {self.patch_size} px")))
+                continue
+            transform, crs = ref[1], ref[2]
+            lat = lon = [None] * len(wins)
+            if crs is not None:
+                xs, ys = zip(*[pixel_to_xy(transform, c + ww / 2.0, r + hh / 2.0) for r, c, hh, ww in wins])
+                la, lo = to_wgs84(crs, list(xs), list(ys))
+                lat, lon = la.tolist(), lo.tolist()
+            ts = parse_time(data[time_col][i])
+            for j, (r, c, hh, ww) in enumerate(wins):
+                pair_id = f"{key}/{r}_{c}"
+                patch_id = f"{product}/{pair_id}"
+                if raw is not None:
+                    bad = int(invalid[r : r + hh, c : c + ww].sum())
+                    if bad:
+                        skipped.append((patch_id, located(where, f"window {r},{c}: {bad} invalid pixel(s) (nodata, non-positive or non-finite)")))
+                        continue
+                    pixels.append(raw[:, r : r + hh, c : c + ww])
+                ids.append(patch_id)
+                for col, val in (("patch_id", patch_id), ("pair_id", pair_id), ("lat", lat[j]), ("lon", lon[j]),
+                                 ("grid_cell", data["grid_cell"][i]), ("timestamp", ts), ("product_id", product),
+                                 ("window", [r, c, hh, ww])):
+                    meta[col].append(val)
+                if has_src:
+                    meta["source_patch_id"].append(data["source_patch_id"][i])
+        if not ids:
+            return empty_batch(modality, cols_meta, skipped)
+        x = normalise(np.stack(pixels), modality) if pixels else np.zeros((0,), np.float32)
+        return PatchBatch(x, ids, meta_table(meta), skipped)
+
+    def metadata(self, modality: Modality) -> pa.Table:
+        """All candidate patches (every full 120 px window of every tile), in chunk order. Reads
+        the header of one band cell per tile for its size and georeference, not the pixels;
+        patches dropped at read time for invalid pixels are still listed here."""
+        key = ("metadata", modality)
+        if key not in self._cache:
+            tables = [self.read_chunk(ch, _header_only=True).meta for ch in self.chunks(modality)]
+            tables = [t for t in tables if t.num_rows]
+            if tables:
+                self._cache[key] = pa.concat_tables(tables, promote_options="default")
+            else:
+                self._cache[key] = meta_table({c: [] for c in BATCH_COLUMNS})
+        return self._cache[key]
