@@ -11,7 +11,7 @@ from pathlib import Path
 
 from indexer.pipeline import DatasetSpec, EncoderSpec, EncodeSummary, encode
 from rsretrieve.bands import Modality
-from rsretrieve.faiss_index import EmbeddingIndex, index_is_current
+from rsretrieve.faiss_index import EmbeddingIndex, index_is_current, read_meta
 from rsretrieve.store import EmbeddingStore
 from rsretrieve.workspace import Selection, Workspace
 
@@ -73,11 +73,14 @@ def ensure_index(job: Job, modality: Modality, kind: str = "auto", use_gpu: bool
     group = store.open(modality)
     provenance = store.provenance(modality)
     directory = job.workspace.index_dir(job.store_path, modality)
+    # an index is current when it was built from this store's embeddings, all of them (a resumed
+    # encode adds rows), and with the kind asked for
     n_valid = int(group["valid"].sum())
-    if index_is_current(directory, provenance, n_valid, kind=kind):
-        index = EmbeddingIndex.load(directory, expected_provenance=provenance)
-        return IndexOutcome(directory, False, index.kind, index.ntotal)
-    index = EmbeddingIndex.build(group, kind=kind, mask=group["valid"].values, use_gpu=use_gpu)
+    if index_is_current(directory, provenance, group.sizes["patch"], selection={"n_selected": n_valid}):
+        if kind in ("auto", read_meta(directory).get("kind")):
+            index = EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=False)
+            return IndexOutcome(directory, False, index.kind, index.ntotal)
+    index = EmbeddingIndex.build(group, modality, kind=kind, use_gpu=use_gpu)
     index.save(directory)
     return IndexOutcome(directory, True, index.kind, index.ntotal)
 
@@ -94,3 +97,24 @@ def run_index(
     if on_encoded:
         on_encoded(summary)
     return summary, ensure_index(job, modality, kind=kind)
+
+
+def needed_modalities(tasks) -> list[Modality]:
+    """Modalities a set of tasks touches: s1s2 needs both."""
+    return sorted({t[:2] for t in tasks} | {t[2:] for t in tasks})
+
+
+def evaluate_subset(job: Job, subset_name: str, tasks: tuple[str, ...], k: int | None = None):
+    """Score the store's embeddings with the paper's protocol (run `ensure_embeddings` first).
+
+    Queries and archive are restricted to the named subset's pairs, snowy and cloudy patches
+    excluded as in the paper, even where the store holds more (the bundled sample keeps all 24)."""
+    from rsretrieve.datasets import open_dataset
+    from rsretrieve.evaluate import evaluate
+    from rsretrieve.subsets import get_subset
+
+    subset = get_subset(subset_name)
+    root = Path(job.selection.root) if job.selection.root else None
+    dataset = open_dataset(job.selection.dataset, root, subset.name if job.selection.dataset != "sample" else None, include_snow_cloud=False)
+    pair_ids = dataset.pairs()["patch_id"].to_pylist()
+    return evaluate(job.store_path, tasks=tasks, k=k or subset.default_k, pair_ids=pair_ids, use_gpu=False)

@@ -1,0 +1,314 @@
+"""The commands of `rsretrieve`. Each parses, calls the library or `indexer.jobs`, and prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cli.app import (
+    DatasetChoice,
+    DeviceChoice,
+    IndexKind,
+    ModalityChoice,
+    ModalityOrBoth,
+    OutputFormat,
+    State,
+    app,
+    console,
+    err,
+    print_json,
+)
+from rsretrieve.errors import RSRetrieveError
+
+RANDOM_INIT_WARNING = (
+    "[bold white on red] RANDOM WEIGHTS [/] the model has no trained checkpoint: embeddings, neighbours and "
+    "scores are NOT meaningful results. Pass --checkpoint with real CSMoE/CSMAE weights."
+)
+
+
+def _warn_if_random(provenance: dict) -> None:
+    if provenance.get("checkpoint_sha256") == "random-init":
+        err.print(RANDOM_INIT_WARNING)
+
+
+def _modalities(choice: ModalityOrBoth) -> list[str]:
+    return ["s1", "s2"] if choice is ModalityOrBoth.both else [choice.value]
+
+
+# -- info / models ---------------------------------------------------------------------------------
+@app.command()
+def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Workspace location, stores found, counts per modality, model provenance."""
+    from rsretrieve.store import EmbeddingStore
+
+    ws = State.workspace
+    selection = ws.select(remember=False)
+    stores = [EmbeddingStore(p).summary() for p in ws.stores()]
+    data = {
+        "workspace": str(ws.path.resolve()),
+        "workspace_exists": ws.path.exists(),
+        "current": {"dataset": selection.dataset, "root": selection.root, "model": selection.model, "checkpoint": selection.checkpoint},
+        "datasets": ws.load_config().get("datasets", {}),
+        "stores": stores,
+    }
+    if as_json:
+        print_json(data)
+        return
+    console.print(f"[bold]workspace[/] {data['workspace']}" + ("" if ws.path.exists() else " [dim](not created yet)[/]"))
+    console.print(f"[bold]current[/]   dataset [cyan]{selection.dataset}[/] model [cyan]{selection.model}[/]" + (f" checkpoint {selection.checkpoint}" if selection.checkpoint else ""))
+    if not stores:
+        console.print("[dim]no embedding stores yet: run `rsretrieve index --modality s1`[/]")
+        return
+    table = Table(title="embedding stores")
+    for column in ("store", "modality", "encoded / patches", "complete", "model", "weights"):
+        table.add_column(column)
+    for store in stores:
+        for modality, row in store["modalities"].items():
+            weights = "[red]random-init[/]" if row["random_init"] else str(row["checkpoint_sha256"])[:12]
+            table.add_row(Path(store["path"]).name, modality, f"{row['encoded']} / {row['patches']}", "yes" if row["complete"] else "no", str(row["model"]), weights)
+    console.print(table)
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Registered model configs with parameters and MACs per image, beside the paper's Table IV."""
+    from rsretrieve.macs import model_report
+
+    rows = model_report()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="CSMoE / CSMAE configs (MACs per image, one modality path; paper = Table IV)")
+    for column in ("model", "params", "paper params", "Δ", "MACs", "paper MACs", "Δ", "C2C"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            f"{r['params'] / 1e6:.1f}M",
+            f"{r['paper_params'] / 1e6:.0f}M" if r.get("paper_params") else "-",
+            f"{r['params_deviation'] * 100:+.1f}%" if r.get("params_deviation") is not None else "",
+            f"{r['macs'] / 1e9:.2f}B",
+            f"{r['paper_macs'] / 1e9:.2f}B" if r.get("paper_macs") else "-",
+            f"{r['macs_deviation'] * 100:+.1f}%" if r.get("macs_deviation") is not None else "",
+            f"{r['c2c']:.2f}",
+        )
+    console.print(table)
+
+
+# -- encode / index --------------------------------------------------------------------------------
+DatasetOpt = Annotated[Optional[DatasetChoice], typer.Option("--dataset", help="sample | benv2 | majortom [default: the current one, else sample]")]
+RootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Dataset root; remembered in the workspace after first use.")]
+SubsetOpt = Annotated[Optional[str], typer.Option("--subset", help="Named subset, e.g. BENv2-14k or BENv2-243k.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Config name [default: current, else csmoe-p16].")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="rsretrieve .safetensors or CSMAE Lightning checkpoint.")]
+DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where the encoder runs.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="[default: 32 on CPU, 256 on GPU]")]
+SchedulerOpt = Annotated[Optional[str], typer.Option("--scheduler", help="Address of a dask.distributed scheduler [default: a local cluster].")]
+StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store path [default: one per dataset, subset and model in the workspace].")]
+
+
+def _job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto, batch_size=None, scheduler=None, store=None, dtype="float32"):
+    from indexer.jobs import Job
+
+    if data_root is not None and not Path(data_root).exists():
+        raise RSRetrieveError(f"{data_root}: --data-root does not exist")
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise RSRetrieveError(f"{checkpoint}: --checkpoint does not exist")
+    selection = State.workspace.select(dataset.value if dataset else None, data_root, model, checkpoint)
+    return Job(State.workspace, selection, subset, store, device.value, batch_size, scheduler, dtype)
+
+
+def _encode_with_progress(job, modality: str):
+    from indexer.jobs import ensure_embeddings
+
+    columns = (
+        TextColumn(f"[bold]{modality.upper()}[/] encoding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} patches/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task("encode", total=None, rate="-")
+
+        def on_start(total: int, todo: int) -> None:
+            progress.update(task, total=todo)
+
+        def on_chunk(written: int, skipped: int) -> None:
+            progress.advance(task, written)
+            elapsed = progress.tasks[task].elapsed or 0
+            done = progress.tasks[task].completed
+            progress.update(task, rate=f"{done / elapsed:.1f}" if elapsed else "-")
+
+        summary = ensure_embeddings(job, modality, on_start=on_start, on_chunk=on_chunk)
+    _print_encode_summary(summary)
+    return summary
+
+
+def _print_encode_summary(summary) -> None:
+    _warn_if_random(summary.provenance)
+    if summary.nothing_to_do:
+        console.print(f"{summary.modality.upper()}: all {summary.chunks_total} chunks already encoded in {summary.store} — nothing to do")
+        return
+    console.print(
+        f"{summary.modality.upper()}: encoded {summary.patches_encoded} patches in {summary.chunks_encoded} chunks "
+        f"({summary.chunks_already_done} already done) in {summary.seconds:.1f} s — {summary.patches_per_second:.1f} patches/s"
+    )
+    if summary.skipped:
+        console.print(f"[yellow]skipped {len(summary.skipped)} patches:[/]")
+        for patch_id, reason in summary.skipped[:20]:
+            console.print(f"  {patch_id}: {reason}", highlight=False)
+        if len(summary.skipped) > 20:
+            console.print(f"  … and {len(summary.skipped) - 20} more")
+
+
+@app.command()
+def encode(
+    dataset: DatasetOpt = None,
+    data_root: RootOpt = None,
+    subset: SubsetOpt = None,
+    modality: Annotated[ModalityOrBoth, typer.Option("--modality", help="s1 | s2 | both")] = ModalityOrBoth.both,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    batch_size: BatchOpt = None,
+    scheduler: SchedulerOpt = None,
+    store: StoreOpt = None,
+    float16: Annotated[bool, typer.Option("--float16", help="Store embeddings as float16 (half the disk).")] = False,
+) -> None:
+    """Compute CSMoE [CLS] embeddings for every patch not yet in the store (resumable)."""
+    job = _job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else "float32")
+    console.print(f"dataset [cyan]{job.selection.dataset}[/]{' / ' + subset if subset else ''} → store {job.store_path}")
+    for m in _modalities(modality):
+        _encode_with_progress(job, m)
+
+
+@app.command()
+def index(
+    modality: Annotated[ModalityOrBoth, typer.Option("--modality", help="s1 | s2 | both")] = ModalityOrBoth.both,
+    kind: Annotated[IndexKind, typer.Option("--index", help="auto: exact below 1M vectors, IVF-PQ with re-ranking above.")] = IndexKind.auto,
+    dataset: DatasetOpt = None,
+    data_root: RootOpt = None,
+    subset: SubsetOpt = None,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    batch_size: BatchOpt = None,
+    scheduler: SchedulerOpt = None,
+    store: StoreOpt = None,
+    gpu_search: Annotated[bool, typer.Option("--gpu-search", help="Build/search through faiss on a GPU when it has one.")] = False,
+) -> None:
+    """Encode what is missing for a modality, then build its FAISS index (only what is missing)."""
+    from indexer.jobs import ensure_index
+
+    job = _job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store)
+    for m in _modalities(modality):
+        _encode_with_progress(job, m)
+        outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search)
+        verb = "built" if outcome.built else "up to date:"
+        console.print(f"{m.upper()}: index {verb} {outcome.kind} over {outcome.vectors} vectors → {outcome.path}")
+
+
+# -- query -----------------------------------------------------------------------------------------
+@app.command()
+def query(
+    tile: Annotated[Optional[Path], typer.Argument(help="GeoTIFF to search with: 2 bands (S1 VV,VH) or 10/12 bands (S2).")] = None,
+    target: Annotated[ModalityChoice, typer.Option("--target", help="Modality of the archive to search.")] = ModalityChoice.s2,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
+    modality: Annotated[Optional[ModalityChoice], typer.Option("--modality", help="Modality of the query [default: detected].")] = None,
+    patch_id: Annotated[Optional[str], typer.Option("--id", help="Query with an archive patch instead of a file.")] = None,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="table | json | geojson")] = OutputFormat.table,
+    mosaic: Annotated[Optional[Path], typer.Option("--mosaic", help="Write a PNG of the query beside its results.")] = None,
+    store: StoreOpt = None,
+    subset: SubsetOpt = None,
+) -> None:
+    """Search an archive with a tile (or an archive patch) in the same or the other modality."""
+    from rsretrieve.search import Archive
+
+    if (tile is None) == (patch_id is None):
+        raise RSRetrieveError("query: give either a TILE path or --id PATCH_ID (one of them)")
+    ws = State.workspace
+    selection = ws.select(remember=False)
+    name = selection.dataset + (f"-{subset}" if subset else "")
+    archive = Archive.open(store or ws.store_path(name, selection.model), ws)
+    if tile is not None:
+        result = archive.query_tile(tile, target.value, k, modality.value if modality else None)
+    else:
+        result = archive.query_id(patch_id, target.value, k, modality.value if modality else None)
+    _warn_if_random(result.provenance)
+    if fmt is OutputFormat.json:
+        print_json(result.to_dict())
+    elif fmt is OutputFormat.geojson:
+        print_json(result.to_geojson())
+    else:
+        _print_hits(result)
+    if mosaic is not None:
+        path = archive.mosaic(result, mosaic)
+        err.print(f"mosaic written to {path}")
+
+
+def _print_hits(result) -> None:
+    table = Table(title=f"{result.query_label} → {result.target.upper()} (top {len(result.hits)}, cosine similarity)")
+    for column in ("rank", "patch id", "score", "labels", "split", "lat, lon"):
+        table.add_column(column, overflow="fold")
+    for hit in result.hits:
+        location = f"{hit.lat:.4f}, {hit.lon:.4f}" if hit.lat == hit.lat and hit.lat is not None else "-"
+        table.add_row(str(hit.rank), hit.patch_id, f"{hit.score:.4f}", "; ".join(hit.labels), hit.split, location)
+    console.print(table)
+
+
+# -- eval ------------------------------------------------------------------------------------------
+@app.command("eval")
+def evaluate(
+    name: Annotated[str, typer.Argument(help="sample | BENv2-14k | BENv2-243k")],
+    k: Annotated[Optional[int], typer.Option("--k", "-k", min=1, help="Retrieved per query [default: the set's own, 10 for BENv2, 3 for sample].")] = None,
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: s1s1,s2s2,s1s2,s2s1")] = "s1s1,s2s2,s1s2,s2s1",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every figure and the provenance to this JSON file.")] = None,
+    data_root: RootOpt = None,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    batch_size: BatchOpt = None,
+    scheduler: SchedulerOpt = None,
+) -> None:
+    """F1 of the CSMoE paper (Table VI): queries = validation split, archive = test split."""
+    import json
+
+    from indexer.jobs import evaluate_subset, needed_modalities
+    from rsretrieve.subsets import get_subset
+
+    subset = get_subset(name)
+    task_list = tuple(t.strip().lower() for t in tasks.split(",") if t.strip())
+    bad = [t for t in task_list if t not in ("s1s1", "s2s2", "s1s2", "s2s1")]
+    if bad or not task_list:
+        raise RSRetrieveError(f"--tasks: unknown task {bad[0] if bad else tasks!r}; use s1s1, s2s2, s1s2, s2s1")
+    dataset = DatasetChoice.sample if name == "sample" else DatasetChoice.benv2
+    job = _job(dataset, data_root, None if name == "sample" else subset.name, model, checkpoint, device, batch_size, scheduler)
+    for m in needed_modalities(task_list):
+        _encode_with_progress(job, m)
+    k = k or subset.default_k
+    result = evaluate_subset(job, subset.name, task_list, k)
+    data = {**result.to_dict(), "subset": subset.name}
+    _print_eval(result, subset.name, k)
+    if json_out:
+        json_out.write_text(json.dumps(data, indent=2, default=str))
+        console.print(f"all figures written to {json_out}")
+
+
+def _print_eval(result, name: str, k: int) -> None:
+    header, *rows = result.table_rows()
+    table = Table(title=f"{name}: retrieval at k={k} — tasks laid out as in CSMoE Table VI (query split {result.query_split}, archive {result.archive_split})")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row, style="bold red" if row[0].startswith("!!") else None)
+    console.print(table)
+    if result.random_init:
+        console.print(Panel(RANDOM_INIT_WARNING + "\nThese F1 values only show that the pipeline runs; they are not the model's quality.", border_style="red"))

@@ -1,0 +1,208 @@
+"""Querying an archive: a store plus its per-modality FAISS indexes.
+
+    archive = Archive.open("rsretrieve-workspace/stores/sample--csmoe-p16.zarr")
+    result = archive.query_tile("tile.tif", target="s2", k=10)
+    archive.mosaic(result, "mosaic.png")
+
+A tile with several 120 px patches is embedded patch by patch; the query vector is the mean of the
+patches' L2-normalised embeddings (the centroid direction of the tile), documented in docs/DATA.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rsretrieve.bands import Modality
+from rsretrieve.errors import StoreError, located
+from rsretrieve.labels import CLASSES
+from rsretrieve.store import EmbeddingStore
+from rsretrieve.workspace import Workspace
+
+
+@dataclass
+class Hit:
+    rank: int
+    patch_id: str
+    pair_id: str
+    score: float
+    labels: list[str]
+    split: str
+    lat: float | None
+    lon: float | None
+    row: int
+
+
+@dataclass
+class QueryResult:
+    query_label: str
+    query_modality: Modality
+    target: Modality
+    hits: list[Hit]
+    provenance: dict
+    query_pixels: np.ndarray = field(repr=False)
+
+    @property
+    def random_init(self) -> bool:
+        return self.provenance.get("checkpoint_sha256") == "random-init"
+
+    def to_dict(self) -> dict:
+        return {
+            "query": self.query_label,
+            "query_modality": self.query_modality,
+            "target": self.target,
+            "random_init": self.random_init,
+            "provenance": {k: self.provenance.get(k) for k in ("model", "checkpoint_sha256", "checkpoint_path")},
+            "results": [asdict(h) for h in self.hits],
+        }
+
+    def to_geojson(self) -> dict:
+        features = []
+        for hit in self.hits:
+            geometry = None if hit.lat is None or np.isnan(hit.lat) else {"type": "Point", "coordinates": [hit.lon, hit.lat]}
+            props = {k: v for k, v in asdict(hit).items() if k not in ("lat", "lon")}
+            features.append({"type": "Feature", "geometry": geometry, "properties": props})
+        return {"type": "FeatureCollection", "features": features, "properties": {k: v for k, v in self.to_dict().items() if k != "results"}}
+
+
+def short_id(patch_id: str) -> str:
+    """The distinctive tail of a patch name (tile, row, col) for captions: the full id is long."""
+    parts = patch_id.replace("/", "_").split("_")
+    return "_".join(parts[-3:]) if len(parts) > 3 else patch_id
+
+
+class Archive:
+    """A store's embeddings and indexes, with the model that made them, ready for queries."""
+
+    def __init__(self, store: EmbeddingStore, workspace: Workspace):
+        self.store = store
+        self.workspace = workspace
+        self._indexes: dict = {}
+        self._model = None
+
+    @classmethod
+    def open(cls, store_path: str | Path, workspace: Workspace | None = None) -> "Archive":
+        store = EmbeddingStore(store_path)
+        if not store.modalities():
+            raise StoreError(located(store_path, "no embeddings yet; run `rsretrieve index --modality s1` and `--modality s2` first"))
+        return cls(store, workspace or Workspace())
+
+    # -- searching --------------------------------------------------------------------------------
+    def index(self, modality: Modality):
+        from rsretrieve.faiss_index import EmbeddingIndex
+
+        if modality not in self._indexes:
+            directory = self.workspace.index_dir(self.store.path, modality)
+            if not (directory.exists() and any(directory.iterdir())):
+                raise StoreError(located(self.store.path, f"no {modality.upper()} index yet; run `rsretrieve index --modality {modality}` first"))
+            provenance = self.store.provenance(modality)
+            self._indexes[modality] = EmbeddingIndex.load(directory, expected_provenance=provenance)
+        return self._indexes[modality]
+
+    def search(self, vector: np.ndarray, target: Modality, k: int, exclude_row: int | None = None) -> list[Hit]:
+        index = self.index(target)
+        if k > index.ntotal:
+            raise StoreError(located(self.store.path, f"k={k} is larger than the {target.upper()} archive ({index.ntotal} patches)"))
+        extra = 1 if exclude_row is not None and k < index.ntotal else 0
+        scores, rows = index.search(np.asarray(vector, np.float32).reshape(1, -1), k + extra)
+        group = self.store.open(target)
+        hits = []
+        for score, row in zip(scores[0], rows[0]):
+            if row < 0 or row == exclude_row or len(hits) == k:
+                continue
+            hits.append(self._hit(group, int(row), float(score), len(hits) + 1))
+        return hits
+
+    def query_vector(self, vector: np.ndarray, source: Modality, target: Modality, k: int, label: str, pixels: np.ndarray, exclude_row=None) -> QueryResult:
+        return QueryResult(label, source, target, self.search(vector, target, k, exclude_row), self.store.provenance(target), pixels)
+
+    def query_tile(self, path: str | Path, target: Modality, k: int = 10, modality: Modality | None = None) -> QueryResult:
+        from rsretrieve.tile import read_tile
+
+        tile = read_tile(path, modality)
+        self._check_target(target)
+        embeddings = self._embed(tile.pixels, tile.modality)
+        unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+        vector = unit.mean(axis=0)
+        label = f"{Path(path).name} ({tile.modality.upper()}, {len(tile.pixels)} patch{'es' if len(tile.pixels) > 1 else ''})"
+        return self.query_vector(vector, tile.modality, target, k, label, tile.pixels[0])
+
+    def query_id(self, patch_id: str, target: Modality, k: int = 10, modality: Modality | None = None) -> QueryResult:
+        """Query with an archive patch's stored embedding (the patch itself is left out of the results)."""
+        self._check_target(target)
+        for source in [modality] if modality else self.store.modalities():
+            group = self.store.open(source)
+            ids = np.asarray(group["patch_id"].values.tolist(), dtype=object)
+            rows = np.flatnonzero(ids == patch_id)
+            if rows.size:
+                row = int(rows[0])
+                if not bool(group["valid"][row]):
+                    raise StoreError(located(self.store.path, f"patch {patch_id} was skipped when encoding (bad input); it cannot be a query"))
+                vector = group["embedding"][row].values.astype(np.float32)
+                pixels = self.read_pixels(source, [patch_id])[0]
+                return self.query_vector(vector, source, target, k, f"{patch_id} ({source.upper()})", pixels, exclude_row=row if source == target else None)
+        raise StoreError(located(self.store.path, f"no patch with id {patch_id!r}"))
+
+    # -- pictures ---------------------------------------------------------------------------------
+    def read_pixels(self, modality: Modality, patch_ids: list[str]) -> np.ndarray:
+        """Normalised pixels of archive patches, read back from the dataset the store was built from:
+        patch by patch where the reader can, else through the chunks that hold them."""
+        from rsretrieve.datasets import open_dataset
+
+        source = self.store.provenance(modality).get("dataset") or {"name": "sample"}
+        dataset = open_dataset(source["name"], Path(source["root"]) if source.get("root") else None, source.get("subset"), **source.get("options", {}))
+        if hasattr(dataset, "read_patch"):
+            return np.stack([dataset.read_patch(pid, modality) for pid in patch_ids])
+        spans, _ = self.store.ledger(modality)
+        ids = self.store.open(modality)["patch_id"].values.tolist()
+        chunk_of = {ids[row]: span.key for span in spans for row in range(span.start, span.stop)}
+        chunks = {chunk.key: chunk for chunk in dataset.chunks(modality)}
+        found: dict[str, np.ndarray] = {}
+        for key in dict.fromkeys(chunk_of[pid] for pid in patch_ids):
+            batch = dataset.read_chunk(chunks[key])
+            found.update({pid: pix for pid, pix in zip(batch.patch_ids, batch.pixels)})
+        return np.stack([found[pid] for pid in patch_ids])
+
+    def mosaic(self, result: QueryResult, path: str | Path) -> Path:
+        from rsretrieve.mosaic import render_mosaic
+
+        pixels = self.read_pixels(result.target, [h.patch_id for h in result.hits])
+        tiles = [
+            (pix, result.target, f"#{h.rank} {short_id(h.patch_id)}", f"{h.score:.3f} · " + "; ".join(h.labels))
+            for pix, h in zip(pixels, result.hits)
+        ]
+        return render_mosaic(result.query_pixels, result.query_modality, tiles, Path(path), query_title=result.query_label)
+
+    # -- internals --------------------------------------------------------------------------------
+    def _check_target(self, target: Modality) -> None:
+        if not self.store.has(target):
+            raise StoreError(located(self.store.path, f"no {target.upper()} embeddings; run `rsretrieve index --modality {target}` first"))
+        self.index(target)
+
+    def _embed(self, pixels: np.ndarray, modality: Modality) -> np.ndarray:
+        from rsretrieve.encode import embed_pixels, model_for_provenance
+
+        if self._model is None:
+            self._model = model_for_provenance(self.store.provenance(modality))
+        return embed_pixels(self._model, pixels, modality)
+
+    @staticmethod
+    def _hit(group, row: int, score: float, rank: int) -> Hit:
+        def coord(name, default=None):
+            return group[name].values[row] if name in group.coords else default
+
+        labels = [CLASSES[i] for i in np.flatnonzero(coord("labels", np.zeros(len(CLASSES), bool)))]
+        lat, lon = coord("lat"), coord("lon")
+        return Hit(
+            rank=rank,
+            patch_id=str(coord("patch_id", row)),
+            pair_id=str(coord("pair_id", "")),
+            score=score,
+            labels=labels,
+            split=str(coord("split", "")),
+            lat=None if lat is None else float(lat),
+            lon=None if lon is None else float(lon),
+            row=row,
+        )
