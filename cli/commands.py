@@ -119,7 +119,8 @@ def _job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto
         raise RSRetrieveError(f"{data_root}: --data-root does not exist")
     if checkpoint is not None and not Path(checkpoint).exists():
         raise RSRetrieveError(f"{checkpoint}: --checkpoint does not exist")
-    selection = State.workspace.select(dataset.value if dataset else None, data_root, model, checkpoint)
+    # remembered only once the command has succeeded: a bad --checkpoint must not become current
+    selection = State.workspace.select(dataset.value if dataset else None, data_root, model, checkpoint, remember=False)
     return Job(State.workspace, selection, subset, store, device.value, batch_size, scheduler, dtype)
 
 
@@ -188,6 +189,7 @@ def encode(
     console.print(f"dataset [cyan]{job.selection.dataset}[/]{' / ' + subset if subset else ''} → store {job.store_path}")
     for m in _modalities(modality):
         _encode_with_progress(job, m)
+    State.workspace.remember(job.selection)
 
 
 @app.command()
@@ -214,6 +216,7 @@ def index(
         outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search)
         verb = "built" if outcome.built else "up to date:"
         console.print(f"{m.upper()}: index {verb} {outcome.kind} over {outcome.vectors} vectors → {outcome.path}")
+    State.workspace.remember(job.selection)
 
 
 # -- query -----------------------------------------------------------------------------------------
@@ -295,6 +298,7 @@ def evaluate(
         _encode_with_progress(job, m)
     k = k or subset.default_k
     result = evaluate_subset(job, subset.name, task_list, k)
+    State.workspace.remember(job.selection)
     data = {**result.to_dict(), "subset": subset.name}
     _print_eval(result, subset.name, k)
     if json_out:

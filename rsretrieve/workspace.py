@@ -112,11 +112,16 @@ class Workspace:
             checkpoint = current.get("checkpoint")
         selection = Selection(dataset=dataset, root=root_str, model=model, checkpoint=checkpoint)
         if remember:
-            if root_str and dataset != "sample":
-                config.setdefault("datasets", {}).setdefault(dataset, {})["root"] = root_str
-            config["current"] = {"dataset": dataset, "model": model, "checkpoint": checkpoint}
-            self.save_config(config)
+            self.remember(selection)
         return selection
+
+    def remember(self, selection: Selection) -> None:
+        """Make a selection current (after a command using it succeeded) and keep its root."""
+        config = self.load_config()
+        if selection.root and selection.dataset != "sample":
+            config.setdefault("datasets", {}).setdefault(selection.dataset, {})["root"] = selection.root
+        config["current"] = {"dataset": selection.dataset, "model": selection.model, "checkpoint": selection.checkpoint}
+        self.save_config(config)
 
 
 def _slug(name: str) -> str:
