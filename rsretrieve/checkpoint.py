@@ -1,0 +1,296 @@
+"""Model checkpoints: rsretrieve's own safetensors format, the CSMAE Lightning importer, load_model.
+
+Own format: one `<name>.safetensors` file (or a directory holding exactly one) with every tensor of
+the model's state_dict; its safetensors metadata holds `{"format": "rsretrieve-csmoe/1",
+"config": <config JSON>}`. The sha256 of the file is computed at load and recorded in
+`model.provenance["checkpoint_sha256"]`.
+
+CSMAE Lightning checkpoints (`.ckpt`, `.pt`, `.pth`) are read with `torch.load(weights_only=True)`
+(never unpickling arbitrary objects). Their `state_dict` keys under `backbone.` map 1:1 onto this
+package's module names by stripping the prefix (see `rsretrieve.csmoe` and docs/MODEL.md); the dense
+config (patch size, depths, width, image size) is inferred from tensor shapes.
+
+Every load is strict: a missing, unexpected or wrongly shaped tensor raises `CheckpointError` naming
+the first offending keys, before anything is copied into the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from rsretrieve.csmoe import REGISTRY, CSMoE, CSMoEConfig, create_model, get_config
+from rsretrieve.errors import CheckpointError, located
+
+__all__ = [
+    "FORMAT",
+    "save_model",
+    "load_model",
+    "load_own",
+    "load_csmae_lightning",
+    "csmae_to_rsretrieve_keys",
+    "infer_csmae_config",
+    "check_state_dict",
+    "sha256_file",
+]
+
+log = logging.getLogger(__name__)
+FORMAT = "rsretrieve-csmoe/1"
+LIGHTNING_SUFFIXES = (".ckpt", ".pt", ".pth")
+_MAX_LISTED = 5
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# strict state_dict checking
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(keys: list[str]) -> str:
+    more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def _model_order(model: torch.nn.Module):
+    """Sort key placing foreign keys where their nearest module sits in the model (so that 'first'
+    means first in the forward order, not alphabetical)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+
+    def key(k: str):
+        parts = k.split(".")
+        for j in range(len(parts) - 1, -1, -1):
+            prefix = ".".join(parts[:j])
+            if prefix in order:
+                return (order[prefix], k)
+        return (len(order), k)
+
+    return key
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: object) -> None:
+    """Raise CheckpointError unless `state` has exactly the model's keys with the same shapes."""
+    expected = model.state_dict()
+    problems = []
+    missing = [k for k in expected if k not in state]
+    unexpected = sorted((k for k in state if k not in expected), key=_model_order(model))
+    shape = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing:
+        problems.append(f"missing keys: {_fmt(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_fmt(unexpected)}")
+    if shape:
+        problems.append(f"shape mismatch: {_fmt(shape)}")
+    if problems:
+        raise CheckpointError(located(path, f"checkpoint does not match config {model.config.name!r}: " + "; ".join(problems)))
+
+
+def _load_into(model: CSMoE, state: Mapping[str, torch.Tensor], path: object) -> None:
+    check_state_dict(model, state, path)
+    for k, v in state.items():
+        if not v.is_floating_point():
+            raise CheckpointError(located(path, f"tensor {k} has non-float dtype {v.dtype}"))
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# own format
+# ---------------------------------------------------------------------------------------------
+
+
+def save_model(model: CSMoE, path: str | os.PathLike) -> Path:
+    """Write `model` to `path` (a `.safetensors` file, or a directory that gets `<name>.safetensors`).
+    Returns the file written. Weights are stored float32, contiguous."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / f"{model.config.name}.safetensors"
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "config": model.config.to_json()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def _resolve_own(path: Path) -> Path:
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise CheckpointError(located(path, f"expected exactly one .safetensors file in the directory, found {len(files)}"))
+        return files[0]
+    return path
+
+
+def load_own(path: str | os.PathLike, device: str = "cpu", config: CSMoEConfig | str | None = None) -> CSMoE:
+    """Load an rsretrieve safetensors checkpoint. `config` (optional) overrides the stored config:
+    the weights must then match it exactly."""
+    from safetensors import safe_open
+
+    path = _resolve_own(Path(path))
+    if not path.is_file():
+        raise CheckpointError(located(path, "no such checkpoint file"))
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # truncated / corrupt header or data
+        raise CheckpointError(located(path, f"unreadable safetensors file ({type(exc).__name__}: {_one_line(exc)})")) from None
+    if config is None:
+        if meta.get("format") != FORMAT or "config" not in meta:
+            raise CheckpointError(located(path, f"not an rsretrieve checkpoint (metadata format {meta.get('format')!r})"))
+        try:
+            config = CSMoEConfig.from_dict(json.loads(meta["config"]))
+        except Exception as exc:
+            raise CheckpointError(located(path, f"invalid config in metadata: {_one_line(exc)}")) from None
+    elif isinstance(config, str):
+        config = get_config(config)
+    model = create_model(config)
+    _load_into(model, state, path)
+    model.set_provenance(sha256_file(path), str(path))
+    return model.to(device).eval()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# CSMAE Lightning importer
+# ---------------------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"^(blocks_s1|blocks_s2|blocks)\.(\d+)\.")
+
+
+def csmae_to_rsretrieve_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`backbone.<name>` -> `<name>`; keys outside `backbone.` (decoders, projector, optimiser)
+    are pretraining-only and dropped. Names inside the backbone are identical by design."""
+    out = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return out
+
+
+def infer_csmae_config(state: Mapping[str, torch.Tensor], path: object, hparams: Mapping[str, Any] | None = None) -> CSMoEConfig:
+    """Dense CSMAE config from tensor shapes. Heads cannot be seen in shapes: taken from the
+    checkpoint's hyper_parameters (`num_heads`/`heads`) if present, else from a registered dense
+    config with the same shapes, else embed_dim // 64 (ViT convention)."""
+    try:
+        w_s1 = state["patch_embed.proj.weight"]
+        w_s2 = state["patch_embed_s2.proj.weight"]
+        pos = state["pos_embed"]
+    except KeyError as exc:
+        raise CheckpointError(located(path, f"not a CSMAE backbone: missing key backbone.{exc.args[0]}")) from None
+    dim, s1_chans, patch, _ = w_s1.shape
+    s2_chans = w_s2.shape[1]
+    n = pos.shape[-2] - 1
+    grid = int(round(n**0.5))
+    if grid * grid != n:
+        raise CheckpointError(located(path, f"pos_embed has {n} patch positions, not a square grid"))
+    depths = {}
+    for k in state:
+        m = _BLOCK.match(k)
+        if m:
+            depths[m.group(1)] = max(depths.get(m.group(1), 0), int(m.group(2)) + 1)
+    if depths.get("blocks_s1") != depths.get("blocks_s2"):
+        raise CheckpointError(located(path, f"S1 and S2 encoders differ in depth: {depths}"))
+    fc1 = state.get("blocks_s1.0.mlp.fc1.weight")
+    mlp_ratio = fc1.shape[0] / dim if fc1 is not None else 4.0
+    shape_sig = dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth_modality=depths.get("blocks_s1", 0),
+                     depth_cross=depths.get("blocks", 0), s1_chans=s1_chans, s2_chans=s2_chans, mlp_ratio=mlp_ratio)
+    heads, name = None, None
+    if hparams:
+        for key in ("num_heads", "heads", "encoder_heads"):
+            if isinstance(hparams.get(key), int):
+                heads = hparams[key]
+                break
+    for cfg in REGISTRY.values():
+        if not cfg.is_moe and all(getattr(cfg, k) == v for k, v in shape_sig.items()) and heads in (None, cfg.num_heads):
+            heads, name = cfg.num_heads, cfg.name
+            break
+    heads = heads or max(1, dim // 64)
+    return CSMoEConfig(name=name or f"csmae-imported-p{patch}", num_heads=heads, num_experts=1,
+                       moe_layers_modality=(), moe_layers_cross=(), **shape_sig)
+
+
+def _torch_load(path: Path) -> Any:
+    import pickle
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(located(path, f"refused: the file holds pickled objects that are not plain tensors/containers (weights_only load): {_one_line(exc)}")) from None
+    except Exception as exc:
+        raise CheckpointError(located(path, f"unreadable checkpoint ({type(exc).__name__}: {_one_line(exc)})")) from None
+
+
+def load_csmae_lightning(path: str | os.PathLike, device: str = "cpu", config: CSMoEConfig | str | None = None) -> CSMoE:
+    """Import a CSMAE Lightning checkpoint (dict with `state_dict`, or a bare state_dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(located(path, "no such checkpoint file"))
+    obj = _torch_load(path)
+    hparams = None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        hparams = obj.get("hyper_parameters") if isinstance(obj.get("hyper_parameters"), Mapping) else None
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(located(path, "not a state_dict (expected a mapping of names to tensors)"))
+    state = csmae_to_rsretrieve_keys(obj)
+    if not state:
+        raise CheckpointError(located(path, "no keys under 'backbone.': not a CSMAE checkpoint"))
+    if config is None:
+        config = infer_csmae_config(state, path, hparams)
+    elif isinstance(config, str):
+        config = get_config(config)
+    model = create_model(config)
+    _load_into(model, state, path)
+    model.set_provenance(sha256_file(path), str(path))
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(name_or_path: str | os.PathLike, device: str = "cpu", config: CSMoEConfig | str | None = None) -> CSMoE:
+    """A registered config name (random weights, loudly flagged), an rsretrieve `.safetensors`
+    checkpoint (file or directory) or a CSMAE Lightning checkpoint (`.ckpt`/`.pt`/`.pth`)."""
+    s = str(name_or_path)
+    if s in REGISTRY and not Path(s).exists():
+        msg = (f"model {s!r} has RANDOM weights (no checkpoint given): embeddings are meaningless for "
+               "retrieval; pass a checkpoint path for real results")
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        log.warning(msg)
+        return create_model(s, device=device)
+    path = Path(s)
+    if not path.exists():
+        raise CheckpointError(located(path, f"no such checkpoint, and not a registered model name (known: {', '.join(sorted(REGISTRY))})"))
+    if path.is_dir() or path.suffix == ".safetensors":
+        return load_own(path, device=device, config=config)
+    if path.suffix in LIGHTNING_SUFFIXES:
+        return load_csmae_lightning(path, device=device, config=config)
+    raise CheckpointError(located(path, f"unknown checkpoint type {path.suffix!r}; expected .safetensors, a directory, .ckpt, .pt or .pth"))
