@@ -83,21 +83,31 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     if as_json:
         print_json(rows)
         return
-    table = Table(title="CSMoE / CSMAE configs (MACs per image, one modality path; paper = Table IV)")
-    for column in ("model", "params", "paper params", "Δ", "MACs", "paper MACs", "Δ", "C2C"):
-        table.add_column(column, justify="right" if column != "model" else "left")
+    table = Table(title="Model configs beside the paper's Table IV (MACs per image, fvcore convention)")
+    for column in ("model", "params", "paper", "Δ", "MACs S2", "MACs S1", "paper", "Δ", "C2C", "paper C2C"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+
+    def pct(value):
+        return "" if value is None else f"{value * 100:+.1f}%"
+
     for r in rows:
+        deviations = r.get("deviations") or {}
+        # CSMAE's 87M is one ViT-B path; CSMoE's figures count both modality encoders
+        params = r["params_s2_path"] if r.get("params_basis") == "s2-path" else r["params"]
         table.add_row(
             r["name"],
-            f"{r['params'] / 1e6:.1f}M",
+            f"{params / 1e6:.1f}M" + (" (one path)" if r.get("params_basis") == "s2-path" else ""),
             f"{r['paper_params'] / 1e6:.0f}M" if r.get("paper_params") else "-",
-            f"{r['params_deviation'] * 100:+.1f}%" if r.get("params_deviation") is not None else "",
-            f"{r['macs'] / 1e9:.2f}B",
+            pct(deviations.get("params")),
+            f"{r['macs_s2'] / 1e9:.2f}B",
+            f"{r['macs_s1'] / 1e9:.2f}B",
             f"{r['paper_macs'] / 1e9:.2f}B" if r.get("paper_macs") else "-",
-            f"{r['macs_deviation'] * 100:+.1f}%" if r.get("macs_deviation") is not None else "",
+            pct(deviations.get("macs")),
             f"{r['c2c']:.2f}",
+            f"{r['paper_c2c']:.2f}" if r.get("paper_c2c") else "-",
         )
     console.print(table)
+    console.print("[dim]Structure and residuals: docs/MODEL.md[/]")
 
 
 # -- encode / index --------------------------------------------------------------------------------

@@ -171,3 +171,13 @@ def test_corrupt_checkpoint_leaves_the_store_untouched(workspace, tmp_path):
     assert_clean_error(run(["encode", "--checkpoint", bad, "--store", store], workspace, check=False), "broken.safetensors")
     after = sorted((p.relative_to(store), p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file())
     assert before == after
+
+
+def test_models_json_matches_table_iv(tmp_path):
+    rows = {r["name"]: r for r in json.loads(run(["models", "--json"], tmp_path).stdout)}
+    paper = {"csmoe-p14": (271e6, 13.40e9), "csmoe-p16": (271e6, 10.11e9), "csmoe-p28": (275e6, 3.67e9), "csmoe-p32": (277e6, 2.92e9)}
+    for name, (params, macs) in paper.items():
+        assert abs(rows[name]["params"] / params - 1) <= 0.03, name
+        assert abs(rows[name]["macs"] / macs - 1) <= 0.15, name
+    table = run(["models"], tmp_path).stdout
+    assert "csmae-p15" in table and "5.64B" in table
