@@ -84,6 +84,12 @@ def main_options(
 
 def main() -> None:
     """Entry point: bad input is one line on stderr and exit code 1, never a traceback."""
+    import logging
+    import warnings
+
+    # the library warns about random weights through warnings/logging; the CLI prints its own banner
+    warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+    logging.getLogger("rsretrieve").setLevel(logging.ERROR)
     try:
         app()
     except RSRetrieveError as exc:

@@ -31,8 +31,13 @@ RANDOM_INIT_WARNING = (
 )
 
 
+_warned: set[str] = set()
+
+
 def _warn_if_random(provenance: dict) -> None:
-    if provenance.get("checkpoint_sha256") == "random-init":
+    """The random-weights banner, once per command."""
+    if provenance.get("checkpoint_sha256") == "random-init" and "random" not in _warned:
+        _warned.add("random")
         err.print(RANDOM_INIT_WARNING)
 
 
@@ -84,29 +89,29 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         print_json(rows)
         return
     table = Table(title="Model configs beside the paper's Table IV (MACs per image, fvcore convention)")
-    for column in ("model", "params", "paper", "Δ", "MACs S2", "MACs S1", "paper", "Δ", "C2C", "paper C2C"):
+    for column in ("model", "params", "Table IV", "MACs S2", "MACs S1", "Table IV", "C2C (paper)"):
         table.add_column(column, justify="left" if column == "model" else "right")
 
-    def pct(value):
-        return "" if value is None else f"{value * 100:+.1f}%"
+    def paper(value, deviation, unit, scale):
+        if not value:
+            return "-"
+        return f"{value / scale:.{0 if unit == 'M' else 2}f}{unit} ({deviation * 100:+.1f}%)"
 
     for r in rows:
         deviations = r.get("deviations") or {}
-        # CSMAE's 87M is one ViT-B path; CSMoE's figures count both modality encoders
-        params = r["params_s2_path"] if r.get("params_basis") == "s2-path" else r["params"]
+        one_path = r.get("params_basis") == "s2-path"  # CSMAE's 87M is one ViT-B path
+        params = r["params_s2_path"] if one_path else r["params"]
         table.add_row(
             r["name"],
-            f"{params / 1e6:.1f}M" + (" (one path)" if r.get("params_basis") == "s2-path" else ""),
-            f"{r['paper_params'] / 1e6:.0f}M" if r.get("paper_params") else "-",
-            pct(deviations.get("params")),
+            f"{params / 1e6:.1f}M" + ("¹" if one_path else ""),
+            paper(r.get("paper_params"), deviations.get("params", 0), "M", 1e6),
             f"{r['macs_s2'] / 1e9:.2f}B",
             f"{r['macs_s1'] / 1e9:.2f}B",
-            f"{r['paper_macs'] / 1e9:.2f}B" if r.get("paper_macs") else "-",
-            pct(deviations.get("macs")),
-            f"{r['c2c']:.2f}",
-            f"{r['paper_c2c']:.2f}" if r.get("paper_c2c") else "-",
+            paper(r.get("paper_macs"), deviations.get("macs", 0), "B", 1e9),
+            f"{r['c2c']:.1f} ({r['paper_c2c']:.1f})" if r.get("paper_c2c") else f"{r['c2c']:.1f}",
         )
     console.print(table)
+    console.print("[dim]¹ one modality path, as the paper counts CSMAE; CSMoE counts both modality encoders.[/]")
     console.print("[dim]Structure and residuals: docs/MODEL.md[/]")
 
 
@@ -150,7 +155,7 @@ def _encode_with_progress(job, modality: str):
         task = progress.add_task("encode", total=None, rate="-")
 
         def on_start(total: int, todo: int) -> None:
-            progress.update(task, total=todo)
+            progress.update(task, total=todo, visible=todo > 0)
 
         def on_chunk(written: int, skipped: int) -> None:
             progress.advance(task, written)

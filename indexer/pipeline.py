@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,11 @@ def _worker_model(spec: EncoderSpec, device: str):
     with _CACHE_LOCK:
         if key not in _MODELS:
             _MODELS.clear()  # one model per worker process
-            _MODELS[key] = load_model(spec.model, device=device)
+            with warnings.catch_warnings():
+                # random-init is stamped in the store's provenance and said by the client, once
+                warnings.simplefilter("ignore", UserWarning)
+                logging.getLogger("rsretrieve").setLevel(logging.ERROR)
+                _MODELS[key] = load_model(spec.model, device=device)
         return _MODELS[key]
 
 

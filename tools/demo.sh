@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The main job on the bundled real BigEarthNet-v2 sample, as a new user would run it:
 # encode + index both modalities, a cross-modal query with a mosaic, and the paper's F1 evaluation.
-# Uses a small model config so it finishes in about a minute on 2 CPU cores; the weights are random
+# Uses the default csmoe-p16 config (about two minutes on 2 CPU cores); the weights are random
 # (no pretrained CSMoE weights can be downloaded here), which every command says loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RSRETRIEVE_WORKSPACE="${RSRETRIEVE_WORKSPACE:-$PWD/rsretrieve-workspace}"
 RS=".venv/bin/rsretrieve"
-MODEL="${RSRETRIEVE_DEMO_MODEL:-csmoe-tiny}"
+MODEL="${RSRETRIEVE_DEMO_MODEL:-csmoe-p16}"
 SAMPLE="$(.venv/bin/python -c 'import rsretrieve.datasets as d; print(d.sample_root())')"
 QUERY_TILE="$(ls "$SAMPLE"/BigEarthNet-S1/*/*/*_VV.tif | head -1)"
 QUERY_TILE_STACK="$RSRETRIEVE_WORKSPACE/demo-query-s1.tif"
