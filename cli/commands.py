@@ -170,6 +170,8 @@ def _encode_with_progress(job, modality: str):
 
 def _print_encode_summary(summary) -> None:
     _warn_if_random(summary.provenance)
+    for note in summary.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
     if summary.nothing_to_do:
         console.print(f"{summary.modality.upper()}: all {summary.chunks_total} chunks already encoded in {summary.store} — nothing to do")
         return

@@ -84,6 +84,7 @@ class EncodeSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     provenance: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. a subset count that differs from the paper's
 
     @property
     def patches_per_second(self) -> float:
@@ -220,6 +221,9 @@ def encode(
     done = store.done_chunks(modality)
     todo = [(chunk, span) for chunk, span in zip(chunks, spans) if chunk.key not in done]
     summary = EncodeSummary(modality, Path(store_path), len(chunks), len(chunks) - len(todo), provenance=store.provenance(modality))
+    count_message = getattr(ds, "count_message", None)
+    if count_message and count_message():
+        summary.notes.append(count_message())
     if on_start:
         on_start(meta.num_rows, sum(span.stop - span.start for _, span in todo))
     if todo:

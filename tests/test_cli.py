@@ -181,3 +181,16 @@ def test_models_json_matches_table_iv(tmp_path):
         assert abs(rows[name]["macs"] / macs - 1) <= 0.15, name
     table = run(["models"], tmp_path).stdout
     assert "csmae-p15" in table and "5.64B" in table
+
+
+def test_benv2_root_is_remembered_and_subset_count_reported(tmp_path):
+    """The sample tree is a BigEarthNet-v2 release root: the subset count differs from the paper's
+    and is reported; later commands need no path; k above the archive size is refused."""
+    first = run(["index", "--dataset", "benv2", "--data-root", sample_root(), "--subset", "BENv2-243k", "--model", MODEL, "--modality", "s2"], tmp_path)
+    assert "expected 243,130 pairs, found 18" in first.stdout  # 3 snowy + 3 cloudy pairs excluded
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["datasets"]["benv2"]["root"] == str(sample_root())
+    assert_clean_error(run(["eval", "BENv2-243k", "--tasks", "s2s2"], tmp_path, check=False), "k=10", "6 patches")
+    out = tmp_path / "f1.json"
+    run(["eval", "BENv2-243k", "--tasks", "s2s2", "-k", "3", "--json", out], tmp_path)
+    assert json.loads(out.read_text())["tasks"]["s2s2"]["n_archive"] == 6
