@@ -167,9 +167,12 @@ def load_own(path: str | os.PathLike, device: str = "cpu", config: CSMoEConfig |
             config = CSMoEConfig.from_dict(json.loads(meta["config"]))
         except Exception as exc:
             raise CheckpointError(located(path, f"invalid config in metadata: {_one_line(exc)}")) from None
-    elif isinstance(config, str):
-        config = get_config(config)
-    model = create_model(config)
+    return _model_from_state(config, state, path, device)
+
+
+def _model_from_state(config: CSMoEConfig | str, state: Mapping[str, torch.Tensor], path: Path, device: str) -> CSMoE:
+    """Build the config's model, load the state strictly and stamp the file's sha256 as provenance."""
+    model = create_model(get_config(config) if isinstance(config, str) else config)
     _load_into(model, state, path)
     model.set_provenance(sha256_file(path), str(path))
     return model.to(device).eval()
@@ -263,12 +266,7 @@ def load_csmae_lightning(path: str | os.PathLike, device: str = "cpu", config: C
         raise CheckpointError(located(path, "no keys under 'backbone.': not a CSMAE checkpoint"))
     if config is None:
         config = infer_csmae_config(state, path, hparams)
-    elif isinstance(config, str):
-        config = get_config(config)
-    model = create_model(config)
-    _load_into(model, state, path)
-    model.set_provenance(sha256_file(path), str(path))
-    return model.to(device).eval()
+    return _model_from_state(config, state, path, device)
 
 
 # ---------------------------------------------------------------------------------------------
