@@ -1,0 +1,597 @@
+"""Per-modality FAISS indexes over an embedding store group, built by streaming the store.
+
+Vectors are the store's [CLS] embeddings, L2-normalised in float32 batch by batch, so that inner
+product = cosine similarity (the ranking CSMAE's retrieval.py uses: L2 on L2-normalised features,
+which orders neighbours identically). `search` always returns cosine similarities, whatever the
+index kind computes internally.
+
+Index kinds (see docs/RETRIEVAL.md):
+
+- ``flat``  : `IndexFlatIP`, exact. Default below ~1M vectors (`kind="auto"`).
+- ``ivfpq`` : `IndexIVFPQ` (nlist ~ 4*sqrt(N), M sub-quantisers dividing the dim, 8 bits, L2 metric
+  on the normalised vectors) wrapped in `IndexRefineFlat`, which re-ranks the PQ shortlist of
+  k*k_factor candidates with exact distances. nprobe and k_factor are tuned after building so that
+  recall@10 against exact search on a sample of the archive is >= `target_recall` (0.95).
+- ``hnsw``  : `IndexHNSWFlat` (M=32, inner product), efSearch tuned the same way.
+
+The store is never loaded whole: `ds.embedding` is read in slices of `batch_size` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsretrieve.errors import StoreError, located
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.parquet"
+META_FILE = "index.json"
+DEFAULT_BATCH = 65_536
+AUTO_FLAT_MAX = 1_000_000
+KINDS = ("flat", "ivfpq", "hnsw", "auto")
+# provenance keys that identify the embeddings; other keys (creation time, paths) may differ
+PROVENANCE_KEYS = ("model", "config", "checkpoint_sha256", "dtype", "normalisation")
+FORMAT_VERSION = 1
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+# -- store access ----------------------------------------------------------------------------------
+
+
+def _read_rows(ds, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of `ds.embedding` as float32. The only place embeddings are read (tests
+    spy on it to check that batches are respected)."""
+    return np.asarray(ds["embedding"][start:stop].values, dtype=np.float32)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    """L2-normalise rows in float32 (zero rows stay zero)."""
+    x = np.array(x, dtype=np.float32, copy=True)
+    if x.ndim != 2:
+        raise ValueError(f"expected a (n, dim) array, got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def _strings(values) -> np.ndarray:
+    """Any string-like array (object, <U, numpy StringDType from Zarr v3) -> object array of str."""
+    return np.array([str(v) for v in np.asarray(values).tolist()], dtype=object)
+
+
+def _coord(ds, name: str) -> np.ndarray | None:
+    if name in ds.coords or name in ds.variables:
+        return np.asarray(ds[name].values)
+    return None
+
+
+def selection_mask(ds, rows: np.ndarray | Sequence[int] | None = None, split: str | Sequence[str] | None = None,
+                   pair_ids: Sequence[str] | None = None) -> np.ndarray:
+    """Boolean (patch,) mask of the rows to index: `rows` (bool mask or row indices) AND `split`
+    AND `pair_ids` AND the store's `valid` flag (rows not yet encoded or skipped are never indexed)."""
+    n = int(ds.sizes["patch"])
+    mask = np.ones(n, dtype=bool)
+    if rows is not None:
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if rows.shape != (n,):
+                raise ValueError(f"row mask has shape {rows.shape}, the store group has {n} rows")
+            mask &= rows
+        else:
+            if rows.size and (rows.min() < 0 or rows.max() >= n):
+                raise ValueError(f"row indices out of range for a store group of {n} rows")
+            chosen = np.zeros(n, dtype=bool)
+            chosen[rows.astype(np.int64)] = True
+            mask &= chosen
+    if split is not None:
+        splits = _coord(ds, "split")
+        if splits is None:
+            raise StoreError("the store group has no `split` coordinate; cannot select a split")
+        wanted = [split] if isinstance(split, str) else list(split)
+        mask &= np.isin(_strings(splits), np.array(wanted, dtype=object))
+    if pair_ids is not None:
+        pairs = _coord(ds, "pair_id")
+        if pairs is None:
+            raise StoreError("the store group has no `pair_id` coordinate; cannot select pairs")
+        mask &= np.isin(_strings(pairs), np.array([str(p) for p in pair_ids], dtype=object))
+    if "valid" in ds.variables:
+        mask &= np.asarray(ds["valid"].values, dtype=bool)
+    return mask
+
+
+def iter_embeddings(ds, mask: np.ndarray | None = None, batch_size: int = DEFAULT_BATCH):
+    """Yield (rows int64, normalised float32 vectors) for the selected rows, `batch_size` store rows
+    at a time. Slabs without a selected row are not read."""
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    n = int(ds.sizes["patch"])
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        keep = np.ones(stop - start, dtype=bool) if mask is None else mask[start:stop]
+        if not keep.any():
+            continue
+        block = _read_rows(ds, start, stop)
+        rows = np.arange(start, stop, dtype=np.int64)[keep]
+        block = block[keep]
+        if not np.isfinite(block).all():
+            bad = rows[~np.isfinite(block).all(axis=1)][:3].tolist()
+            raise StoreError(f"embeddings of rows {bad} are not finite (not encoded yet?)")
+        yield rows, _normalise(block)
+
+
+def provenance_of(ds) -> dict:
+    prov = ds.attrs.get("provenance", {})
+    if isinstance(prov, str):
+        prov = json.loads(prov)
+    return dict(prov)
+
+
+def provenance_identity(provenance: dict | None) -> dict:
+    provenance = provenance or {}
+    return {key: _jsonable(provenance.get(key)) for key in PROVENANCE_KEYS}
+
+
+def provenance_differences(a: dict | None, b: dict | None) -> list[str]:
+    ia, ib = provenance_identity(a), provenance_identity(b)
+    return [key for key in PROVENANCE_KEYS if ia[key] != ib[key]]
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON round-trip so that tuples/lists and numpy scalars compare equal after save/load."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _describe(provenance: dict | None) -> str:
+    provenance = provenance or {}
+    sha = str(provenance.get("checkpoint_sha256", "?"))
+    return f"{provenance.get('model')} ({'random-init' if sha == 'random-init' else 'sha256 ' + sha[:12]})"
+
+
+# -- parameters ------------------------------------------------------------------------------------
+
+
+def auto_kind(n: int) -> str:
+    return "flat" if n < AUTO_FLAT_MAX else "ivfpq"
+
+
+def default_nlist(n: int) -> int:
+    """~4*sqrt(N), at least 1 and at most N/39 (faiss wants >= 39 training points per centroid)."""
+    return int(max(1, min(round(4 * math.sqrt(n)), n // 39 if n >= 39 else 1)))
+
+
+def default_pq_m(dim: int, dims_per_code: int = 8) -> int:
+    """The largest divisor of `dim` giving at least `dims_per_code` dims per sub-quantiser
+    (768 -> 96, 384 -> 48, 192 -> 24)."""
+    target = max(1, dim // dims_per_code)
+    for m in range(target, 0, -1):
+        if dim % m == 0:
+            return m
+    return 1
+
+
+def _sample_rows(mask_rows: np.ndarray, size: int, seed: int) -> np.ndarray:
+    if size >= mask_rows.size:
+        return mask_rows
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(mask_rows, size=size, replace=False))
+
+
+def _read_sample(ds, rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """Normalised vectors of the (sorted) `rows`, read slab by slab."""
+    chosen = np.zeros(int(ds.sizes["patch"]), dtype=bool)
+    chosen[rows] = True
+    parts = [vectors for _, vectors in iter_embeddings(ds, chosen, batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, int(ds.sizes["dim"])), np.float32)
+
+
+# -- the index -------------------------------------------------------------------------------------
+
+
+class EmbeddingIndex:
+    """A FAISS index over (a selection of) one store group, with the map faiss id -> store row."""
+
+    def __init__(self, index, rows: np.ndarray, patch_ids: np.ndarray, kind: str, params: dict,
+                 provenance: dict | None = None, selection: dict | None = None, n_store_rows: int | None = None,
+                 modality: str | None = None, use_gpu: bool = True):
+        self.cpu_index = index
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.patch_ids = _strings(patch_ids)
+        self.kind = kind
+        self.params = dict(params)
+        self.provenance = dict(provenance or {})
+        self.selection = dict(selection or {})
+        self.n_store_rows = int(n_store_rows if n_store_rows is not None else (self.rows.max() + 1 if self.rows.size else 0))
+        self.modality = modality
+        self._search_index = _to_gpu(index) if use_gpu else index
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, source, modality: str | None = None, *, kind: str = "auto", rows=None,
+              split: str | Sequence[str] | None = None, pair_ids: Sequence[str] | None = None,
+              batch_size: int = DEFAULT_BATCH, use_gpu: bool = True, seed: int = 0,
+              target_recall: float = 0.95, tune: bool = True, **params) -> "EmbeddingIndex":
+        """Build from a store group. `source` is an opened `xr.Dataset` (one group) or a store path
+        (then `modality` names the group). `rows` (bool mask or row indices), `split` and
+        `pair_ids` select what to index. `params` override defaults: nlist, m, nbits, nprobe,
+        k_factor, refine ("flat" | "none"), train_size, hnsw_m, ef_construction, ef_search."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
+        ds = _open(source, modality)
+        mask = selection_mask(ds, rows=rows, split=split, pair_ids=pair_ids)
+        selected = np.flatnonzero(mask)
+        n = int(selected.size)
+        if n == 0:
+            raise StoreError(f"no embeddings to index in the {modality or 'store'} group (selection is empty)")
+        dim = int(ds.sizes["dim"])
+        if kind == "auto":
+            kind = auto_kind(n)
+        faiss = _faiss()
+        if kind == "flat":
+            index, chosen = faiss.IndexFlatIP(dim), {"metric": "ip"}
+        elif kind == "hnsw":
+            hnsw_m = int(params.get("hnsw_m", 32))
+            index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = int(params.get("ef_construction", 80))
+            chosen = {"metric": "ip", "hnsw_m": hnsw_m, "ef_construction": index.hnsw.efConstruction,
+                      "ef_search": int(params.get("ef_search", 64))}
+            index.hnsw.efSearch = chosen["ef_search"]
+        else:  # ivfpq
+            index, chosen = _ivfpq(ds, selected, dim, n, batch_size, seed, params)
+        rows_parts = []
+        for batch_rows, vectors in iter_embeddings(ds, mask, batch_size):
+            index.add(vectors)
+            rows_parts.append(batch_rows)
+        all_rows = np.concatenate(rows_parts)
+        pids = _coord(ds, "patch_id")
+        patch_ids = _strings(pids[all_rows]) if pids is not None else _strings(all_rows)
+        selection = {
+            "split": split if split is None or isinstance(split, str) else list(split),
+            "rows": None if rows is None else "explicit",
+            "pair_ids": None if pair_ids is None else len(list(pair_ids)),
+            "n_selected": n,
+        }
+        out = cls(index, all_rows, patch_ids, kind, chosen, provenance_of(ds), selection,
+                  n_store_rows=int(ds.sizes["patch"]), modality=modality or ds.attrs.get("modality"), use_gpu=False)
+        if tune and kind in ("ivfpq", "hnsw") and not _explicit_search_params(kind, params):
+            out.tune(target_recall=target_recall, seed=seed)
+        if use_gpu:
+            out._search_index = _to_gpu(out.cpu_index)
+        return out
+
+    @classmethod
+    def from_vectors(cls, vectors: np.ndarray, patch_ids: Sequence[str] | None = None, *, kind: str = "flat",
+                     provenance: dict | None = None, **kwargs) -> "EmbeddingIndex":
+        """Convenience for in-memory arrays (tests, benchmarks): wraps them as a one-group dataset."""
+        import xarray as xr
+
+        vectors = np.asarray(vectors)
+        n = vectors.shape[0]
+        coords = {"patch_id": ("patch", np.asarray(patch_ids if patch_ids is not None else [str(i) for i in range(n)], dtype=object))}
+        ds = xr.Dataset({"embedding": (("patch", "dim"), vectors)}, coords=coords)
+        ds.attrs["provenance"] = dict(provenance or {})
+        return cls.build(ds, kind=kind, **kwargs)
+
+    # -- search ------------------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        return int(self.cpu_index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.cpu_index.d)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine similarities (Q, k) and store rows (Q, k), best first. Rows are -1 where an
+        approximate index found fewer than k candidates."""
+        queries = np.asarray(queries)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be (Q, {self.dim}), got shape {queries.shape}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if k > self.ntotal:
+            raise StoreError(f"k={k} is larger than the archive ({self.ntotal} patches)")
+        q = _normalise(queries)
+        scores, ids = self._search_index.search(q, k)
+        rows = np.where(ids >= 0, self.rows[np.clip(ids, 0, None)], -1)
+        if self.params.get("metric") == "l2":  # squared L2 between unit vectors -> cosine
+            scores = 1.0 - scores / 2.0
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        return scores, rows
+
+    def search_patch_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search`, with patch ids (str, '' where missing) instead of store rows."""
+        scores, rows = self.search(queries, k)
+        lookup = dict(zip(self.rows.tolist(), self.patch_ids.tolist()))
+        ids = np.array([[lookup.get(int(r), "") for r in line] for line in rows], dtype=object)
+        return scores, ids
+
+    # -- approximate-search parameters ---------------------------------------------------------------
+    def set_search_params(self, **params) -> None:
+        """nprobe / k_factor (ivfpq), ef_search (hnsw)."""
+        faiss = _faiss()
+        idx = self.cpu_index
+        if self.kind == "ivfpq":
+            base = faiss.downcast_index(idx.base_index) if hasattr(idx, "base_index") else idx
+            if "nprobe" in params:
+                base.nprobe = int(params["nprobe"])
+                self.params["nprobe"] = int(params["nprobe"])
+            if "k_factor" in params and hasattr(idx, "k_factor"):
+                idx.k_factor = float(params["k_factor"])
+                self.params["k_factor"] = float(params["k_factor"])
+        elif self.kind == "hnsw" and "ef_search" in params:
+            idx.hnsw.efSearch = int(params["ef_search"])
+            self.params["ef_search"] = int(params["ef_search"])
+        if self._search_index is not idx:  # a GPU copy: rebuild it with the new parameters
+            self._search_index = _to_gpu(idx)
+
+    def exact_search(self, normalised_queries: np.ndarray, k: int) -> np.ndarray:
+        """Exact neighbours (faiss ids) from the full vectors the index keeps (flat storage of
+        IndexRefineFlat / IndexHNSWFlat / IndexFlat)."""
+        faiss = _faiss()
+        idx = self.cpu_index
+        if self.kind == "flat":
+            storage = idx
+        elif self.kind == "hnsw":
+            storage = faiss.downcast_index(idx.storage)
+        elif hasattr(idx, "refine_index"):
+            storage = faiss.downcast_index(idx.refine_index)
+        else:
+            raise ValueError("this index keeps no full vectors; exact search needs the store")
+        _, ids = storage.search(np.ascontiguousarray(normalised_queries, dtype=np.float32), k)
+        return ids
+
+    def tune(self, target_recall: float = 0.95, k: int = 10, n_queries: int = 500, seed: int = 0,
+             margin: float = 0.02) -> float:
+        """Pick the cheapest search parameters whose recall@k against exact search reaches
+        `target_recall + margin` on queries drawn from the archive itself, each perturbed by noise
+        of the size of its distance to its nearest neighbour (so it is not its own trivial top hit).
+        These proxy queries are a little easier than unseen ones, hence the margin. Returns the
+        recall reached (recorded in `params["tuned_recall"]`)."""
+        goal = min(target_recall + margin, 0.999)
+        if self.kind not in ("ivfpq", "hnsw"):
+            return 1.0
+        k = min(k, self.ntotal)
+        queries = self._tuning_queries(n_queries, seed)
+        truth = self.exact_search(queries, k)
+        if self.kind == "hnsw":
+            grid = [{"ef_search": ef} for ef in (32, 48, 64, 96, 128, 192, 256, 384, 512, 768)]
+        else:
+            nlist = int(self.params["nlist"])
+            probes = [p for p in (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p <= nlist] or [nlist]
+            factors = (1.0,) if self.params.get("refine") == "none" else (2.0, 4.0, 8.0, 16.0)
+            grid = [{"nprobe": p, "k_factor": f} for p in probes for f in factors]
+        reached = 0.0
+        for setting in grid:
+            self.set_search_params(**setting)
+            _, ids = self.cpu_index.search(queries, k)
+            reached = recall_at_k(ids, truth)
+            if reached >= goal:
+                break
+        self.params["tuned_recall"] = round(float(reached), 4)
+        self.params["target_recall"] = target_recall
+        return reached
+
+    def _tuning_queries(self, n_queries: int, seed: int) -> np.ndarray:
+        faiss = _faiss()
+        rng = np.random.default_rng(seed)
+        ids = rng.choice(self.ntotal, size=min(n_queries, self.ntotal), replace=False)
+        storage = None
+        if self.kind == "hnsw":
+            storage = faiss.downcast_index(self.cpu_index.storage)
+        elif hasattr(self.cpu_index, "refine_index"):
+            storage = faiss.downcast_index(self.cpu_index.refine_index)
+        if storage is None:  # no full vectors (refine="none"): decode the PQ codes
+            base = self.cpu_index
+            vectors = np.stack([base.reconstruct(int(i)) for i in ids]) if hasattr(base, "reconstruct") else None
+            if vectors is None:
+                raise ValueError("cannot draw tuning queries")
+            return _normalise(vectors)
+        vectors = np.stack([storage.reconstruct(int(i)) for i in ids])
+        _, nn = storage.search(vectors, 2)
+        neighbours = np.stack([storage.reconstruct(int(j)) for j in nn[:, 1]])
+        spread = np.linalg.norm(vectors - neighbours, axis=1, keepdims=True)
+        noise = rng.standard_normal(vectors.shape).astype(np.float32)
+        noise *= spread / np.sqrt(vectors.shape[1])
+        return _normalise(vectors + noise)
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write index.faiss, ids.parquet (faiss id -> store row, patch_id) and index.json."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        faiss = _faiss()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.cpu_index, str(directory / INDEX_FILE))
+        pq.write_table(pa.table({"row": pa.array(self.rows, pa.int64()), "patch_id": pa.array(self.patch_ids.tolist(), pa.string())}),
+                       directory / IDS_FILE)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "modality": self.modality,
+            "kind": self.kind,
+            "params": self.params,
+            "ntotal": self.ntotal,
+            "dim": self.dim,
+            "n_store_rows": self.n_store_rows,
+            "selection": self.selection,
+            "provenance": self.provenance,
+            "random_init": self.provenance.get("checkpoint_sha256") == "random-init",
+        }
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, expected_provenance: dict | None = None, use_gpu: bool = True) -> "EmbeddingIndex":
+        """Read an index written by `save`. With `expected_provenance` (the store's), an index built
+        from other embeddings is refused with a one-line StoreError."""
+        import pyarrow.parquet as pq
+
+        faiss = _faiss()
+        directory = Path(directory)
+        meta = read_meta(directory)
+        if expected_provenance is not None:
+            diff = provenance_differences(meta.get("provenance"), expected_provenance)
+            if diff:
+                raise StoreError(located(
+                    directory,
+                    f"index was built from embeddings of {_describe(meta.get('provenance'))}, but the store holds "
+                    f"{_describe(expected_provenance)} (differs in {', '.join(diff)}); rebuild the index",
+                ))
+        for name in (INDEX_FILE, IDS_FILE):
+            if not (directory / name).exists():
+                raise StoreError(located(directory, f"incomplete index: {name} is missing; rebuild the index"))
+        index = faiss.read_index(str(directory / INDEX_FILE))
+        ids = pq.read_table(directory / IDS_FILE)
+        rows = ids["row"].to_numpy()
+        if rows.size != index.ntotal:
+            raise StoreError(located(directory, f"index holds {index.ntotal} vectors but its id map {rows.size}; rebuild the index"))
+        return cls(index, rows, np.asarray(ids["patch_id"].to_pylist(), dtype=object), meta["kind"], meta.get("params", {}),
+                   meta.get("provenance"), meta.get("selection"), meta.get("n_store_rows"), meta.get("modality"), use_gpu=use_gpu)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingIndex(kind={self.kind!r}, ntotal={self.ntotal}, dim={self.dim}, params={self.params})"
+
+
+def read_meta(directory: str | Path) -> dict:
+    path = Path(directory) / META_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(located(directory, f"no index here ({META_FILE} is missing)")) from None
+    except json.JSONDecodeError as exc:
+        raise StoreError(located(path, f"unreadable index metadata ({exc})")) from None
+
+
+def index_is_current(directory: str | Path, store_provenance: dict, n_rows: int, selection: dict | None = None) -> bool:
+    """True if `directory` holds a complete index built from embeddings with this provenance, from a
+    store group of `n_rows` rows (and, if given, with this selection, compared key by key)."""
+    directory = Path(directory)
+    if not all((directory / name).exists() for name in (INDEX_FILE, IDS_FILE, META_FILE)):
+        return False
+    try:
+        meta = read_meta(directory)
+    except StoreError:
+        return False
+    if provenance_differences(meta.get("provenance"), store_provenance):
+        return False
+    if int(meta.get("n_store_rows", -1)) != int(n_rows):
+        return False
+    if selection:
+        stored = meta.get("selection") or {}
+        if any(_jsonable(stored.get(key)) != _jsonable(value) for key, value in selection.items()):
+            return False
+    return True
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of |found_i ∩ truth_i| / |truth_i| (ids < 0 ignored)."""
+    found, truth = np.asarray(found), np.asarray(truth)
+    hits = 0
+    total = 0
+    for f, t in zip(found, truth):
+        t_set = set(t[t >= 0].tolist())
+        hits += len(t_set.intersection(f[f >= 0].tolist()))
+        total += len(t_set)
+    return hits / total if total else 1.0
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _open(source, modality: str | None):
+    if hasattr(source, "variables") and "embedding" in getattr(source, "variables", {}):
+        return source
+    if modality is None:
+        raise ValueError("building from a store path needs the modality (group) to read")
+    path = Path(source)
+    if not (path / modality).exists():
+        raise StoreError(located(path, f"has no {modality} group"))
+    ds = open_group(path, modality)
+    ds.attrs.setdefault("modality", modality)
+    return ds
+
+
+def open_group(path: str | Path, modality: str):
+    """`xr.open_zarr` of one store group; consolidated metadata when the store has it."""
+    import xarray as xr
+
+    try:
+        return xr.open_zarr(path, group=modality, consolidated=True)
+    except (KeyError, FileNotFoundError, ValueError):
+        return xr.open_zarr(path, group=modality, consolidated=False)
+
+
+def _explicit_search_params(kind: str, params: dict) -> bool:
+    if kind == "hnsw":
+        return "ef_search" in params
+    return "nprobe" in params and ("k_factor" in params or params.get("refine") == "none")
+
+
+def _ivfpq(ds, selected: np.ndarray, dim: int, n: int, batch_size: int, seed: int, params: dict):
+    faiss = _faiss()
+    nlist = int(params.get("nlist", default_nlist(n)))
+    m = int(params.get("m", default_pq_m(dim)))
+    if dim % m:
+        raise ValueError(f"PQ m={m} does not divide the dimension {dim}")
+    nbits = int(params.get("nbits", 8))
+    refine = params.get("refine", "flat")
+    # k-means wants >= 39 points per centroid; past ~64 per centroid more points barely help
+    train_size = int(params.get("train_size", min(n, max(64 * nlist, 2 ** nbits * 39, 65_536), 256 * nlist)))
+    train_size = min(train_size, n)
+    sample = _read_sample(ds, _sample_rows(selected, train_size, seed), batch_size)
+    quantizer = faiss.IndexFlatL2(dim)
+    base = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss.METRIC_L2)
+    base.cp.niter = int(params.get("niter", 10))
+    base.cp.seed = seed
+    base.own_fields = True
+    quantizer.this.disown()
+    if refine == "flat":
+        index = faiss.IndexRefineFlat(base)
+        base.this.disown()
+        index.own_fields = True
+    elif refine == "none":
+        index = base
+    else:
+        raise ValueError(f"unknown refine {refine!r}; expected 'flat' or 'none'")
+    index.train(sample)
+    base.nprobe = int(params.get("nprobe", min(nlist, 32)))
+    chosen = {"metric": "l2", "nlist": nlist, "m": m, "nbits": nbits, "refine": refine,
+              "train_size": int(sample.shape[0]), "nprobe": int(base.nprobe)}
+    if refine == "flat":
+        index.k_factor = float(params.get("k_factor", 8.0))
+        chosen["k_factor"] = float(index.k_factor)
+    return index, chosen
+
+
+def _to_gpu(index):
+    """A GPU copy of the index when faiss has GPUs; otherwise (or if the kind is not supported on
+    GPU, e.g. HNSW, refine wrappers) the CPU index itself."""
+    try:
+        faiss = _faiss()
+        if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() <= 0:
+            return index
+        return faiss.index_cpu_to_all_gpus(index)
+    except Exception:  # noqa: BLE001 — a GPU is an optimisation, never a requirement
+        return index
