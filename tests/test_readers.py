@@ -86,9 +86,11 @@ def test_normalisation_and_upsampling_from_raw():
 
 def test_labels_splits_and_pairing():
     meta = {r["patch_id"]: r for r in pq.read_table(ROOT / "metadata.parquet").to_pylist()}
-    ds = open_dataset("sample")
+    # the bundled archive keeps all 24 pairs; without the 6 snowy/cloudy ones, the 18 of metadata.parquet
+    assert open_dataset("sample").metadata("s2").num_rows == 24
+    ds = open_dataset("sample", include_snow_cloud=False)
     m2, m1 = ds.metadata("s2"), ds.metadata("s1")
-    assert m2.num_rows == m1.num_rows == 18  # snow/cloud excluded by default
+    assert m2.num_rows == m1.num_rows == 18
     for r2, r1 in zip(m2.to_pylist(), m1.to_pylist()):
         src = meta[r2["patch_id"]]
         assert r2["split"] == src["split"] == r1["split"]
@@ -104,7 +106,8 @@ def test_labels_splits_and_pairing():
     b = ds.read_chunk(ds.chunks("s2")[0])
     assert b.meta.column("patch_id").to_pylist() == b.patch_ids
     assert b.meta.to_pylist() == m2.to_pylist()
-    assert open_dataset("sample", split="test").metadata("s2").num_rows == 6
+    assert open_dataset("sample", split="test", include_snow_cloud=False).metadata("s2").num_rows == 6
+    assert open_dataset("sample", split="test").metadata("s2").num_rows == 8
     assert open_dataset("sample", include_snow_cloud=True).metadata("s2").num_rows == 24
 
 
@@ -129,7 +132,7 @@ def test_chunks_in_worker_processes():
     chunks = ds.chunks("s2")
     with ProcessPoolExecutor(2) as ex:
         batches = list(ex.map(ds.read_chunk, chunks))
-    assert sum(len(b) for b in batches) == 18
+    assert sum(len(b) for b in batches) == 24
     assert all(isinstance(b, PatchBatch) and not b.skipped for b in batches)
 
 
