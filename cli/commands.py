@@ -57,7 +57,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
     data = {
         "workspace": str(ws.path.resolve()),
         "workspace_exists": ws.path.exists(),
-        "current": {"dataset": selection.dataset, "root": selection.root, "model": selection.model, "checkpoint": selection.checkpoint},
+        "current": {"dataset": selection.dataset, "subset": selection.subset, "root": selection.root, "model": selection.model, "checkpoint": selection.checkpoint},
         "datasets": ws.load_config().get("datasets", {}),
         "stores": stores,
     }
@@ -65,7 +65,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
         print_json(data)
         return
     console.print(f"[bold]workspace[/] {data['workspace']}" + ("" if ws.path.exists() else " [dim](not created yet)[/]"))
-    console.print(f"[bold]current[/]   dataset [cyan]{selection.dataset}[/] model [cyan]{selection.model}[/]" + (f" checkpoint {selection.checkpoint}" if selection.checkpoint else ""))
+    console.print(f"[bold]current[/]   dataset [cyan]{selection.dataset}{' / ' + selection.subset if selection.subset else ''}[/] model [cyan]{selection.model}[/]" + (f" checkpoint {selection.checkpoint}" if selection.checkpoint else ""))
     if not stores:
         console.print("[dim]no embedding stores yet: run `rsretrieve index --modality s1`[/]")
         return
@@ -135,8 +135,12 @@ def _job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto
     if checkpoint is not None and not Path(checkpoint).exists():
         raise RSRetrieveError(f"{checkpoint}: --checkpoint does not exist")
     # remembered only once the command has succeeded: a bad --checkpoint must not become current
-    selection = State.workspace.select(dataset.value if dataset else None, data_root, model, checkpoint, remember=False)
-    return Job(State.workspace, selection, subset, store, device.value, batch_size, scheduler, dtype)
+    if subset is not None:
+        from rsretrieve.subsets import get_subset
+
+        subset = get_subset(subset).name  # unknown names fail here, with the known ones listed
+    selection = State.workspace.select(dataset.value if dataset else None, data_root, model, checkpoint, subset, remember=False)
+    return Job(State.workspace, selection, store, device.value, batch_size, scheduler, dtype)
 
 
 def _encode_with_progress(job, modality: str):
@@ -203,7 +207,8 @@ def encode(
 ) -> None:
     """Compute CSMoE [CLS] embeddings for every patch not yet in the store (resumable)."""
     job = _job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else "float32")
-    console.print(f"dataset [cyan]{job.selection.dataset}[/]{' / ' + subset if subset else ''} → store {job.store_path}")
+    subset_note = f" / {job.selection.subset}" if job.selection.subset else ""
+    console.print(f"dataset [cyan]{job.selection.dataset}[/]{subset_note} → store {job.store_path}")
     for m in _modalities(modality):
         _encode_with_progress(job, m)
     State.workspace.remember(job.selection)
@@ -255,9 +260,7 @@ def query(
     if (tile is None) == (patch_id is None):
         raise RSRetrieveError("query: give either a TILE path or --id PATCH_ID (one of them)")
     ws = State.workspace
-    selection = ws.select(remember=False)
-    name = selection.dataset + (f"-{subset}" if subset else "")
-    archive = Archive.open(store or ws.store_path(name, selection.model), ws)
+    archive = Archive.open(store or ws.selection_store(ws.select(subset=subset, remember=False)), ws)
     if tile is not None:
         result = archive.query_tile(tile, target.value, k, modality.value if modality else None)
     else:

@@ -22,7 +22,6 @@ class Job:
 
     workspace: Workspace
     selection: Selection
-    subset: str | None = None
     store: Path | None = None  # explicit store path; default: one per dataset, subset and model
     device: str = "auto"
     batch_size: int | None = None
@@ -31,14 +30,11 @@ class Job:
 
     @property
     def store_path(self) -> Path:
-        if self.store:
-            return Path(self.store)
-        name = self.selection.dataset + (f"-{self.subset}" if self.subset else "")
-        return self.workspace.store_path(name, self.selection.model)
+        return Path(self.store) if self.store else self.workspace.selection_store(self.selection)
 
     @property
     def dataset_spec(self) -> DatasetSpec:
-        return DatasetSpec(self.selection.dataset, self.selection.root, self.subset)
+        return DatasetSpec(self.selection.dataset, self.selection.root, self.selection.subset)
 
     @property
     def encoder_spec(self) -> EncoderSpec:

@@ -117,12 +117,28 @@ def _worker_model(spec: EncoderSpec, device: str):
     with _CACHE_LOCK:
         if key not in _MODELS:
             _MODELS.clear()  # one model per worker process
+            if device == "cpu":
+                _use_worker_cores()
             with warnings.catch_warnings():
                 # random-init is stamped in the store's provenance and said by the client, once
                 warnings.simplefilter("ignore", UserWarning)
                 logging.getLogger("rsretrieve").setLevel(logging.ERROR)
                 _MODELS[key] = load_model(spec.model, device=device)
         return _MODELS[key]
+
+
+def _use_worker_cores() -> None:
+    """dask's nanny starts workers with OMP_NUM_THREADS=1, which would leave torch on one core:
+    the encoder is the worker's main job, so it gets as many threads as the worker has."""
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        threads = get_worker().state.nthreads
+    except ValueError:  # not inside a dask worker
+        threads = os.cpu_count() or 1
+    torch.set_num_threads(max(1, threads))
 
 
 def _worker_device(spec: EncoderSpec) -> str:

@@ -32,6 +32,7 @@ class Selection:
     root: str | None
     model: str
     checkpoint: str | None
+    subset: str | None = None  # a named subset (BENv2-14k, BENv2-243k) of the dataset
 
     @property
     def model_spec(self) -> str:
@@ -59,6 +60,9 @@ class Workspace:
     def store_path(self, dataset: str, model: str) -> Path:
         """One store per dataset and model: a second model never writes into the first's store."""
         return self.stores_dir / f"{dataset}--{_slug(model)}.zarr"
+
+    def selection_store(self, selection: Selection) -> Path:
+        return self.store_path(selection.dataset + (f"-{selection.subset}" if selection.subset else ""), selection.model)
 
     def index_dir(self, store_path: Path, modality: str) -> Path:
         return self.indexes_dir / store_path.stem / modality
@@ -94,12 +98,15 @@ class Workspace:
         root: str | Path | None = None,
         model: str | None = None,
         checkpoint: str | Path | None = None,
+        subset: str | None = None,
         remember: bool = True,
     ) -> Selection:
         """Resolve what to act on from explicit choices, then the remembered ones, then defaults;
         remember explicit choices for the next command."""
         config = self.load_config()
         current = config.get("current", {})
+        if subset is None and dataset in (None, current.get("dataset")):
+            subset = current.get("subset")  # the remembered subset belongs to the remembered dataset
         dataset = dataset or current.get("dataset") or DEFAULT_DATASET
         root_str = str(Path(root).expanduser().resolve()) if root else self.dataset_root(dataset)
         if checkpoint:
@@ -110,7 +117,7 @@ class Workspace:
         else:
             model = current.get("model") or DEFAULT_MODEL
             checkpoint = current.get("checkpoint")
-        selection = Selection(dataset=dataset, root=root_str, model=model, checkpoint=checkpoint)
+        selection = Selection(dataset=dataset, root=root_str, model=model, checkpoint=checkpoint, subset=subset)
         if remember:
             self.remember(selection)
         return selection
@@ -120,7 +127,7 @@ class Workspace:
         config = self.load_config()
         if selection.root and selection.dataset != "sample":
             config.setdefault("datasets", {}).setdefault(selection.dataset, {})["root"] = selection.root
-        config["current"] = {"dataset": selection.dataset, "model": selection.model, "checkpoint": selection.checkpoint}
+        config["current"] = {"dataset": selection.dataset, "subset": selection.subset, "model": selection.model, "checkpoint": selection.checkpoint}
         self.save_config(config)
 
 

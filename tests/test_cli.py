@@ -68,7 +68,7 @@ def test_help_and_version(tmp_path):
 def test_info_json_reports_workspace_and_stores(workspace):
     data = json.loads(run(["info", "--json"], workspace).stdout)
     assert Path(data["workspace"]) == workspace.resolve()
-    assert data["current"] == {"dataset": "sample", "root": None, "model": MODEL, "checkpoint": None}
+    assert data["current"] == {"dataset": "sample", "subset": None, "root": None, "model": MODEL, "checkpoint": None}
     (store,) = data["stores"]
     for modality in ("s1", "s2"):
         row = store["modalities"][modality]
@@ -194,3 +194,7 @@ def test_benv2_root_is_remembered_and_subset_count_reported(tmp_path):
     out = tmp_path / "f1.json"
     run(["eval", "BENv2-243k", "--tasks", "s2s2", "-k", "3", "--json", out], tmp_path)
     assert json.loads(out.read_text())["tasks"]["s2s2"]["n_archive"] == 6
+    # dataset, subset and model are current now: a query needs no options to find their store
+    hits = json.loads(run(["query", "--id", sample_patch_folder("s2", 0).name, "--target", "s2", "-k", "2", "--format", "json"], tmp_path).stdout)
+    assert len(hits["results"]) == 2
+    assert_clean_error(run(["index", "--subset", "BENv2-99k"], tmp_path, check=False), "BENv2-99k", "BENv2-14k")
