@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 from datetime import datetime
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -208,9 +209,18 @@ class MajorTOMDataset:
                 raise DataError(located(shard, "empty parquet shard (no row groups)"))
             rel = shard.relative_to(self.root) if shard.is_relative_to(self.root) else shard
             for rg in range(n_rg):
-                out.append(Chunk(self.name, f"{self.name}:{modality}:{rel.as_posix()}:rg{rg}", modality,
-                                 "majortom", str(shard), (), rg, 0))
+                chunk = Chunk(self.name, f"{self.name}:{modality}:{rel.as_posix()}:rg{rg}", modality,
+                              "majortom", str(shard), (), rg, 0)
+                # the encoder stage allocates rows per chunk up front: count the tile's windows
+                out.append(replace(chunk, n_patches=self._candidates(chunk).num_rows))
         return out
+
+    def _candidates(self, chunk: Chunk) -> pa.Table:
+        """Every full window of a chunk's tile (from its header; `tile_size` skips the read)."""
+        key = ("candidates", chunk.key)
+        if key not in self._cache:
+            self._cache[key] = self.read_chunk(chunk, _header_only=True).meta
+        return self._cache[key]
 
     def _read_rows(self, chunk: Chunk, columns: list[str]) -> tuple[pa.Table, int]:
         path = Path(chunk.path)
@@ -299,7 +309,7 @@ class MajorTOMDataset:
         patches dropped at read time for invalid pixels are still listed here."""
         key = ("metadata", modality)
         if key not in self._cache:
-            tables = [self.read_chunk(ch, _header_only=True).meta for ch in self.chunks(modality)]
+            tables = [self._candidates(ch) for ch in self.chunks(modality)]
             tables = [t for t in tables if t.num_rows]
             if tables:
                 self._cache[key] = pa.concat_tables(tables, promote_options="default")

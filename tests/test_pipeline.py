@@ -121,3 +121,18 @@ def test_float16_store(tmp_path, client):
     assert ds["embedding"].dtype == np.float16 and bool(ds["valid"].all())
     with pytest.raises(StoreError, match="dtype"):
         encode(SAMPLE, "s1", path, EncoderSpec(MODEL, "cpu", 8), client=client, dtype="float32")
+
+
+def test_major_tom_shards_encode_and_pair_by_grid_cell(tmp_path, client):
+    from rsretrieve.datasets import sample_root
+
+    spec = DatasetSpec("majortom", str(sample_root() / "majortom"))
+    path = tmp_path / "majortom.zarr"
+    for modality in ("s1", "s2"):
+        summary = encode(spec, modality, path, EncoderSpec(MODEL, "cpu", 8), client=client)
+        assert summary.patches_encoded == 24 and not summary.skipped
+    s1, s2 = xr.open_zarr(path, group="s1"), xr.open_zarr(path, group="s2")
+    assert bool(s1["valid"].all()) and bool(s2["valid"].all())
+    assert sorted(s1["pair_id"].values.tolist()) == sorted(s2["pair_id"].values.tolist())
+    assert all("_" in cell and cell[-1] in "LR" for cell in s2["grid_cell"].values.tolist())
+    assert np.isfinite(s2["lat"].values).all()
