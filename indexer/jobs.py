@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.pipeline import DatasetSpec, EncoderSpec, EncodeSummary, encode
+from indexer.pipeline import DatasetSpec, EncoderSpec, EncodeSummary, cluster, encode
 from rsretrieve.bands import Modality
 from rsretrieve.faiss_index import EmbeddingIndex, index_is_current, read_meta
 from rsretrieve.store import EmbeddingStore
@@ -26,7 +26,7 @@ class Job:
     device: str = "auto"
     batch_size: int | None = None
     scheduler: str | None = None
-    dtype: str = "float32"
+    dtype: str | None = None  # float32/float16 for a new store; None: an existing store's
 
     @property
     def store_path(self) -> Path:
@@ -39,6 +39,11 @@ class Job:
     @property
     def encoder_spec(self) -> EncoderSpec:
         return EncoderSpec(self.selection.model_spec, self.device, self.batch_size)
+
+
+def job_cluster(job: Job) -> cluster:
+    """One Dask client for all of a job's encoding: `with job_cluster(job) as client: ...`."""
+    return cluster(None, job.scheduler, job.device)
 
 
 def ensure_embeddings(job: Job, modality: Modality, client=None, **progress) -> EncodeSummary:

@@ -27,7 +27,7 @@ from rsretrieve.bands import Modality
 from rsretrieve.datasets import Chunk, PatchBatch, open_dataset
 from rsretrieve.encode import embed_pixels
 from rsretrieve.errors import RSRetrieveError
-from rsretrieve.store import ChunkSpan, EmbeddingStore
+from rsretrieve.store import MODEL_KEYS, ChunkSpan, EmbeddingStore, describe, differences
 
 ENCODER_RESOURCE = "encoder"
 
@@ -113,7 +113,9 @@ def _worker_model(spec: EncoderSpec, device: str):
     """The process's one copy of the model, loaded on first use."""
     from rsretrieve.checkpoint import load_model
 
-    key = (spec.model, device)
+    path = Path(spec.model)
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
+    key = (spec.model, device, stamp)
     with _CACHE_LOCK:
         if key not in _MODELS:
             _MODELS.clear()  # one model per worker process
@@ -159,14 +161,15 @@ def read_chunk(dataset: DatasetSpec, chunk: Chunk) -> PatchBatch:
     return dataset.open().read_chunk(chunk)
 
 
-def encode_batch(batch: PatchBatch, spec: EncoderSpec, chunk_hook: Callable | None = None, chunk: Chunk | None = None) -> tuple[list[str], np.ndarray, list]:
-    """Embed one chunk's pixels. Returns (patch_ids, embeddings float32 (n, D), skipped)."""
+def encode_batch(batch: PatchBatch, spec: EncoderSpec, chunk_hook: Callable | None = None, chunk: Chunk | None = None) -> tuple[list[str], np.ndarray, list, dict]:
+    """Embed one chunk's pixels. Returns (patch_ids, embeddings float32 (n, D), skipped, the
+    provenance of the model that ran)."""
     if chunk_hook is not None:
         chunk_hook(chunk)
     device = _worker_device(spec)
     model = _worker_model(spec, device)
     embeddings = embed_pixels(model, batch.pixels, chunk.modality, device, spec.resolved_batch_size())
-    return list(batch.patch_ids), embeddings, list(batch.skipped)
+    return list(batch.patch_ids), embeddings, list(batch.skipped), model.provenance
 
 
 # -- driver side --------------------------------------------------------------------------------
@@ -189,15 +192,15 @@ def local_cluster_kwargs(device: str) -> dict:
     }
 
 
-def chunk_spans(chunks: list[Chunk], meta) -> list[ChunkSpan]:
-    """Each chunk's row range in the store; the metadata table lists patches in chunk order."""
+def chunk_spans(chunks: list[Chunk], n_rows: int | None = None) -> list[ChunkSpan]:
+    """Each chunk's row range in the store, in chunk order (the order the metadata lists patches)."""
     spans, start = [], 0
     for chunk in chunks:
         stop = start + chunk.n_patches
         spans.append(ChunkSpan(chunk.key, start, stop))
         start = stop
-    if start != meta.num_rows:
-        raise RSRetrieveError(f"chunks list {start} patches but the metadata has {meta.num_rows}")
+    if n_rows is not None and start != n_rows:
+        raise RSRetrieveError(f"chunks list {start} patches but the metadata has {n_rows}")
     return spans
 
 
@@ -209,7 +212,7 @@ def encode(
     *,
     client=None,
     scheduler: str | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     chunk_hook: Callable[[Chunk], None] | None = None,
@@ -217,22 +220,33 @@ def encode(
     """Encode every patch of `modality` not yet in the store.
 
     `client`: an existing dask.distributed Client; else `scheduler` (an address) is connected to;
-    else a LocalCluster sized to the machine is started for this call. `on_start(total_patches,
-    patches_to_do)` and `on_chunk(patches_written, patches_skipped)` drive a progress bar.
-    `chunk_hook(chunk)` runs in the worker before each chunk is encoded (tests inject faults with it).
+    else a LocalCluster sized to the machine is started for this call (`cluster()` shares one
+    across calls). `dtype`: float32 or float16 for a new store; None takes an existing store's.
+    `on_start(total_patches, patches_to_do)` and `on_chunk(patches_written, patches_skipped)` drive
+    a progress bar. `chunk_hook(chunk)` runs in the worker before each chunk is encoded (tests
+    inject faults with it).
     """
     from rsretrieve import __version__
     from rsretrieve.encode import describe_model
 
     started = time.perf_counter()
+    if client is None and scheduler is None:
+        encoder.resolved_device()  # --device cuda without a GPU fails here, before anything is written
     ds = dataset.open()
     chunks = ds.chunks(modality)
-    meta = ds.metadata(modality)
-    spans = chunk_spans(chunks, meta)
     store = EmbeddingStore(store_path)
     provenance, dim = describe_model(encoder.model)
     provenance = {**provenance, "rsretrieve_version": __version__, "dataset": dataset.to_dict()}
-    store.create_or_check(modality, meta, spans, dim, provenance, dtype=dtype)
+    if store.has(modality):
+        spans = chunk_spans(chunks)
+        dtype = store.check(modality, provenance, spans, dtype)
+    else:
+        meta = ds.metadata(modality)  # one row per patch: read only to create the store
+        spans = chunk_spans(chunks, meta.num_rows)
+        if not spans or spans[-1].stop == 0:
+            raise RSRetrieveError(f"{dataset.name}{' / ' + dataset.subset if dataset.subset else ''}: the selection holds no {modality.upper()} patches")
+        dtype = dtype or "float32"
+        store.create(modality, meta, spans, dim, provenance, dtype)
 
     done = store.done_chunks(modality)
     todo = [(chunk, span) for chunk, span in zip(chunks, spans) if chunk.key not in done]
@@ -241,38 +255,55 @@ def encode(
     if count_message and count_message():
         summary.notes.append(count_message())
     if on_start:
-        on_start(meta.num_rows, sum(span.stop - span.start for _, span in todo))
+        on_start(spans[-1].stop, sum(span.stop - span.start for _, span in todo))
     if todo:
-        with _client(client, scheduler, encoder.device) as dask_client:
+        with cluster(client, scheduler, encoder.device) as handle:
+            dask_client = handle.get() if isinstance(handle, cluster) else handle
             _run(dask_client, dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-class _client:
-    """Use the given client, connect to a scheduler, or start (and stop) a local cluster."""
+class cluster:
+    """`with cluster(client, scheduler, device) as client:` — the given client, a connection to a
+    scheduler, or a LocalCluster sized to the machine that is closed on exit.
 
-    def __init__(self, client, scheduler: str | None, device: str):
+    A command that encodes both modalities enters one `cluster(...)` and passes the cluster object
+    itself as `client` to each `encode`: it starts on first use only, so a run with nothing to
+    encode starts nothing."""
+
+    def __init__(self, client=None, scheduler: str | None = None, device: str = "auto"):
         self.given, self.scheduler, self.device = client, scheduler, device
         self.owned: list = []
+        self._client = None
 
     def __enter__(self):
+        if isinstance(self.given, cluster):
+            return self.given.get()
+        return self.given if self.given is not None else self
+
+    def get(self):
+        """The dask client, connected or started now if it was not yet."""
         from distributed import Client, LocalCluster
 
-        if self.given is not None:
-            return self.given
-        if self.scheduler:
-            client = Client(self.scheduler)
-        else:
-            cluster = LocalCluster(**local_cluster_kwargs(self.device))
-            client = Client(cluster)
-            self.owned.append(cluster)
-        self.owned.insert(0, client)
-        return client
+        if self._client is None:
+            if self.scheduler:
+                try:
+                    self._client = Client(self.scheduler, timeout="20s")
+                except (OSError, ValueError, TimeoutError) as exc:
+                    raise RSRetrieveError(f"--scheduler {self.scheduler}: cannot connect ({' '.join(str(exc).split())[:200]})") from None
+            else:
+                local = LocalCluster(**local_cluster_kwargs(self.device))
+                self.owned.append(local)
+                self._client = Client(local)
+            self.owned.insert(0, self._client)
+        return self._client
 
     def __exit__(self, *exc):
         for thing in self.owned:
             thing.close()
+        self.owned.clear()
+        self._client = None
 
 
 def _encoder_resources(client) -> dict | None:
@@ -313,8 +344,16 @@ def _run(client, dataset, encoder, store, modality, todo, summary, dtype, on_chu
                     f"{summary.chunks_encoded} chunks written this run are kept; run the same command again to resume",
                     summary,
                 ) from cause
-            patch_ids, embeddings, skipped = future.result()
+            patch_ids, embeddings, skipped, ran = future.result()
             span = span_of.pop(future.key)
+            wrong = differences(ran, summary.provenance, MODEL_KEYS)
+            if wrong:
+                _cancel(client, tracker)
+                raise EncodeInterrupted(
+                    f"a worker ran {describe(ran)}, but the store holds {describe(summary.provenance)} (differs in "
+                    f"{', '.join(wrong)}): workers must see the same checkpoint file; chunk {span.key} was not written",
+                    summary,
+                )
             store.write_chunk(modality, span, patch_ids, embeddings.astype(dtype, copy=False))
             summary.chunks_encoded += 1
             summary.patches_encoded += len(patch_ids)

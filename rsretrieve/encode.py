@@ -7,32 +7,24 @@ import numpy as np
 from rsretrieve.bands import Modality, resize_batch
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def embed_pixels(model, pixels: np.ndarray, modality: Modality, device: str | None = None, batch_size: int = 32) -> np.ndarray:
-    """Normalised (N, C, H, W) pixels -> raw [CLS] embeddings (N, D) float32.
+    """Normalised (N, C, H, W) pixels -> raw [CLS] embeddings (N, D) float32, in batches.
 
-    Inference mode, batched; on CUDA the batch is pinned, copied asynchronously and run under
-    bf16 autocast. The resize to the model's input size happens here, once per batch, on the device."""
+    Each batch is resized to the model's input size once, on the device (pinned and copied
+    asynchronously to a GPU), then run by `csmoe.encode` (inference mode; bf16 autocast on CUDA)."""
     import torch
+
+    from rsretrieve.csmoe import encode
 
     device = device or str(next(model.parameters()).device)
-    size = model.config.img_size
     out = []
-    with torch.inference_mode():
-        for start in range(0, len(pixels), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch_size], dtype=np.float32))
-            if device.startswith("cuda"):
-                x = x.pin_memory().to(device, non_blocking=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    emb = model.embed(resize_batch(x, size), modality)
-            else:
-                emb = model.embed(resize_batch(x, size), modality)
-            out.append(emb.float().cpu().numpy())
+    for start in range(0, len(pixels), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch_size], dtype=np.float32))
+        if device.startswith("cuda"):
+            x = x.pin_memory().to(device, non_blocking=True)
+        with torch.inference_mode():
+            x = resize_batch(x, model.config.img_size)
+        out.append(encode(model, x, modality, device).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.embed_dim), np.float32)
 
 

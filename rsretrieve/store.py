@@ -19,6 +19,9 @@ never a duplicate or a hole.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,8 @@ from rsretrieve.errors import StoreError, located
 from rsretrieve.labels import CLASSES, multi_hot
 
 # provenance keys that must agree before embeddings may share a store or an index
-IDENTITY_KEYS = ("model", "config", "checkpoint_sha256", "dtype")
+IDENTITY_KEYS = ("model", "config", "checkpoint_sha256", "dtype", "normalisation")
+MODEL_KEYS = ("model", "config", "checkpoint_sha256")  # what must agree between a store's S1 and S2
 STRING_COORDS = ("patch_id", "pair_id", "split", "country", "grid_cell", "product_id")
 FLOAT_COORDS = ("lat", "lon")
 
@@ -47,18 +51,27 @@ class ChunkSpan:
     stop: int
 
 
-def identity(provenance: dict) -> dict:
-    return {key: provenance.get(key) for key in IDENTITY_KEYS}
+def identity(provenance: dict | None, keys: Sequence[str] = IDENTITY_KEYS) -> dict:
+    """The identity of some embeddings, as stored (JSON round trip: tuples compare as lists)."""
+    provenance = provenance or {}
+    return {key: json.loads(json.dumps(provenance.get(key), default=str)) for key in keys}
 
 
-def describe(provenance: dict) -> str:
-    sha = provenance.get("checkpoint_sha256", "?")
-    return f"{provenance.get('model')} ({'random-init' if sha == 'random-init' else 'sha256 ' + str(sha)[:12]})"
+def differences(a: dict | None, b: dict | None, keys: Sequence[str] = IDENTITY_KEYS) -> list[str]:
+    ia, ib = identity(a, keys), identity(b, keys)
+    return [key for key in keys if ia[key] != ib[key]]
+
+
+def describe(provenance: dict | None) -> str:
+    provenance = provenance or {}
+    sha = str(provenance.get("checkpoint_sha256", "?"))
+    return f"{provenance.get('model')} ({'random-init' if sha == 'random-init' else 'sha256 ' + sha[:12]})"
 
 
 class EmbeddingStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._chunk_indexes: dict[str, dict[str, int]] = {}
 
     # -- reading ---------------------------------------------------------------------------------
     def has(self, modality: Modality) -> bool:
@@ -70,15 +83,21 @@ class EmbeddingStore:
     def open(self, modality: Modality) -> xr.Dataset:
         if not self.has(modality):
             raise StoreError(located(self.path, f"has no {modality.upper()} embeddings yet; run `rsretrieve index --modality {modality}`"))
-        return xr.open_zarr(self.path, group=modality, consolidated=True)
+        try:
+            return xr.open_zarr(self.path, group=modality, consolidated=True)
+        except (KeyError, ValueError):  # created, but consolidation did not happen: read plainly
+            return xr.open_zarr(self.path, group=modality, consolidated=False)
 
     def provenance(self, modality: Modality) -> dict:
         return dict(self._group(modality, "r").attrs["provenance"])
 
     def ledger(self, modality: Modality) -> tuple[list[ChunkSpan], np.ndarray]:
         group = self._group(modality, "r")
-        keys = [str(k) for k in group["chunk_key"][:]]
-        starts, stops = group["chunk_start"][:], group["chunk_stop"][:]
+        try:
+            keys = [str(k) for k in group["chunk_key"][:]]
+            starts, stops = group["chunk_start"][:], group["chunk_stop"][:]
+        except KeyError as exc:
+            raise StoreError(located(self.path / modality, f"not an rsretrieve store group (no {exc}); delete it or use another --store")) from None
         spans = [ChunkSpan(k, int(a), int(b)) for k, a, b in zip(keys, starts, stops)]
         return spans, np.asarray(group["chunk_done"][:], dtype=bool)
 
@@ -107,33 +126,54 @@ class EmbeddingStore:
         return out
 
     # -- writing ---------------------------------------------------------------------------------
-    def create_or_check(
-        self,
-        modality: Modality,
-        meta: pa.Table,
-        spans: Sequence[ChunkSpan],
-        dim: int,
-        provenance: dict,
-        dtype: str = "float32",
-    ) -> None:
-        """Allocate the group for these patches, or check that the existing one matches.
+    def check(self, modality: Modality, provenance: dict, spans: Sequence[ChunkSpan], dtype: str | None = None) -> str:
+        """Check that an existing group takes these embeddings; returns the group's dtype.
 
-        An existing group written by another model, checkpoint or dtype is refused: embeddings of
-        different models must never be mixed."""
-        provenance = {**provenance, "dtype": dtype}
-        if self.has(modality):
-            self._check_matches(modality, provenance, spans)
-            return
+        Another model, checkpoint, normalisation or (an explicitly asked) dtype is refused:
+        embeddings of different models are never mixed."""
+        existing = self.provenance(modality)
+        asked = {**provenance, "dtype": dtype or existing.get("dtype"), "normalisation": normalisation_attrs()}
+        diff = differences(existing, asked)
+        if diff:
+            raise StoreError(
+                located(
+                    self.path,
+                    f"holds {modality.upper()} embeddings of {describe(existing)} ({existing.get('dtype')}), not of "
+                    f"{describe(asked)} ({asked.get('dtype')}): they differ in {', '.join(diff)}; embeddings of "
+                    "different models are never mixed — use another --store or delete this one",
+                )
+            )
+        stored, _ = self.ledger(modality)
+        if list(stored) != list(spans):
+            raise StoreError(
+                located(self.path, f"was created for a different set or chunking of {modality.upper()} patches; use another --store")
+            )
+        _consolidate(self.path)  # in case a crash came between creating the group and consolidating
+        return str(existing.get("dtype"))
+
+    def create(self, modality: Modality, meta: pa.Table, spans: Sequence[ChunkSpan], dim: int, provenance: dict, dtype: str = "float32") -> None:
+        """Allocate the group for these patches.
+
+        The group is written beside the store and renamed into it when complete, so a crash
+        while creating it leaves nothing half-made in the store."""
+        self._check_sibling(modality, provenance)
         dataset = _skeleton(meta, spans, dim, dtype)
         dataset.attrs["provenance"] = {
             **provenance,
+            "dtype": dtype,
             "normalisation": normalisation_attrs(),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         dataset.attrs["description"] = f"CSMoE [CLS] embeddings of {modality.upper()} patches (rsretrieve)"
-        self.path.mkdir(parents=True, exist_ok=True)
-        dataset.to_zarr(self.path, group=modality, mode="w", compute=False, zarr_format=3, consolidated=False)
+        staging = self.path.parent / f".{self.path.name}.{modality}.{uuid.uuid4().hex[:8]}.partial"
+        try:
+            dataset.to_zarr(staging, group=modality, mode="w", compute=False, zarr_format=3, consolidated=False)
+            zarr.open_group(self.path, mode="a", zarr_format=3)  # the store's root group
+            (staging / modality).rename(self.path / modality)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         _consolidate(self.path)
+        self._chunk_indexes.pop(modality, None)
 
     def write_chunk(self, modality: Modality, span: ChunkSpan, patch_ids: Sequence[str], embeddings: np.ndarray) -> None:
         """Write one chunk's embeddings into its region, then mark the chunk done."""
@@ -150,8 +190,7 @@ class EmbeddingStore:
             valid[position[pid]] = True
         group["embedding"][span.start : span.stop] = block
         group["valid"][span.start : span.stop] = valid
-        index = self._chunk_index(group, span.key)
-        group["chunk_done"][index] = True  # only after the data is in place
+        group["chunk_done"][self._chunk_index(modality, group, span.key)] = True  # only after the data is in place
 
     # -- internals -------------------------------------------------------------------------------
     def _group(self, modality: Modality, mode: str) -> zarr.Group:
@@ -160,28 +199,24 @@ class EmbeddingStore:
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreError(located(self.path, f"no {modality} group ({exc})")) from None
 
-    @staticmethod
-    def _chunk_index(group: zarr.Group, key: str) -> int:
-        keys = [str(k) for k in group["chunk_key"][:]]
-        return keys.index(key)
+    def _chunk_index(self, modality: Modality, group: zarr.Group, key: str) -> int:
+        """Position of a chunk in the ledger; the keys are read once per store object."""
+        if modality not in self._chunk_indexes:
+            self._chunk_indexes[modality] = {str(k): i for i, k in enumerate(group["chunk_key"][:])}
+        return self._chunk_indexes[modality][key]
 
-    def _check_matches(self, modality: Modality, provenance: dict, spans: Sequence[ChunkSpan]) -> None:
-        existing = self.provenance(modality)
-        if identity(existing) != identity(provenance):
-            diff = [k for k in IDENTITY_KEYS if existing.get(k) != provenance.get(k)]
-            raise StoreError(
-                located(
-                    self.path,
-                    f"holds {modality.upper()} embeddings of {describe(existing)}, not {describe(provenance)} "
-                    f"(differs in {', '.join(diff)}); embeddings of different models are never mixed — "
-                    "use another --store or delete this one",
+    def _check_sibling(self, modality: Modality, provenance: dict) -> None:
+        """A store's S1 and S2 groups must come from one model: cross-modal search compares them."""
+        for other in self.modalities():
+            if other != modality and differences(self.provenance(other), provenance, MODEL_KEYS):
+                existing = self.provenance(other)
+                raise StoreError(
+                    located(
+                        self.path,
+                        f"its {other.upper()} embeddings come from {describe(existing)}, so {modality.upper()} embeddings of "
+                        f"{describe(provenance)} cannot join them (cross-modal search compares the two); use another --store",
+                    )
                 )
-            )
-        stored, _ = self.ledger(modality)
-        if list(stored) != list(spans):
-            raise StoreError(
-                located(self.path, f"was created for a different set or chunking of {modality.upper()} patches; use another --store")
-            )
 
 
 def _consolidate(path: Path) -> None:

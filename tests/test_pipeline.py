@@ -1,5 +1,6 @@
 """The encoder stage: the bundled sample through a real Dask LocalCluster into a Zarr store."""
 
+import os
 import sys
 import warnings
 
@@ -119,8 +120,72 @@ def test_float16_store(tmp_path, client):
     encode(SAMPLE, "s1", path, EncoderSpec(MODEL, "cpu", 8), client=client, dtype="float16")
     ds = xr.open_zarr(path, group="s1")
     assert ds["embedding"].dtype == np.float16 and bool(ds["valid"].all())
+    again = encode(SAMPLE, "s1", path, EncoderSpec(MODEL, "cpu", 8), client=client)  # no dtype: the store's
+    assert again.nothing_to_do
     with pytest.raises(StoreError, match="dtype"):
         encode(SAMPLE, "s1", path, EncoderSpec(MODEL, "cpu", 8), client=client, dtype="float32")
+
+
+def test_s1_and_s2_of_one_store_come_from_one_model(tmp_path, client):
+    path = tmp_path / "mixed.zarr"
+    encode(SAMPLE, "s1", path, EncoderSpec(MODEL, "cpu", 8), client=client)
+    with pytest.raises(StoreError, match="cannot join"):
+        encode(SAMPLE, "s2", path, EncoderSpec("csmae-tiny", "cpu", 8), client=client)
+    assert not (path / "s2").exists()
+
+
+def test_a_crash_while_creating_a_group_leaves_the_store_usable(tmp_path, client, monkeypatch):
+    import zarr
+
+    from rsretrieve import store as store_module
+
+    path = tmp_path / "crash.zarr"
+    encode(SAMPLE, "s1", path, EncoderSpec(MODEL, "cpu", 8), client=client)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of writing the S2 group's skeleton
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", crash)
+    with pytest.raises(KeyboardInterrupt):
+        encode(SAMPLE, "s2", path, EncoderSpec(MODEL, "cpu", 8), client=client)
+    monkeypatch.undo()
+    assert not (path / "s2").exists() and not list(tmp_path.glob(".*partial"))
+    # a crash after the group was moved in but before consolidation: a plain open still works
+    encode(SAMPLE, "s2", path, EncoderSpec(MODEL, "cpu", 8), client=client)
+    (path / "s2").rename(tmp_path / "s2-away")
+    zarr.consolidate_metadata(path)  # the root's consolidated metadata now lacks s2, on disk
+    (tmp_path / "s2-away").rename(path / "s2")
+    assert bool(store_module.EmbeddingStore(path).open("s2")["valid"].all())  # falls back to plain metadata
+    again = encode(SAMPLE, "s2", path, EncoderSpec(MODEL, "cpu", 8), client=client)
+    assert again.nothing_to_do
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bool(xr.open_zarr(path, group="s2")["valid"].all())  # re-consolidated by that run
+
+
+def swap_checkpoint_under_the_workers(chunk):
+    """Runs in the worker before it loads the model: the file it then loads is not the one the
+    client described (as when workers do not see the same checkpoint)."""
+    import os
+    import shutil
+
+    source = os.environ.get("RSRETRIEVE_TEST_SWAP_FROM")
+    if source:
+        shutil.copyfile(source, os.environ["RSRETRIEVE_TEST_SWAP_TO"])
+        os.environ.pop("RSRETRIEVE_TEST_SWAP_FROM")
+
+
+def test_workers_running_another_checkpoint_are_refused(tmp_path, client):
+    from rsretrieve.checkpoint import save_model
+    from rsretrieve.csmoe import create_model
+
+    first = save_model(create_model(MODEL, seed=1), tmp_path / "a" / "tiny.safetensors")
+    other = save_model(create_model(MODEL, seed=2), tmp_path / "b" / "tiny.safetensors")
+    client.run(lambda: os.environ.update(RSRETRIEVE_TEST_SWAP_FROM=str(other), RSRETRIEVE_TEST_SWAP_TO=str(first)))
+    path = tmp_path / "swapped.zarr"
+    with pytest.raises(EncodeInterrupted, match="workers must see the same checkpoint"):
+        encode(SAMPLE, "s2", path, EncoderSpec(str(first), "cpu", 8), client=client, chunk_hook=swap_checkpoint_under_the_workers)
+    assert not bool(xr.open_zarr(path, group="s2")["valid"].any())  # nothing of the other model written
 
 
 def test_major_tom_shards_encode_and_pair_by_grid_cell(tmp_path, client):
