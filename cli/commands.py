@@ -127,7 +127,7 @@ SchedulerOpt = Annotated[Optional[str], typer.Option("--scheduler", help="Addres
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store path [default: one per dataset, subset and model in the workspace].")]
 
 
-def _job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto, batch_size=None, scheduler=None, store=None, dtype="float32"):
+def _job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto, batch_size=None, scheduler=None, store=None, dtype=None):
     from indexer.jobs import Job
 
     if data_root is not None and not Path(data_root).exists():
@@ -140,10 +140,12 @@ def _job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto
 
         subset = get_subset(subset).name  # unknown names fail here, with the known ones listed
     selection = State.workspace.select(dataset.value if dataset else None, data_root, model, checkpoint, subset, remember=False)
+    if data_root is not None and selection.dataset == "sample":
+        raise RSRetrieveError(f"{data_root}: --data-root needs --dataset benv2 or majortom (the bundled sample has its own)")
     return Job(State.workspace, selection, store, device.value, batch_size, scheduler, dtype)
 
 
-def _encode_with_progress(job, modality: str):
+def _encode_with_progress(job, modality: str, client=None):
     from indexer.jobs import ensure_embeddings
 
     columns = (
@@ -156,7 +158,7 @@ def _encode_with_progress(job, modality: str):
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=err, transient=False) as progress:
-        task = progress.add_task("encode", total=None, rate="-")
+        task = progress.add_task("encode", total=None, rate="-", visible=False)
 
         def on_start(total: int, todo: int) -> None:
             progress.update(task, total=todo, visible=todo > 0)
@@ -167,7 +169,7 @@ def _encode_with_progress(job, modality: str):
             done = progress.tasks[task].completed
             progress.update(task, rate=f"{done / elapsed:.1f}" if elapsed else "-")
 
-        summary = ensure_embeddings(job, modality, on_start=on_start, on_chunk=on_chunk)
+        summary = ensure_embeddings(job, modality, client=client, on_start=on_start, on_chunk=on_chunk)
     _print_encode_summary(summary)
     return summary
 
@@ -206,11 +208,14 @@ def encode(
     float16: Annotated[bool, typer.Option("--float16", help="Store embeddings as float16 (half the disk).")] = False,
 ) -> None:
     """Compute CSMoE [CLS] embeddings for every patch not yet in the store (resumable)."""
-    job = _job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else "float32")
+    from indexer.jobs import job_cluster
+
+    job = _job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else None)
     subset_note = f" / {job.selection.subset}" if job.selection.subset else ""
     console.print(f"dataset [cyan]{job.selection.dataset}[/]{subset_note} → store {job.store_path}")
-    for m in _modalities(modality):
-        _encode_with_progress(job, m)
+    with job_cluster(job) as client:
+        for m in _modalities(modality):
+            _encode_with_progress(job, m, client)
     State.workspace.remember(job.selection)
 
 
@@ -230,11 +235,13 @@ def index(
     gpu_search: Annotated[bool, typer.Option("--gpu-search", help="Build/search through faiss on a GPU when it has one.")] = False,
 ) -> None:
     """Encode what is missing for a modality, then build its FAISS index (only what is missing)."""
-    from indexer.jobs import ensure_index
+    from indexer.jobs import ensure_index, job_cluster
 
     job = _job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store)
+    with job_cluster(job) as client:
+        for m in _modalities(modality):
+            _encode_with_progress(job, m, client)
     for m in _modalities(modality):
-        _encode_with_progress(job, m)
         outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search)
         verb = "built" if outcome.built else "up to date:"
         console.print(f"{m.upper()}: index {verb} {outcome.kind} over {outcome.vectors} vectors → {outcome.path}")
@@ -253,14 +260,21 @@ def query(
     mosaic: Annotated[Optional[Path], typer.Option("--mosaic", help="Write a PNG of the query beside its results.")] = None,
     store: StoreOpt = None,
     subset: SubsetOpt = None,
+    gpu_search: Annotated[bool, typer.Option("--gpu-search", help="Search through faiss on a GPU when it has one.")] = False,
 ) -> None:
-    """Search an archive with a tile (or an archive patch) in the same or the other modality."""
+    """Search an archive with a tile (or an archive patch) in the same or the other modality.
+
+    TILE is a GeoTIFF (2 bands: S1 VV, VH in dB; 10 or 12 bands: S2) or a BigEarthNet patch folder."""
     from rsretrieve.search import Archive
 
     if (tile is None) == (patch_id is None):
         raise RSRetrieveError("query: give either a TILE path or --id PATCH_ID (one of them)")
+    if tile is not None and not tile.exists():
+        raise RSRetrieveError(f"{tile}: no such file or folder")
+    if mosaic is not None:
+        _check_writable(mosaic)
     ws = State.workspace
-    archive = Archive.open(store or ws.selection_store(ws.select(subset=subset, remember=False)), ws)
+    archive = Archive.open(store or ws.selection_store(ws.select(subset=subset, remember=False)), ws, use_gpu=gpu_search)
     if tile is not None:
         result = archive.query_tile(tile, target.value, k, modality.value if modality else None)
     else:
@@ -312,10 +326,16 @@ def evaluate(
     bad = [t for t in task_list if t not in ("s1s1", "s2s2", "s1s2", "s2s1")]
     if bad or not task_list:
         raise RSRetrieveError(f"--tasks: unknown task {bad[0] if bad else tasks!r}; use s1s1, s2s2, s1s2, s2s1")
-    dataset = DatasetChoice.sample if name == "sample" else DatasetChoice.benv2
-    job = _job(dataset, data_root, None if name == "sample" else subset.name, model, checkpoint, device, batch_size, scheduler)
-    for m in needed_modalities(task_list):
-        _encode_with_progress(job, m)
+    if json_out is not None:
+        _check_writable(json_out)
+    from indexer.jobs import job_cluster
+
+    on_sample = subset.name == "sample"
+    dataset = DatasetChoice.sample if on_sample else DatasetChoice.benv2
+    job = _job(dataset, data_root, None if on_sample else subset.name, model, checkpoint, device, batch_size, scheduler)
+    with job_cluster(job) as client:
+        for m in needed_modalities(task_list):
+            _encode_with_progress(job, m, client)
     k = k or subset.default_k
     result = evaluate_subset(job, subset.name, task_list, k)
     State.workspace.remember(job.selection)
@@ -324,6 +344,14 @@ def evaluate(
     if json_out:
         json_out.write_text(json.dumps(data, indent=2, default=str))
         console.print(f"all figures written to {json_out}")
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the work, not after it, when an output file cannot be written."""
+    if path.is_dir():
+        raise RSRetrieveError(f"{path}: is a folder; give a file name")
+    if not path.parent.exists():
+        raise RSRetrieveError(f"{path}: folder {path.parent} does not exist")
 
 
 def _print_eval(result, name: str, k: int) -> None:

@@ -76,18 +76,19 @@ def short_id(patch_id: str) -> str:
 class Archive:
     """A store's embeddings and indexes, with the model that made them, ready for queries."""
 
-    def __init__(self, store: EmbeddingStore, workspace: Workspace):
+    def __init__(self, store: EmbeddingStore, workspace: Workspace, use_gpu: bool = False):
         self.store = store
         self.workspace = workspace
+        self.use_gpu = use_gpu  # search through faiss on a GPU when it has one
         self._indexes: dict = {}
         self._model = None
 
     @classmethod
-    def open(cls, store_path: str | Path, workspace: Workspace | None = None) -> "Archive":
+    def open(cls, store_path: str | Path, workspace: Workspace | None = None, use_gpu: bool = False) -> "Archive":
         store = EmbeddingStore(store_path)
         if not store.modalities():
             raise StoreError(located(store_path, "no embeddings yet; run `rsretrieve index --modality s1` and `--modality s2` first"))
-        return cls(store, workspace or Workspace())
+        return cls(store, workspace or Workspace(), use_gpu)
 
     # -- searching --------------------------------------------------------------------------------
     def index(self, modality: Modality):
@@ -98,7 +99,7 @@ class Archive:
             if not (directory.exists() and any(directory.iterdir())):
                 raise StoreError(located(self.store.path, f"no {modality.upper()} index yet; run `rsretrieve index --modality {modality}` first"))
             provenance = self.store.provenance(modality)
-            self._indexes[modality] = EmbeddingIndex.load(directory, expected_provenance=provenance)
+            self._indexes[modality] = EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=self.use_gpu)
         return self._indexes[modality]
 
     def search(self, vector: np.ndarray, target: Modality, k: int, exclude_row: int | None = None) -> list[Hit]:
@@ -107,13 +108,10 @@ class Archive:
             raise StoreError(located(self.store.path, f"k={k} is larger than the {target.upper()} archive ({index.ntotal} patches)"))
         extra = 1 if exclude_row is not None and k < index.ntotal else 0
         scores, rows = index.search(np.asarray(vector, np.float32).reshape(1, -1), k + extra)
-        group = self.store.open(target)
-        hits = []
-        for score, row in zip(scores[0], rows[0]):
-            if row < 0 or row == exclude_row or len(hits) == k:
-                continue
-            hits.append(self._hit(group, int(row), float(score), len(hits) + 1))
-        return hits
+        kept = [(float(score), int(row)) for score, row in zip(scores[0], rows[0]) if row >= 0 and row != exclude_row][:k]
+        # the hits' coordinates in one read, not whole columns per field
+        found = self.store.open(target).drop_vars("embedding").isel(patch=[row for _, row in kept]).compute()
+        return [self._hit(found, i, score, row) for i, (score, row) in enumerate(kept)]
 
     def query_vector(self, vector: np.ndarray, source: Modality, target: Modality, k: int, label: str, pixels: np.ndarray, exclude_row=None) -> QueryResult:
         return QueryResult(label, source, target, self.search(vector, target, k, exclude_row), self.store.provenance(target), pixels)
@@ -123,7 +121,7 @@ class Archive:
 
         tile = read_tile(path, modality)
         self._check_target(target)
-        embeddings = self._embed(tile.pixels, tile.modality)
+        embeddings = self._embed(tile.pixels, tile.modality, target)
         unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
         vector = unit.mean(axis=0)
         label = f"{Path(path).name} ({tile.modality.upper()}, {len(tile.pixels)} patch{'es' if len(tile.pixels) > 1 else ''})"
@@ -166,14 +164,15 @@ class Archive:
         return np.stack([found[pid] for pid in patch_ids])
 
     def mosaic(self, result: QueryResult, path: str | Path) -> Path:
-        from rsretrieve.mosaic import render_mosaic
+        from rsretrieve.mosaic import labels_subtitle, render_mosaic
 
         pixels = self.read_pixels(result.target, [h.patch_id for h in result.hits])
         tiles = [
-            (pix, result.target, f"#{h.rank} {short_id(h.patch_id)}", f"{h.score:.3f} · " + "; ".join(h.labels))
+            (pix, result.target, f"#{h.rank} {short_id(h.patch_id)}", labels_subtitle(h.labels, h.score))
             for pix, h in zip(pixels, result.hits)
         ]
-        return render_mosaic(result.query_pixels, result.query_modality, tiles, Path(path), query_title=result.query_label)
+        warning = "RANDOM WEIGHTS: not a result" if result.random_init else ""
+        return render_mosaic(result.query_pixels, result.query_modality, tiles, Path(path), query_title=result.query_label, query_subtitle=warning)
 
     # -- internals --------------------------------------------------------------------------------
     def _check_target(self, target: Modality) -> None:
@@ -181,26 +180,28 @@ class Archive:
             raise StoreError(located(self.store.path, f"no {target.upper()} embeddings; run `rsretrieve index --modality {target}` first"))
         self.index(target)
 
-    def _embed(self, pixels: np.ndarray, modality: Modality) -> np.ndarray:
+    def _embed(self, pixels: np.ndarray, modality: Modality, target: Modality) -> np.ndarray:
+        """The query's embedding by the model that made the target's (a store holds one model)."""
         from rsretrieve.encode import embed_pixels, model_for_provenance
 
         if self._model is None:
-            self._model = model_for_provenance(self.store.provenance(modality))
+            self._model = model_for_provenance(self.store.provenance(target))
         return embed_pixels(self._model, pixels, modality)
 
     @staticmethod
-    def _hit(group, row: int, score: float, rank: int) -> Hit:
-        def coord(name, default=None):
-            return group[name].values[row] if name in group.coords else default
+    def _hit(found, i: int, score: float, row: int) -> Hit:
+        """Hit number i of the hits' coordinates `found` (already selected and loaded)."""
 
-        labels = [CLASSES[i] for i in np.flatnonzero(coord("labels", np.zeros(len(CLASSES), bool)))]
+        def coord(name, default=None):
+            return found[name].values[i] if name in found.coords else default
+
         lat, lon = coord("lat"), coord("lon")
         return Hit(
-            rank=rank,
+            rank=i + 1,
             patch_id=str(coord("patch_id", row)),
             pair_id=str(coord("pair_id", "")),
             score=score,
-            labels=labels,
+            labels=[CLASSES[j] for j in np.flatnonzero(coord("labels", np.zeros(len(CLASSES), bool)))],
             split=str(coord("split", "")),
             lat=None if lat is None else float(lat),
             lon=None if lon is None else float(lon),

@@ -198,3 +198,23 @@ def test_benv2_root_is_remembered_and_subset_count_reported(tmp_path):
     hits = json.loads(run(["query", "--id", sample_patch_folder("s2", 0).name, "--target", "s2", "-k", "2", "--format", "json"], tmp_path).stdout)
     assert len(hits["results"]) == 2
     assert_clean_error(run(["index", "--subset", "BENv2-99k"], tmp_path, check=False), "BENv2-99k", "BENv2-14k")
+
+
+def test_more_bad_input_is_one_line(tmp_path, workspace, s1_tile):
+    assert_clean_error(run(["index", "--data-root", tmp_path], tmp_path, check=False), "--data-root needs --dataset benv2")
+    assert_clean_error(run(["query", tmp_path / "missing.tif", "--target", "s2"], workspace, check=False), "missing.tif", "no such file")
+    assert_clean_error(run(["eval", "sample", "--json", tmp_path / "nowhere" / "f1.json"], workspace, check=False), "does not exist")
+    assert_clean_error(run(["query", s1_tile, "--mosaic", tmp_path], workspace, check=False), "is a folder")
+    assert_clean_error(run(["encode", "--scheduler", "tcp://127.0.0.1:9", "--store", tmp_path / "s.zarr", "--modality", "s1"], workspace, check=False), "--scheduler")
+    assert_clean_error(run(["index", "--dataset", "sample", "--subset", "BENv2-14k", "--store", tmp_path / "e.zarr"], workspace, check=False), "no S1 patches")
+
+
+def test_eval_name_is_case_insensitive(workspace):
+    assert "S1S1" in run(["eval", "Sample", "--tasks", "s1s1"], workspace).stdout
+
+
+def test_query_with_a_patch_folder(workspace, tmp_path):
+    mosaic = tmp_path / "folder.png"
+    result = json.loads(run(["query", sample_patch_folder("s2", 2), "--target", "s1", "-k", "2", "--format", "json", "--mosaic", mosaic], workspace).stdout)
+    assert result["query_modality"] == "s2" and len(result["results"]) == 2
+    assert mosaic.stat().st_size > 10_000
