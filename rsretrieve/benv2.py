@@ -29,6 +29,7 @@ from rsretrieve.datasets import PATCH, Chunk, PatchBatch, empty_batch, meta_tabl
 from rsretrieve.errors import DataError, RSRetrieveError, located
 from rsretrieve.geo import pixel_to_xy
 from rsretrieve.labels import multi_hot
+from rsretrieve.subsets import acquisition_time
 
 META_FILE = "metadata.parquet"
 SNOW_CLOUD_FILE = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
@@ -41,7 +42,6 @@ DEFAULT_CHUNK_SIZE = 256
 BATCH_COLUMNS = ["patch_id", "pair_id", "split", "country", "labels", "lat", "lon", "timestamp", "product_id"]
 
 _NAME_RC = re.compile(r"^(.+)_(\d+)_(\d+)$")
-_DATE = re.compile(r"_(\d{8}T\d{6})(?:_|$)")
 GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
 
@@ -57,8 +57,7 @@ def product_of(name: str) -> str:
 
 def timestamp_of(name: str) -> datetime | None:
     """Acquisition time from a patch name (`..._20170613T101031_...`), or None."""
-    m = _DATE.search(name)
-    return datetime.strptime(m.group(1), "%Y%m%dT%H%M%S") if m else None
+    return acquisition_time(name)
 
 
 def patch_dir(root: Path, name: str, modality: Modality) -> Path:
@@ -133,18 +132,32 @@ def read_band_tif(path: Path):
         raise DataError(located(path, f"unreadable GeoTIFF ({msg})")) from None
 
 
-def read_tree_patch(root: Path, name: str, modality: Modality):
-    """Raw (C, 120, 120) float32 and the patch centre (x, y, crs) or None, from the GeoTIFF tree."""
-    bands, centre = {}, None
+def read_patch_folder(folder: Path, modality: Modality, name: str | None = None):
+    """Raw (C, 120, 120) float32 and the (transform, crs) of its first georeferenced 10 m band
+    (else the first 10 m band's transform and crs None), from a patch folder holding the
+    single-band GeoTIFFs `<name>_<band>.tif` (`name` defaults to the folder's name)."""
+    folder = Path(folder)
+    name = name or folder.name
+    bands, geo = {}, None
     for band in bands_for(modality):
-        path = band_path(root, name, modality, band)
+        path = folder / f"{name}_{band}.tif"
         arr, transform, crs = read_band_tif(path)
-        if native_size(band) == PATCH and centre is None and crs is not None:
-            x, y = pixel_to_xy(transform, arr.shape[1] / 2.0, arr.shape[0] / 2.0)
-            centre = (x, y, crs.to_string())
+        if native_size(band) == PATCH and (geo is None or (geo[1] is None and crs is not None)):
+            geo = (transform, crs)
         _check_values(arr, path, modality)
         bands[band] = arr
-    return assemble(bands, modality, patch_dir(root, name, modality)), centre
+    transform, crs = geo if geo is not None else (None, None)
+    return assemble(bands, modality, folder), transform, crs
+
+
+def read_tree_patch(root: Path, name: str, modality: Modality):
+    """Raw (C, 120, 120) float32 and the patch centre (x, y, crs) or None, from the GeoTIFF tree."""
+    raw, transform, crs = read_patch_folder(patch_dir(root, name, modality), modality, name)
+    centre = None
+    if crs is not None:
+        x, y = pixel_to_xy(transform, PATCH / 2.0, PATCH / 2.0)
+        centre = (x, y, crs.to_string())
+    return raw, centre
 
 
 def tree_centre(root: Path, name: str, modality: Modality):

@@ -18,11 +18,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import pyarrow as pa
 
-from rsretrieve.bands import Modality, bands_for
+from rsretrieve.bands import PATCH_SIZE, Modality, bands_for
 from rsretrieve.errors import RSRetrieveError
 from rsretrieve.labels import CLASSES, multi_hot
 
-PATCH = 120
+PATCH = PATCH_SIZE  # kept as a name: the readers import it from here
 
 # Types of the `meta` columns, in this order; a source writes the subset it has.
 META_TYPES: dict[str, pa.DataType] = {
@@ -111,7 +111,9 @@ def open_dataset(name: str, root: Path | str | None = None, subset: str | None =
 
     BENv2 options: source ("auto"|"tree"|"lmdb"), split (str or list), include_snow_cloud (False),
     chunk_size (256), metadata (path to metadata.parquet), tree_root (for lat/lon with an LMDB).
-    Major TOM options: patch_size (120), tile_size (skip header reads in `metadata`)."""
+    Major TOM options: patch_size (120), tile_size (the tile side in pixels, e.g. 1068: `chunks` and
+    `metadata` then take the size from it instead of each tile's header; the header of one band
+    cell per tile is still read, never its pixels, for the georeference (lat/lon))."""
     key = name.lower()
     if key == "sample":
         from rsretrieve.benv2 import BENv2Dataset

@@ -12,6 +12,9 @@ Index kinds (see docs/RETRIEVAL.md):
   on the normalised vectors) wrapped in `IndexRefineFlat`, which re-ranks the PQ shortlist of
   k*k_factor candidates with exact distances. nprobe and k_factor are tuned after building so that
   recall@10 against exact search on a sample of the archive is >= `target_recall` (0.95).
+  Training needs at least max(nlist, 2**nbits) vectors (256 with the default 8 bits; faiss's
+  k-means wants one point per centroid, ideally 39): a smaller selection raises a one-line
+  `StoreError` pointing to ``flat``, which is exact and the better choice at that size anyway.
 - ``hnsw``  : `IndexHNSWFlat` (M=32, inner product), efSearch tuned the same way.
 
 The store is never loaded whole: `ds.embedding` is read in slices of `batch_size` rows.
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from rsretrieve.errors import StoreError, located
+from rsretrieve.store import describe, differences  # one definition of embedding identity
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -36,7 +40,6 @@ DEFAULT_BATCH = 65_536
 AUTO_FLAT_MAX = 1_000_000
 KINDS = ("flat", "ivfpq", "hnsw", "auto")
 # provenance keys that identify the embeddings; other keys (creation time, paths) may differ
-PROVENANCE_KEYS = ("model", "config", "checkpoint_sha256", "dtype", "normalisation")
 FORMAT_VERSION = 1
 
 
@@ -137,16 +140,6 @@ def provenance_of(ds) -> dict:
     return dict(prov)
 
 
-def provenance_identity(provenance: dict | None) -> dict:
-    provenance = provenance or {}
-    return {key: _jsonable(provenance.get(key)) for key in PROVENANCE_KEYS}
-
-
-def provenance_differences(a: dict | None, b: dict | None) -> list[str]:
-    ia, ib = provenance_identity(a), provenance_identity(b)
-    return [key for key in PROVENANCE_KEYS if ia[key] != ib[key]]
-
-
 def _jsonable(value: Any) -> Any:
     """JSON round-trip so that tuples/lists and numpy scalars compare equal after save/load."""
     return json.loads(json.dumps(value, default=_json_default))
@@ -158,12 +151,6 @@ def _json_default(value: Any):
     if isinstance(value, np.ndarray):
         return value.tolist()
     return str(value)
-
-
-def _describe(provenance: dict | None) -> str:
-    provenance = provenance or {}
-    sha = str(provenance.get("checkpoint_sha256", "?"))
-    return f"{provenance.get('model')} ({'random-init' if sha == 'random-init' else 'sha256 ' + sha[:12]})"
 
 
 # -- parameters ------------------------------------------------------------------------------------
@@ -452,12 +439,12 @@ class EmbeddingIndex:
         directory = Path(directory)
         meta = read_meta(directory)
         if expected_provenance is not None:
-            diff = provenance_differences(meta.get("provenance"), expected_provenance)
+            diff = differences(meta.get("provenance"), expected_provenance)
             if diff:
                 raise StoreError(located(
                     directory,
-                    f"index was built from embeddings of {_describe(meta.get('provenance'))}, but the store holds "
-                    f"{_describe(expected_provenance)} (differs in {', '.join(diff)}); rebuild the index",
+                    f"index was built from embeddings of {describe(meta.get('provenance'))}, but the store holds "
+                    f"{describe(expected_provenance)} (differs in {', '.join(diff)}); rebuild the index",
                 ))
         for name in (INDEX_FILE, IDS_FILE):
             if not (directory / name).exists():
@@ -494,7 +481,7 @@ def index_is_current(directory: str | Path, store_provenance: dict, n_rows: int,
         meta = read_meta(directory)
     except StoreError:
         return False
-    if provenance_differences(meta.get("provenance"), store_provenance):
+    if differences(meta.get("provenance"), store_provenance):
         return False
     if int(meta.get("n_store_rows", -1)) != int(n_rows):
         return False
@@ -549,6 +536,12 @@ def _explicit_search_params(kind: str, params: dict) -> bool:
     return "nprobe" in params and ("k_factor" in params or params.get("refine") == "none")
 
 
+def ivfpq_min_vectors(nlist: int, nbits: int) -> int:
+    """Fewest training vectors faiss accepts for an IVF-PQ index: one per coarse centroid and one
+    per PQ centroid (2**nbits); below that its k-means raises."""
+    return max(nlist, 2 ** nbits)
+
+
 def _ivfpq(ds, selected: np.ndarray, dim: int, n: int, batch_size: int, seed: int, params: dict):
     faiss = _faiss()
     nlist = int(params.get("nlist", default_nlist(n)))
@@ -556,10 +549,15 @@ def _ivfpq(ds, selected: np.ndarray, dim: int, n: int, batch_size: int, seed: in
     if dim % m:
         raise ValueError(f"PQ m={m} does not divide the dimension {dim}")
     nbits = int(params.get("nbits", 8))
+    needed = ivfpq_min_vectors(nlist, nbits)
+    if n < needed:
+        raise StoreError(f"--index ivfpq needs at least {needed} vectors to train; this archive has {n}: use --index flat")
     refine = params.get("refine", "flat")
     # k-means wants >= 39 points per centroid; past ~64 per centroid more points barely help
     train_size = int(params.get("train_size", min(n, max(64 * nlist, 2 ** nbits * 39, 65_536), 256 * nlist)))
     train_size = min(train_size, n)
+    if train_size < needed:
+        raise ValueError(f"train_size={train_size} is below the {needed} vectors nlist={nlist}, nbits={nbits} need")
     sample = _read_sample(ds, _sample_rows(selected, train_size, seed), batch_size)
     quantizer = faiss.IndexFlatL2(dim)
     base = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss.METRIC_L2)

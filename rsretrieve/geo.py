@@ -119,9 +119,3 @@ def pixel_to_xy(transform, col: float, row: float) -> tuple[float, float]:
     """Map coordinates of a (fractional) pixel position through an affine geotransform."""
     return (transform.a * col + transform.b * row + transform.c, transform.d * col + transform.e * row + transform.f)
 
-
-def window_centre_latlon(transform, crs, row: int, col: int, height: int, width: int) -> tuple[float, float]:
-    """WGS84 (lat, lon) of the centre of a pixel window of a georeferenced raster."""
-    x, y = pixel_to_xy(transform, col + width / 2.0, row + height / 2.0)
-    lats, lons = to_wgs84(crs, [x], [y])
-    return float(lats[0]), float(lons[0])

@@ -45,7 +45,3 @@ def multi_hot(labels: Iterable[str]) -> np.ndarray:
         vector[CLASS_INDEX[label]] = True
     return vector
 
-
-def names(vector: np.ndarray) -> list[str]:
-    """Class names of a multi-hot vector."""
-    return [CLASSES[i] for i in np.flatnonzero(vector)]

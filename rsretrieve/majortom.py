@@ -92,15 +92,17 @@ def shard_columns(path: Path, modality: Modality) -> tuple[str, list[str]]:
     return time_col, [*needed, time_col, *extra]
 
 
-def decode_band(data: bytes | None, where: str):
-    """(array, transform, crs, nodata) of a GeoTIFF band cell."""
+def decode_band(data: bytes | None, where: str, *, header_only: bool = False):
+    """(array, transform, crs, nodata) of a GeoTIFF band cell. With `header_only`, the pixels are
+    not decoded: ((height, width), transform, crs, nodata) from the GeoTIFF header alone."""
     from rasterio.io import MemoryFile
 
     if not data:
         raise DataError(located(where, "empty band cell"))
     try:
         with MemoryFile(data) as mf, mf.open() as ds:
-            return ds.read(1), ds.transform, ds.crs, ds.nodata
+            first = (ds.height, ds.width) if header_only else ds.read(1)
+            return first, ds.transform, ds.crs, ds.nodata
     except Exception as e:
         raise DataError(located(where, f"undecodable GeoTIFF cell ({_one_line(e)})")) from None
 
@@ -216,7 +218,9 @@ class MajorTOMDataset:
         return out
 
     def _candidates(self, chunk: Chunk) -> pa.Table:
-        """Every full window of a chunk's tile (from its header; `tile_size` skips the read)."""
+        """Every full window of a chunk's tile, from the GeoTIFF header of its first band cell (no
+        pixels decoded); with `tile_size` the size is taken from it, the header still gives the
+        georeference for lat/lon."""
         key = ("candidates", chunk.key)
         if key not in self._cache:
             self._cache[key] = self.read_chunk(chunk, _header_only=True).meta
@@ -257,16 +261,16 @@ class MajorTOMDataset:
             product = data["product_id"][i] or ""
             where = f"{path}:row {first + i}"
             try:
-                decoded = {}
-                for col in band_columns(modality):
-                    if col in data:
-                        decoded[col] = decode_band(data[col][i], f"{where}:{col}")
-                ref = decoded[band_columns(modality)[0]]
-                h, w = ref[0].shape
-                if self.tile_size and _header_only:
-                    h = w = self.tile_size
                 raw = invalid = None
-                if not _header_only:
+                if _header_only:
+                    # the first band's GeoTIFF header only (size, georeference), no pixels
+                    first_col = band_columns(modality)[0]
+                    ref = decode_band(data[first_col][i], f"{where}:{first_col}", header_only=True)
+                    h, w = (self.tile_size, self.tile_size) if self.tile_size else ref[0]
+                else:
+                    decoded = {col: decode_band(data[col][i], f"{where}:{col}") for col in band_columns(modality)}
+                    ref = decoded[band_columns(modality)[0]]
+                    h, w = ref[0].shape
                     raw, invalid = tile_pixels(decoded, modality, where)
             except DataError as e:
                 skipped.append((f"{product}/{key}", str(e)))
@@ -305,8 +309,9 @@ class MajorTOMDataset:
 
     def metadata(self, modality: Modality) -> pa.Table:
         """All candidate patches (every full 120 px window of every tile), in chunk order. Reads
-        the header of one band cell per tile for its size and georeference, not the pixels;
-        patches dropped at read time for invalid pixels are still listed here."""
+        the GeoTIFF header of one band cell per tile for its size and georeference, never its
+        pixels (`tile_size` fixes the size; the header still gives lat/lon); patches dropped at
+        read time for invalid pixels are still listed here."""
         key = ("metadata", modality)
         if key not in self._cache:
             tables = [self._candidates(ch) for ch in self.chunks(modality)]

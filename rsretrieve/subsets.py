@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +23,15 @@ COUNTRIES: tuple[str, ...] = (
     "Lithuania", "Luxembourg", "Portugal", "Serbia", "Switzerland",
 )
 
-_DATE = re.compile(r"_(\d{4})(\d{2})(\d{2})T\d{6}")
+# the one acquisition-date pattern of BigEarthNet patch names (also used by rsretrieve.benv2)
+_DATE = re.compile(r"_(\d{4})(\d{2})(\d{2})T(\d{6})")
+
+
+def acquisition_time(name: str) -> datetime | None:
+    """Acquisition time of the first `_YYYYMMDDTHHMMSS` in a patch name
+    (`..._20170613T101031_...`), or None."""
+    m = _DATE.search(name)
+    return datetime.strptime("".join(m.groups()[:3]) + "T" + m.group(4), "%Y%m%dT%H%M%S") if m else None
 
 
 def acquisition_month(patch_id: str) -> int | None:

@@ -1,6 +1,12 @@
 """Single-tile reader for queries: one multi-band GeoTIFF -> normalised (P, C, 120, 120) patches.
 
-Rules:
+A BigEarthNet patch folder (`BigEarthNet-S1/<product>/<s1_name>/`, `BigEarthNet-S2/<product>/<patch_id>/`)
+is a query tile too: S1 when it holds `<folder>_VV.tif` and `_VH.tif` (dB), S2 when it holds
+`<folder>_B02.tif` ... `_B12.tif`; its bands are read with the BigEarthNet-v2 reader (20 m bands
+nearest-upsampled) and give the same `QueryTile` as the 120 px GeoTIFF stacked from them. A given
+`modality` that contradicts the folder, or a folder with neither set of files, is a DataError.
+
+Rules (GeoTIFF):
 - Modality from the band count: 2 bands -> S1 (VV, VH), 10 or 12 bands -> S2; anything else is a
   DataError. A given `modality` that contradicts the count is a DataError.
 - Band order: band descriptions when they name the bands (e.g. "B04", "VV"); otherwise position
@@ -23,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rsretrieve.bands import S1_BANDS, S2_BANDS, Modality, normalise
+from rsretrieve.bands import PATCH_SIZE as PATCH, S1_BANDS, S2_BANDS, Modality, normalise
 from rsretrieve.errors import DataError, located
 
-PATCH = 120
 S2_12 = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
 _NAMES = {"s1": "Sentinel-1", "s2": "Sentinel-2"}
 
@@ -81,14 +86,11 @@ def _order(descs: list[str], modality: Modality, n: int, where: str) -> list[int
     return [S2_12.index(b) for b in S2_BANDS]
 
 
-def read_tile(path: Path | str, modality: Modality | None = None, *, s1_units: str = "auto") -> QueryTile:
+def _read_geotiff(path: Path, modality: Modality | None, where: str):
+    """(data (C, H, W) in model band order, modality, nodata, transform, crs) of a multi-band GeoTIFF."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-    path = Path(path)
-    where = str(path)
-    if not path.is_file():
-        raise DataError(located(where, "file not found"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -118,6 +120,48 @@ def read_tile(path: Path | str, modality: Modality | None = None, *, s1_units: s
         raise
     except (RasterioError, OSError, ValueError) as e:
         raise DataError(located(where, f"unreadable GeoTIFF ({' '.join(str(e).split())})")) from None
+    return data, modality, nodata, transform, crs
+
+
+def _read_patch_folder(path: Path, modality: Modality | None, where: str):
+    """(data (C, 120, 120), modality, transform, crs) of a BigEarthNet patch folder: S1 when it holds
+    `<folder>_VV.tif`/`_VH.tif`, S2 when it holds `<folder>_B02.tif` ... (20 m bands nearest-upsampled)."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from rsretrieve.benv2 import read_patch_folder
+
+    name = path.name
+    found = [m for m, bands in (("s1", S1_BANDS), ("s2", S2_BANDS))
+             if any((path / f"{name}_{b}.tif").is_file() for b in bands)]
+    if not found:
+        raise DataError(located(where, f"not a BigEarthNet patch folder: no {name}_VV.tif/{name}_VH.tif (Sentinel-1) "
+                                       f"or {name}_B02.tif ... (Sentinel-2) in it"))
+    if len(found) == 2:
+        raise DataError(located(where, "holds both Sentinel-1 (VV, VH) and Sentinel-2 band files; expected one patch"))
+    detected = found[0]
+    if modality is not None and modality != detected:
+        bands = "VV, VH" if detected == "s1" else "B02 ... B12"
+        raise DataError(located(where, f"is a {_NAMES[detected]} patch folder ({bands}) but --modality {modality} was given"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        data, transform, crs = read_patch_folder(path, detected)
+    return data, detected, transform, crs
+
+
+def read_tile(path: Path | str, modality: Modality | None = None, *, s1_units: str = "auto") -> QueryTile:
+    """A query tile: a multi-band GeoTIFF, or a BigEarthNet patch folder (its single-band GeoTIFFs,
+    S1 in dB as in the release) read like the 120 px GeoTIFF stacked from it."""
+    path = Path(path)
+    where = str(path)
+    if path.is_dir():
+        data, modality, transform, crs = _read_patch_folder(path, modality, where)
+        nodata = None
+        if s1_units == "auto":
+            s1_units = "db"  # BigEarthNet S1 band files hold dB
+    elif not path.is_file():
+        raise DataError(located(where, "file not found"))
+    else:
+        data, modality, nodata, transform, crs = _read_geotiff(path, modality, where)
 
     invalid = ~np.isfinite(data).all(axis=0)
     if nodata is not None and np.isfinite(nodata):

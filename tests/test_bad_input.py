@@ -268,3 +268,28 @@ def test_bad_metadata(tmp_path):
     (root / "metadata.parquet").write_bytes(b"PAR1trunc")
     with pytest.raises(DataError, match="unreadable parquet"):
         open_dataset("benv2", root).pairs()
+
+
+def test_query_tile_patch_folder_wrong_modality_and_not_a_patch(tmp_path):
+    ds = open_dataset("sample")
+    s2_folder = band_path(sample_root(), ds.names("s2")[0], "s2", "B02").parent
+    with pytest.raises(DataError) as e:
+        read_tile(s2_folder, "s1")
+    assert str(e.value) == f"{s2_folder}: is a Sentinel-2 patch folder (B02 ... B12) but --modality s1 was given"
+    s1_folder = band_path(sample_root(), ds.names("s1")[0], "s1", "VV").parent
+    with pytest.raises(DataError, match="is a Sentinel-1 patch folder") as e:
+        read_tile(s1_folder, "s2")
+    one_line(e.value, s1_folder.name)
+    empty = tmp_path / "not_a_patch"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="not a BigEarthNet patch folder") as e:
+        read_tile(empty)
+    one_line(e.value, "not_a_patch")
+    # an incomplete S1 folder names the missing band file
+    part = tmp_path / s1_folder.name
+    part.mkdir()
+    shutil.copy(s1_folder / f"{s1_folder.name}_VV.tif", part)
+    with pytest.raises(DataError, match="missing band file") as e:
+        read_tile(part)
+    one_line(e.value, f"{s1_folder.name}_VH.tif")

@@ -194,3 +194,17 @@ def test_build_from_path_float16(tmp_path):
     np.testing.assert_array_equal(rows[:, 0], np.arange(5))  # each vector finds itself
     with pytest.raises(StoreError, match="no s2 group"):
         EmbeddingIndex.build(tmp_path / "s.zarr", "s2")
+
+
+def test_ivfpq_too_few_vectors_is_one_line_store_error(tmp_path):
+    rng = np.random.default_rng(4)
+    ds = make_store(tmp_path / "s.zarr", rng.standard_normal((24, 64)).astype(np.float32))
+    with pytest.raises(StoreError) as e:
+        EmbeddingIndex.build(ds, kind="ivfpq")
+    assert str(e.value) == "--index ivfpq needs at least 256 vectors to train; this archive has 24: use --index flat"
+    # the minimum follows nlist and nbits; at the minimum faiss trains (with a quality warning)
+    assert fi.ivfpq_min_vectors(1, 8) == 256 and fi.ivfpq_min_vectors(300, 4) == 300
+    with pytest.raises(StoreError, match="needs at least 32 vectors"):
+        EmbeddingIndex.build(ds, kind="ivfpq", nlist=32, nbits=4, tune=False)
+    index = EmbeddingIndex.build(ds, kind="ivfpq", nlist=1, nbits=4, tune=False)
+    assert index.ntotal == 24 and index.params["nbits"] == 4

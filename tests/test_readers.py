@@ -236,3 +236,80 @@ def test_query_tile_s2_sizes(tmp_path):
         ds.write(np.full((2, 250, 370), -15.0, np.float32))
     qb = read_tile(big)
     assert qb.modality == "s1" and qb.pixels.shape == (6, 2, 120, 120)
+
+
+def _stack_folder(folder: Path, out: Path) -> Path:
+    """The 120 px multi-band GeoTIFF of a BigEarthNet patch folder, from the same band files."""
+    name = folder.name
+    bands = ("VV", "VH") if (folder / f"{name}_VV.tif").exists() else S2_ALL
+    arrays = []
+    for b in bands:
+        with rasterio.open(folder / f"{name}_{b}.tif") as ds:
+            arr = ds.read(1)
+            if arr.shape[0] == 120:
+                tr, crs = ds.transform, ds.crs
+        f = 120 // arr.shape[0]
+        arrays.append(arr.repeat(f, 0).repeat(f, 1))
+    stack = np.stack(arrays)
+    with rasterio.open(out, "w", driver="GTiff", height=120, width=120, count=len(bands), dtype=stack.dtype.name,
+                       crs=crs, transform=tr) as ds:
+        ds.write(stack)
+    return out
+
+
+@pytest.mark.parametrize("modality", ["s1", "s2"])
+def test_query_tile_from_patch_folder_equals_stacked_geotiff(tmp_path, modality):
+    from rsretrieve.tile import read_tile
+
+    name = open_dataset("sample").names(modality)[0]
+    folder = band_path(ROOT, name, modality, "VV" if modality == "s1" else "B02").parent
+    q = read_tile(folder)
+    g = read_tile(_stack_folder(folder, tmp_path / "stack.tif"))
+    assert q.modality == g.modality == modality and q.pixels.shape == (1, 2 if modality == "s1" else 10, 120, 120)
+    np.testing.assert_array_equal(q.pixels, g.pixels)
+    np.testing.assert_array_equal(q.pixels[0], open_dataset("sample").read_patch(name, modality))
+    assert (q.windows, q.resized, q.crs, q.lat, q.lon, q.patch_latlon) == (g.windows, g.resized, g.crs, g.lat, g.lon, g.patch_latlon)
+    assert q.lat is not None and 40 < q.lat < 70
+    assert read_tile(str(folder), modality).pixels.shape == q.pixels.shape
+
+
+def _assert_header_meta_equals_full(mt, modality, monkeypatch):
+    """Header-only candidates (no pixel decoding) == the full read's metadata on valid windows."""
+    import rsretrieve.majortom as majortom
+
+    real = majortom.decode_band
+    modes = []
+
+    def spy(data, where, *, header_only=False):
+        modes.append(header_only)
+        return real(data, where, header_only=header_only)
+
+    monkeypatch.setattr(majortom, "decode_band", spy)
+    chunks = mt.chunks(modality)
+    meta = mt.metadata(modality)
+    assert modes and all(modes) and len(modes) == len(chunks)  # one header per tile, no pixels
+    monkeypatch.setattr(majortom, "decode_band", real)
+    full = [mt.read_chunk(c) for c in chunks]
+    for chunk, batch in zip(chunks, full):
+        assert chunk.n_patches == mt.read_chunk(chunk, _header_only=True).meta.num_rows
+    rows = {r["patch_id"]: r for r in meta.to_pylist()}
+    full_rows = sum((b.meta.to_pylist() for b in full), [])
+    assert full_rows and all(rows[r["patch_id"]] == r for r in full_rows)
+    skipped = {pid for b in full for pid, _ in b.skipped}
+    assert set(rows) == {r["patch_id"] for r in full_rows} | skipped
+    return meta, full
+
+
+@pytest.mark.parametrize("modality", ["s2", "s1"])
+def test_majortom_header_only_metadata_equals_full_read_sample(modality, monkeypatch):
+    meta, full = _assert_header_meta_equals_full(open_dataset("majortom", ROOT / "majortom"), modality, monkeypatch)
+    assert meta.num_rows == 24 and sum(len(b) for b in full) == 24
+
+
+@pytest.mark.parametrize("tile_size", [None, 1068])
+def test_majortom_header_only_metadata_equals_full_read_1068(tmp_path, tile_size, monkeypatch):
+    write_synthetic_tiles(tmp_path)
+    mt = open_dataset("majortom", tmp_path, tile_size=tile_size)
+    for modality, valid in (("s2", 64), ("s1", 63)):
+        meta, full = _assert_header_meta_equals_full(mt, modality, monkeypatch)
+        assert meta.num_rows == 64 and sum(len(b) for b in full) == valid
