@@ -230,7 +230,8 @@ def encode(
     from rsretrieve.encode import describe_model
 
     started = time.perf_counter()
-    if client is None and scheduler is None:
+    workers = cluster(client, scheduler, encoder.device)
+    if workers.local:
         encoder.resolved_device()  # --device cuda without a GPU fails here, before anything is written
     ds = dataset.open()
     chunks = ds.chunks(modality)
@@ -257,35 +258,41 @@ def encode(
     if on_start:
         on_start(spans[-1].stop, sum(span.stop - span.start for _, span in todo))
     if todo:
-        with cluster(client, scheduler, encoder.device) as handle:
-            dask_client = handle.get() if isinstance(handle, cluster) else handle
-            _run(dask_client, dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook)
+        with workers:
+            _run(workers.get(), dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 class cluster:
-    """`with cluster(client, scheduler, device) as client:` — the given client, a connection to a
-    scheduler, or a LocalCluster sized to the machine that is closed on exit.
-
-    A command that encodes both modalities enters one `cluster(...)` and passes the cluster object
-    itself as `client` to each `encode`: it starts on first use only, so a run with nothing to
-    encode starts nothing."""
+    """The Dask client of an encode: a given client (or `cluster`), a connection to a scheduler, or
+    a LocalCluster sized to the machine. Nothing starts before `get()`, and `with` closes what this
+    object started, so a command that encodes both modalities enters one `cluster(...)`, passes it
+    as `client` to each `encode`, and a run with nothing to encode starts nothing."""
 
     def __init__(self, client=None, scheduler: str | None = None, device: str = "auto"):
         self.given, self.scheduler, self.device = client, scheduler, device
         self.owned: list = []
         self._client = None
 
-    def __enter__(self):
+    @property
+    def local(self) -> bool:
+        """Whether the workers run on this machine (then its devices are theirs)."""
         if isinstance(self.given, cluster):
-            return self.given.get()
-        return self.given if self.given is not None else self
+            return self.given.local
+        return self.given is None and self.scheduler is None
+
+    def __enter__(self) -> "cluster":
+        return self
 
     def get(self):
         """The dask client, connected or started now if it was not yet."""
         from distributed import Client, LocalCluster
 
+        if isinstance(self.given, cluster):
+            return self.given.get()
+        if self.given is not None:
+            return self.given
         if self._client is None:
             if self.scheduler:
                 try:
@@ -299,7 +306,7 @@ class cluster:
             self.owned.insert(0, self._client)
         return self._client
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         for thing in self.owned:
             thing.close()
         self.owned.clear()

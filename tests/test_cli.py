@@ -218,3 +218,10 @@ def test_query_with_a_patch_folder(workspace, tmp_path):
     result = json.loads(run(["query", sample_patch_folder("s2", 2), "--target", "s1", "-k", "2", "--format", "json", "--mosaic", mosaic], workspace).stdout)
     assert result["query_modality"] == "s2" and len(result["results"]) == 2
     assert mosaic.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_a_gpu_fails_before_writing(tmp_path):
+    store = tmp_path / "cuda.zarr"
+    assert_clean_error(run(["index", "--device", "cuda", "--model", MODEL, "--store", store], tmp_path, check=False), "no CUDA device")
+    assert not store.exists()
