@@ -9,7 +9,8 @@ export RSRETRIEVE_WORKSPACE="${RSRETRIEVE_WORKSPACE:-$PWD/rsretrieve-workspace}"
 RS=".venv/bin/rsretrieve"
 MODEL="${RSRETRIEVE_DEMO_MODEL:-csmoe-p16}"
 SAMPLE="$(.venv/bin/python -c 'import rsretrieve.datasets as d; print(d.sample_root())')"
-QUERY_TILE="$(ls "$SAMPLE"/BigEarthNet-S1/*/*/*_VV.tif | head -1)"
+S1_BANDS=("$SAMPLE"/BigEarthNet-S1/*/*/*_VV.tif)  # a glob, not `ls | head`: no SIGPIPE under pipefail
+QUERY_TILE="${S1_BANDS[0]}"
 QUERY_TILE_STACK="$RSRETRIEVE_WORKSPACE/demo-query-s1.tif"
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
