@@ -174,6 +174,15 @@ def _encode_with_progress(job, modality: str, client=None):
     return summary
 
 
+def _encode_all(job, modalities) -> None:
+    """Encode what is missing for each modality, on one cluster started only if there is work."""
+    from indexer.jobs import job_cluster
+
+    with job_cluster(job) as client:
+        for m in modalities:
+            _encode_with_progress(job, m, client)
+
+
 def _print_encode_summary(summary) -> None:
     _warn_if_random(summary.provenance)
     for note in summary.notes:
@@ -208,14 +217,10 @@ def encode(
     float16: Annotated[bool, typer.Option("--float16", help="Store embeddings as float16 (half the disk).")] = False,
 ) -> None:
     """Compute CSMoE [CLS] embeddings for every patch not yet in the store (resumable)."""
-    from indexer.jobs import job_cluster
-
     job = _job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else None)
     subset_note = f" / {job.selection.subset}" if job.selection.subset else ""
     console.print(f"dataset [cyan]{job.selection.dataset}[/]{subset_note} → store {job.store_path}")
-    with job_cluster(job) as client:
-        for m in _modalities(modality):
-            _encode_with_progress(job, m, client)
+    _encode_all(job, _modalities(modality))
     State.workspace.remember(job.selection)
 
 
@@ -235,12 +240,10 @@ def index(
     gpu_search: Annotated[bool, typer.Option("--gpu-search", help="Build/search through faiss on a GPU when it has one.")] = False,
 ) -> None:
     """Encode what is missing for a modality, then build its FAISS index (only what is missing)."""
-    from indexer.jobs import ensure_index, job_cluster
+    from indexer.jobs import ensure_index
 
     job = _job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store)
-    with job_cluster(job) as client:
-        for m in _modalities(modality):
-            _encode_with_progress(job, m, client)
+    _encode_all(job, _modalities(modality))
     for m in _modalities(modality):
         outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search)
         verb = "built" if outcome.built else "up to date:"
@@ -328,14 +331,10 @@ def evaluate(
         raise RSRetrieveError(f"--tasks: unknown task {bad[0] if bad else tasks!r}; use s1s1, s2s2, s1s2, s2s1")
     if json_out is not None:
         _check_writable(json_out)
-    from indexer.jobs import job_cluster
-
     on_sample = subset.name == "sample"
     dataset = DatasetChoice.sample if on_sample else DatasetChoice.benv2
     job = _job(dataset, data_root, None if on_sample else subset.name, model, checkpoint, device, batch_size, scheduler)
-    with job_cluster(job) as client:
-        for m in needed_modalities(task_list):
-            _encode_with_progress(job, m, client)
+    _encode_all(job, needed_modalities(task_list))
     k = k or subset.default_k
     result = evaluate_subset(job, subset.name, task_list, k)
     State.workspace.remember(job.selection)
