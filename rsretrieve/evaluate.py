@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +35,7 @@ class TaskResult:
     f1_pairwise: float = float("nan")
 
     def to_dict(self) -> dict:
-        return {
-            "task": self.task,
-            "precision": self.precision,
-            "recall": self.recall,
-            "f1": self.f1,
-            "map": self.map,
-            "f1_pairwise": self.f1_pairwise,
-            "n_queries": self.n_queries,
-            "n_archive": self.n_archive,
-            "k": self.k,
-        }
+        return asdict(self)
 
 
 @dataclass
