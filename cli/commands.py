@@ -24,6 +24,7 @@ from cli.app import (
     print_json,
 )
 from rsretrieve.errors import RSRetrieveError
+from rsretrieve.provenance import is_random_init
 
 RANDOM_INIT_WARNING = (
     "[bold white on red] RANDOM WEIGHTS [/] the model has no trained checkpoint: embeddings, neighbours and "
@@ -36,7 +37,7 @@ _warned: set[str] = set()
 
 def _warn_if_random(provenance: dict) -> None:
     """The random-weights banner, once per command."""
-    if provenance.get("checkpoint_sha256") == "random-init" and "random" not in _warned:
+    if is_random_init(provenance) and "random" not in _warned:
         _warned.add("random")
         err.print(RANDOM_INIT_WARNING)
 

@@ -27,7 +27,8 @@ from rsretrieve.bands import Modality
 from rsretrieve.datasets import Chunk, PatchBatch, open_dataset
 from rsretrieve.encode import embed_pixels
 from rsretrieve.errors import RSRetrieveError
-from rsretrieve.store import MODEL_KEYS, ChunkSpan, EmbeddingStore, describe, differences
+from rsretrieve.provenance import MODEL_KEYS, describe, differences
+from rsretrieve.store import ChunkSpan, EmbeddingStore
 
 ENCODER_RESOURCE = "encoder"
 

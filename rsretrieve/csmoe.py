@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsretrieve.bands import S1_BANDS, S2_BANDS, resize_batch
+from rsretrieve.provenance import RANDOM_INIT
 from rsretrieve.softmoe import RoutingWeights, SoftMoE, expert_usage
 
 __all__ = [
@@ -38,8 +39,6 @@ __all__ = [
     "create_model",
     "encode",
 ]
-
-RANDOM_INIT = "random-init"
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from rsretrieve.bands import Modality, resize_batch
+from rsretrieve.provenance import RANDOM_INIT
 
 
 def embed_pixels(model, pixels: np.ndarray, modality: Modality, device: str | None = None, batch_size: int = 32) -> np.ndarray:
@@ -38,7 +39,7 @@ def describe_model(spec: str) -> tuple[dict, int]:
 
     if spec in REGISTRY and not Path(spec).exists():
         config = get_config(spec)
-        provenance = {"model": spec, "config": config.to_dict(), "checkpoint_sha256": "random-init", "checkpoint_path": None}
+        provenance = {"model": spec, "config": config.to_dict(), "checkpoint_sha256": RANDOM_INIT, "checkpoint_path": None}
         return provenance, config.embed_dim
     from rsretrieve.checkpoint import load_model
 
@@ -56,7 +57,7 @@ def model_for_provenance(provenance: dict, device: str = "cpu"):
     from rsretrieve.errors import StoreError, located
 
     sha = provenance.get("checkpoint_sha256")
-    if sha == "random-init":
+    if sha == RANDOM_INIT:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the caller stamps random-init results itself
             model = load_model(provenance["model"], device=device)

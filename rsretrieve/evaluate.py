@@ -17,6 +17,7 @@ import numpy as np
 from rsretrieve.errors import StoreError, located
 from rsretrieve.faiss_index import DEFAULT_BATCH, EmbeddingIndex, iter_embeddings, open_group, provenance_of, selection_mask
 from rsretrieve.metrics import retrieval_scores
+from rsretrieve.provenance import RANDOM_INIT, is_random_init
 
 TASKS = ("s1s1", "s2s2", "s1s2", "s2s1")  # Table VI column order
 RANDOM_INIT_WARNING = "RANDOM-INIT WEIGHTS: these embeddings come from an untrained model; the scores are NOT CSMoE results"
@@ -51,7 +52,7 @@ class EvalResult:
 
     @property
     def random_init(self) -> bool:
-        return _is_random_init(self.provenance)
+        return is_random_init(self.provenance)
 
     def to_dict(self) -> dict:
         out = {
@@ -98,10 +99,6 @@ class EvalResult:
         if self.random_init:
             lines.insert(0, RANDOM_INIT_WARNING)
         return "\n".join(lines)
-
-
-def _is_random_init(provenance: Mapping | None) -> bool:
-    return bool(provenance) and str(provenance.get("checkpoint_sha256")) == "random-init"
 
 
 def _open_groups(store, modalities: set[str]) -> dict:
@@ -187,5 +184,5 @@ def _common_provenance(groups: Mapping) -> dict:
     out = {"per_modality": provs}
     for key in ("model", "checkpoint_sha256"):
         values = {str(p.get(key)) for p in provs.values()}
-        out[key] = "random-init" if key == "checkpoint_sha256" and "random-init" in values else "/".join(sorted(values))
+        out[key] = RANDOM_INIT if key == "checkpoint_sha256" and RANDOM_INIT in values else "/".join(sorted(values))
     return out

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from rsretrieve.errors import StoreError, located
-from rsretrieve.store import describe, differences  # one definition of embedding identity
+from rsretrieve.provenance import describe, differences, is_random_init
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -424,7 +424,7 @@ class EmbeddingIndex:
             "n_store_rows": self.n_store_rows,
             "selection": self.selection,
             "provenance": self.provenance,
-            "random_init": self.provenance.get("checkpoint_sha256") == "random-init",
+            "random_init": is_random_init(self.provenance),
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
         return directory

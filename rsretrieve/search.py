@@ -18,6 +18,7 @@ import numpy as np
 from rsretrieve.bands import Modality
 from rsretrieve.errors import StoreError, located
 from rsretrieve.labels import CLASSES
+from rsretrieve.provenance import is_random_init
 from rsretrieve.store import EmbeddingStore
 from rsretrieve.workspace import Workspace
 
@@ -46,7 +47,7 @@ class QueryResult:
 
     @property
     def random_init(self) -> bool:
-        return self.provenance.get("checkpoint_sha256") == "random-init"
+        return is_random_init(self.provenance)
 
     def to_dict(self) -> dict:
         return {

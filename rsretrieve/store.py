@@ -19,7 +19,6 @@ never a duplicate or a hole.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -34,10 +33,8 @@ import zarr
 from rsretrieve.bands import MODALITIES, Modality, normalisation_attrs
 from rsretrieve.errors import StoreError, located
 from rsretrieve.labels import CLASSES, multi_hot
+from rsretrieve.provenance import MODEL_KEYS, describe, differences, is_random_init
 
-# provenance keys that must agree before embeddings may share a store or an index
-IDENTITY_KEYS = ("model", "config", "checkpoint_sha256", "dtype", "normalisation")
-MODEL_KEYS = ("model", "config", "checkpoint_sha256")  # what must agree between a store's S1 and S2
 STRING_COORDS = ("patch_id", "pair_id", "split", "country", "grid_cell", "product_id")
 FLOAT_COORDS = ("lat", "lon")
 
@@ -49,23 +46,6 @@ class ChunkSpan:
     key: str
     start: int
     stop: int
-
-
-def identity(provenance: dict | None, keys: Sequence[str] = IDENTITY_KEYS) -> dict:
-    """The identity of some embeddings, as stored (JSON round trip: tuples compare as lists)."""
-    provenance = provenance or {}
-    return {key: json.loads(json.dumps(provenance.get(key), default=str)) for key in keys}
-
-
-def differences(a: dict | None, b: dict | None, keys: Sequence[str] = IDENTITY_KEYS) -> list[str]:
-    ia, ib = identity(a, keys), identity(b, keys)
-    return [key for key in keys if ia[key] != ib[key]]
-
-
-def describe(provenance: dict | None) -> str:
-    provenance = provenance or {}
-    sha = str(provenance.get("checkpoint_sha256", "?"))
-    return f"{provenance.get('model')} ({'random-init' if sha == 'random-init' else 'sha256 ' + sha[:12]})"
 
 
 class EmbeddingStore:
@@ -121,7 +101,7 @@ class EmbeddingStore:
                 "complete": bool(done.all()),
                 "model": prov.get("model"),
                 "checkpoint_sha256": prov.get("checkpoint_sha256"),
-                "random_init": prov.get("checkpoint_sha256") == "random-init",
+                "random_init": is_random_init(prov),
             }
         return out
 
