@@ -5,7 +5,6 @@ These are what `rsretrieve index` and `rsretrieve eval` run; a notebook can call
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,26 +77,12 @@ def ensure_index(job: Job, modality: Modality, kind: str = "auto", use_gpu: bool
     # encode adds rows), and with the kind asked for
     n_valid = int(group["valid"].sum())
     if index_is_current(directory, provenance, group.sizes["patch"], selection={"n_selected": n_valid}):
-        if kind in ("auto", read_meta(directory).get("kind")):
-            index = EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=False)
-            return IndexOutcome(directory, False, index.kind, index.ntotal)
+        meta = read_meta(directory)  # its kind and size, without loading the index itself
+        if kind in ("auto", meta["kind"]):
+            return IndexOutcome(directory, False, meta["kind"], int(meta["ntotal"]))
     index = EmbeddingIndex.build(group, modality, kind=kind, use_gpu=use_gpu)
     index.save(directory)
     return IndexOutcome(directory, True, index.kind, index.ntotal)
-
-
-def run_index(
-    job: Job,
-    modality: Modality,
-    kind: str = "auto",
-    client=None,
-    on_encoded: Callable[[EncodeSummary], None] | None = None,
-    **progress,
-) -> tuple[EncodeSummary, IndexOutcome]:
-    summary = ensure_embeddings(job, modality, client=client, **progress)
-    if on_encoded:
-        on_encoded(summary)
-    return summary, ensure_index(job, modality, kind=kind)
 
 
 def needed_modalities(tasks) -> list[Modality]:
