@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rsretrieve.csmoe import create_model  # noqa: E402
-from rsretrieve.macs import model_macs  # noqa: E402
+from rsretrieve.models.csmoe import create_model  # noqa: E402
+from rsretrieve.models.macs import model_macs  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

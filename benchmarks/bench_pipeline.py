@@ -25,11 +25,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexer.pipeline import DatasetSpec, EncoderSpec, encode, local_cluster_kwargs
-from rsretrieve.benv2 import product_of
-from rsretrieve.checkpoint import load_model
+from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, encode, local_cluster_kwargs
+from rsretrieve.datasets.benv2 import product_of
+from rsretrieve.models.checkpoint import load_model
 from rsretrieve.datasets import open_dataset, sample_root
-from rsretrieve.encode import embed_pixels
+from rsretrieve.models.inference import embed_pixels
 
 
 def replicate_sample(dest: Path, replicas: int) -> Path:

@@ -38,7 +38,7 @@ def make_lmdb(tmp: Path, wheel_lmdb: Path | None) -> Path:
     import rasterio
     from safetensors.numpy import save
 
-    from rsretrieve.benv2 import band_path
+    from rsretrieve.datasets.benv2 import band_path
 
     tree = open_dataset("sample", include_snow_cloud=True)
     env = lmdb.open(str(root / "LMDB"), map_size=1 << 27)

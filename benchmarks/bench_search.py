@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from rsretrieve.faiss_index import EmbeddingIndex, recall_at_k
+from rsretrieve.retrieval.faiss_index import EmbeddingIndex, recall_at_k
 
 
 def clustered(n, dim=768, sub=32, clusters=256, seed=0, noise=0.02, batch=100_000):

@@ -1,0 +1,39 @@
+"""The `rsretrieve` command line: parses, calls the library, prints (one module per command).
+
+    from rsretrieve.cli import app          # typer.testing.CliRunner().invoke(app, [...])
+"""
+
+from __future__ import annotations
+
+import sys
+
+from rsretrieve.cli._app import app, err
+from rsretrieve.errors import RSRetrieveError
+
+# the commands register themselves on `app`
+from rsretrieve.cli import encode, evaluate, info, query  # noqa: E402,F401  (isort: skip)
+
+
+def main() -> None:
+    """Entry point: bad input is one line on stderr and exit code 1, never a traceback."""
+    import logging
+    import warnings
+
+    # the library warns about random weights through warnings/logging; the CLI prints its own banner
+    warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+    logging.getLogger("rsretrieve").setLevel(logging.ERROR)
+    try:
+        app()
+    except RSRetrieveError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except OSError as exc:  # a file the user named cannot be read or written
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        err.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+__all__ = ["app", "main"]

@@ -1,5 +1,5 @@
-"""`python -m cli` runs the rsretrieve command."""
+"""`python -m rsretrieve.cli`."""
 
-from cli.app import main
+from rsretrieve.cli import main
 
 main()

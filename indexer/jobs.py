@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.pipeline import DatasetSpec, EncoderSpec, EncodeSummary, cluster, encode
+from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, EncodeSummary, cluster, encode
 from rsretrieve.bands import Modality
-from rsretrieve.faiss_index import EmbeddingIndex, index_is_current, read_meta
+from rsretrieve.retrieval.faiss_index import EmbeddingIndex
+from rsretrieve.retrieval.index_meta import index_is_current, read_meta
 from rsretrieve.store import EmbeddingStore
 from rsretrieve.workspace import Selection, Workspace
 
@@ -96,8 +97,8 @@ def evaluate_subset(job: Job, subset_name: str, tasks: tuple[str, ...], k: int |
     Queries and archive are restricted to the named subset's pairs, snowy and cloudy patches
     excluded as in the paper, even where the store holds more (the bundled sample keeps all 24)."""
     from rsretrieve.datasets import open_dataset
-    from rsretrieve.evaluate import evaluate
-    from rsretrieve.subsets import get_subset
+    from rsretrieve.retrieval.evaluate import evaluate
+    from rsretrieve.datasets.subsets import get_subset
 
     subset = get_subset(subset_name)
     root = Path(job.selection.root) if job.selection.root else None

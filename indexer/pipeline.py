@@ -25,7 +25,7 @@ import numpy as np
 
 from rsretrieve.bands import Modality
 from rsretrieve.datasets import Chunk, PatchBatch, open_dataset
-from rsretrieve.encode import embed_pixels
+from rsretrieve.models.inference import embed_pixels
 from rsretrieve.errors import RSRetrieveError
 from rsretrieve.provenance import MODEL_KEYS, describe, differences
 from rsretrieve.store import ChunkSpan, EmbeddingStore
@@ -112,7 +112,7 @@ _MODELS: dict = {}
 
 def _worker_model(spec: EncoderSpec, device: str):
     """The process's one copy of the model, loaded on first use."""
-    from rsretrieve.checkpoint import load_model
+    from rsretrieve.models.checkpoint import load_model
 
     path = Path(spec.model)
     stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
@@ -228,7 +228,7 @@ def encode(
     inject faults with it).
     """
     from rsretrieve import __version__
-    from rsretrieve.encode import describe_model
+    from rsretrieve.models.inference import describe_model
 
     started = time.perf_counter()
     workers = cluster(client, scheduler, encoder.device)

@@ -119,3 +119,17 @@ def pixel_to_xy(transform, col: float, row: float) -> tuple[float, float]:
     """Map coordinates of a (fractional) pixel position through an affine geotransform."""
     return (transform.a * col + transform.b * row + transform.c, transform.d * col + transform.e * row + transform.f)
 
+
+def centres_to_wgs84(centres: list) -> tuple[list, list]:
+    """Batch-project (x, y, crs) centres (or None) to WGS84 lat, lon lists."""
+    lat: list = [None] * len(centres)
+    lon: list = [None] * len(centres)
+    by_crs: dict[str, list[int]] = {}
+    for i, c in enumerate(centres):
+        if c is not None:
+            by_crs.setdefault(c[2], []).append(i)
+    for crs, idx in by_crs.items():
+        la, lo = to_wgs84(crs, [centres[i][0] for i in idx], [centres[i][1] for i in idx])
+        for j, i in enumerate(idx):
+            lat[i], lon[i] = float(la[j]), float(lo[j])
+    return lat, lon

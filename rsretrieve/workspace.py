@@ -65,7 +65,9 @@ class Workspace:
         return self.store_path(selection.dataset + (f"-{selection.subset}" if selection.subset else ""), selection.model)
 
     def index_dir(self, store_path: Path, modality: str) -> Path:
-        return self.indexes_dir / store_path.stem / modality
+        from rsretrieve.retrieval.index_meta import index_dir
+
+        return index_dir(self.indexes_dir, store_path, modality)
 
     def stores(self) -> list[Path]:
         return sorted(self.stores_dir.glob("*.zarr")) if self.stores_dir.exists() else []

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 
-from rsretrieve.benv2 import band_path, read_band_tif
+from rsretrieve.datasets.benv2 import band_path, read_band_tif
 from rsretrieve.datasets import open_dataset, sample_root
 from rsretrieve.errors import DataError
-from rsretrieve.tile import read_tile
+from rsretrieve.datasets.tile import read_tile
 
 ROOT = sample_root()
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from rsretrieve.datasets import sample_root
 
-RSRETRIEVE = [sys.executable, "-m", "cli"]
+RSRETRIEVE = [sys.executable, "-m", "rsretrieve"]
 MODEL = "csmoe-tiny"
 
 

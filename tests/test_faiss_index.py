@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-import rsretrieve.faiss_index as fi
+import rsretrieve.retrieval.faiss_index as fi
+import rsretrieve.store.read as store_read
 from rsretrieve.errors import StoreError
-from rsretrieve.faiss_index import EmbeddingIndex, index_is_current, recall_at_k
+from rsretrieve.retrieval import EmbeddingIndex, index_is_current, recall_at_k
 
 PROV = {"model": "csmoe_p14", "config": {"embed_dim": 16}, "checkpoint_sha256": "abc123", "dtype": "float32"}
 
@@ -78,13 +79,13 @@ def test_streaming_same_index_and_batches_respected(tmp_path, monkeypatch):
     one = make_store(tmp_path / "one.zarr", emb)
     small = make_store(tmp_path / "small.zarr", emb, chunk=37)
     calls = []
-    real = fi._read_rows
+    real = store_read.read_rows
 
     def spy(ds, start, stop):
         calls.append((start, stop))
         return real(ds, start, stop)
 
-    monkeypatch.setattr(fi, "_read_rows", spy)
+    monkeypatch.setattr(store_read, "read_rows", spy)
     a = EmbeddingIndex.build(one, kind="flat", batch_size=1_000_000)
     assert calls == [(0, 1000)]
     calls.clear()

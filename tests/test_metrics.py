@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from rsretrieve.evaluate import TASKS, evaluate
-from rsretrieve.metrics import per_query_f1, retrieval_scores
+from rsretrieve.retrieval.evaluate import TASKS, evaluate
+from rsretrieve.retrieval.metrics import per_query_f1, retrieval_scores
 
 PROV = {"model": "csmoe_p14", "config": {}, "checkpoint_sha256": "feedbeef", "dtype": "float32"}
 

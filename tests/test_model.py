@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from rsretrieve.checkpoint import load_model, save_model
-from rsretrieve.csmoe import CSMoEConfig, create_model, encode, get_config, list_models
+from rsretrieve.models.checkpoint import load_model, save_model
+from rsretrieve.models import CSMoEConfig, create_model, encode, get_config, list_models
 from rsretrieve.errors import CheckpointError
-from rsretrieve.macs import TABLE_IV, count_macs, count_params, model_macs, model_report, reference_vit_b
+from rsretrieve.models.macs import TABLE_IV, count_macs, count_params, model_macs, model_report, reference_vit_b
 
 SAMPLE = Path(__file__).resolve().parents[1] / "rsretrieve" / "data" / "sample"
 
@@ -78,7 +78,7 @@ def test_reference_vit_b_reproduces_csmae_5_64_gmacs():
 
 def test_dense_layer_mac_formula():
     """A dense block at N tokens costs 12 N d^2 + 2 N^2 d MACs + 2 layer norms (fvcore: 5 per element)."""
-    from rsretrieve.csmoe import Block
+    from rsretrieve.models.csmoe import Block
 
     d, n = 64, 17
     blk = Block(d, 2, 4.0, True, 1e-6)
@@ -134,7 +134,7 @@ def test_embed_resizes_real_pixels():
     m = create_model("csmoe-tiny", seed=0)
     x = real_pixels("s2", 4)
     assert x.shape[-1] == 120
-    from rsretrieve.bands import resize_batch
+    from rsretrieve.models.preprocessing import resize_batch
 
     torch.testing.assert_close(m.embed(x, "s2"), m.embed(resize_batch(x, 64), "s2"))
     e = encode(m, x, "s2", "cpu")
@@ -230,7 +230,7 @@ def test_checkpoint_of_other_config_rejected(tmp_path):
 def _write(path, state, cfg):
     from safetensors.torch import save_file
 
-    from rsretrieve.checkpoint import FORMAT
+    from rsretrieve.models.checkpoint import FORMAT
 
     save_file(state, str(path), metadata={"format": FORMAT, "config": cfg.to_json()})
 

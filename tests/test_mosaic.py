@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsretrieve.bands import normalise
-from rsretrieve.mosaic import labels_subtitle, mosaic_size, render_mosaic, to_rgb
+from rsretrieve.preprocess import normalise
+from rsretrieve.export.mosaic import labels_subtitle, mosaic_size, render_mosaic, to_rgb
 
 
 def s2_patch(seed, size=120):

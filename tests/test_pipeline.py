@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from indexer.pipeline import DatasetSpec, EncodeInterrupted, EncoderSpec, encode
-from rsretrieve.checkpoint import load_model
+from rsretrieve.indexer.pipeline import DatasetSpec, EncodeInterrupted, EncoderSpec, encode
+from rsretrieve.models.checkpoint import load_model
 from rsretrieve.datasets import open_dataset
-from rsretrieve.encode import embed_pixels
+from rsretrieve.models.inference import embed_pixels
 from rsretrieve.errors import StoreError
 from rsretrieve.labels import CLASSES
 
@@ -137,7 +137,7 @@ def test_s1_and_s2_of_one_store_come_from_one_model(tmp_path, client):
 def test_a_crash_while_creating_a_group_leaves_the_store_usable(tmp_path, client, monkeypatch):
     import zarr
 
-    from rsretrieve import store as store_module
+    from rsretrieve.store import zarr_store as store_module
 
     path = tmp_path / "crash.zarr"
     encode(SAMPLE, "s1", path, EncoderSpec(MODEL, "cpu", 8), client=client)
@@ -176,8 +176,8 @@ def swap_checkpoint_under_the_workers(chunk):
 
 
 def test_workers_running_another_checkpoint_are_refused(tmp_path, client):
-    from rsretrieve.checkpoint import save_model
-    from rsretrieve.csmoe import create_model
+    from rsretrieve.models.checkpoint import save_model
+    from rsretrieve.models.csmoe import create_model
 
     first = save_model(create_model(MODEL, seed=1), tmp_path / "a" / "tiny.safetensors")
     other = save_model(create_model(MODEL, seed=2), tmp_path / "b" / "tiny.safetensors")

@@ -13,7 +13,7 @@ from rasterio.io import MemoryFile
 from rasterio.transform import from_origin
 from safetensors.numpy import save
 
-from rsretrieve.benv2 import band_path
+from rsretrieve.datasets.benv2 import band_path
 from rsretrieve.datasets import Chunk, PatchBatch, label_matrix, open_dataset, sample_root
 from rsretrieve.labels import multi_hot
 
@@ -205,7 +205,7 @@ def test_majortom_1068_tile_cut_into_64_and_invalid_dropped(tmp_path):
 
 
 def test_query_tile_s2_sizes(tmp_path):
-    from rsretrieve.tile import read_tile
+    from rsretrieve.datasets.tile import read_tile
 
     name = open_dataset("sample").names("s2")[0]
     bands = []
@@ -259,7 +259,7 @@ def _stack_folder(folder: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("modality", ["s1", "s2"])
 def test_query_tile_from_patch_folder_equals_stacked_geotiff(tmp_path, modality):
-    from rsretrieve.tile import read_tile
+    from rsretrieve.datasets.tile import read_tile
 
     name = open_dataset("sample").names(modality)[0]
     folder = band_path(ROOT, name, modality, "VV" if modality == "s1" else "B02").parent
@@ -275,7 +275,7 @@ def test_query_tile_from_patch_folder_equals_stacked_geotiff(tmp_path, modality)
 
 def _assert_header_meta_equals_full(mt, modality, monkeypatch):
     """Header-only candidates (no pixel decoding) == the full read's metadata on valid windows."""
-    import rsretrieve.majortom as majortom
+    import rsretrieve.datasets.majortom as majortom
 
     real = majortom.decode_band
     modes = []

@@ -10,7 +10,7 @@ from rasterio.io import MemoryFile
 
 from rsretrieve import geo
 from rsretrieve.bands import native_size
-from rsretrieve.benv2 import band_path
+from rsretrieve.datasets.benv2 import band_path
 from rsretrieve.datasets import sample_root
 from rsretrieve.labels import CLASSES
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rsretrieve.softmoe import SoftMoE, entropy_loss, expert_usage, slot_repulsion_loss, usage_entropy
+from rsretrieve.models.softmoe import SoftMoE, entropy_loss, expert_usage, slot_repulsion_loss, usage_entropy
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from rsretrieve.errors import RSRetrieveError
-from rsretrieve.subsets import COUNTRIES, SUBSETS, acquisition_month, check_count, get_subset
+from rsretrieve.datasets.subsets import COUNTRIES, SUBSETS, acquisition_month, check_count, get_subset
 
 
 def name(date: str, i: int) -> str:

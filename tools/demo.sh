@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export RSRETRIEVE_WORKSPACE="${RSRETRIEVE_WORKSPACE:-$PWD/rsretrieve-workspace}"
 RS=".venv/bin/rsretrieve"
 MODEL="${RSRETRIEVE_DEMO_MODEL:-csmoe-p16}"
-SAMPLE="$(.venv/bin/python -c 'import rsretrieve.datasets as d; print(d.sample_root())')"
+SAMPLE="$(.venv/bin/python -c 'import rsretrieve; print(rsretrieve.sample_root())')"
 S1_BANDS=("$SAMPLE"/BigEarthNet-S1/*/*/*_VV.tif)  # a glob, not `ls | head`: no SIGPIPE under pipefail
 QUERY_TILE="${S1_BANDS[0]}"
 QUERY_TILE_STACK="$RSRETRIEVE_WORKSPACE/demo-query-s1.tif"

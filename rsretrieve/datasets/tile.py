@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rsretrieve.bands import PATCH_SIZE as PATCH, S1_BANDS, S2_BANDS, Modality, normalise
+from rsretrieve.bands import PATCH_SIZE as PATCH, S1_BANDS, S2_BANDS, Modality
+from rsretrieve.preprocess import normalise
 from rsretrieve.errors import DataError, located
 
 S2_12 = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
@@ -128,7 +129,7 @@ def _read_patch_folder(path: Path, modality: Modality | None, where: str):
     `<folder>_VV.tif`/`_VH.tif`, S2 when it holds `<folder>_B02.tif` ... (20 m bands nearest-upsampled)."""
     from rasterio.errors import NotGeoreferencedWarning
 
-    from rsretrieve.benv2 import read_patch_folder
+    from rsretrieve.datasets.benv2 import read_patch_folder
 
     name = path.name
     found = [m for m, bands in (("s1", S1_BANDS), ("s2", S2_BANDS))

@@ -32,125 +32,17 @@ import numpy as np
 
 from rsretrieve.errors import StoreError, located
 from rsretrieve.provenance import describe, differences, is_random_init
+from rsretrieve.retrieval.index_meta import FORMAT_VERSION, IDS_FILE, INDEX_FILE, META_FILE, json_default, read_meta
+from rsretrieve.store.read import DEFAULT_BATCH, as_strings, coord_values, iter_embeddings, normalise_rows, open_group, provenance_of, selection_mask
 
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.parquet"
-META_FILE = "index.json"
-DEFAULT_BATCH = 65_536
 AUTO_FLAT_MAX = 1_000_000
 KINDS = ("flat", "ivfpq", "hnsw", "auto")
-# provenance keys that identify the embeddings; other keys (creation time, paths) may differ
-FORMAT_VERSION = 1
 
 
 def _faiss():
     import faiss
 
     return faiss
-
-
-# -- store access ----------------------------------------------------------------------------------
-
-
-def _read_rows(ds, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of `ds.embedding` as float32. The only place embeddings are read (tests
-    spy on it to check that batches are respected)."""
-    return np.asarray(ds["embedding"][start:stop].values, dtype=np.float32)
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    """L2-normalise rows in float32 (zero rows stay zero)."""
-    x = np.array(x, dtype=np.float32, copy=True)
-    if x.ndim != 2:
-        raise ValueError(f"expected a (n, dim) array, got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, norms, out=x, where=norms > 0)
-    return x
-
-
-def _strings(values) -> np.ndarray:
-    """Any string-like array (object, <U, numpy StringDType from Zarr v3) -> object array of str."""
-    return np.array([str(v) for v in np.asarray(values).tolist()], dtype=object)
-
-
-def _coord(ds, name: str) -> np.ndarray | None:
-    if name in ds.coords or name in ds.variables:
-        return np.asarray(ds[name].values)
-    return None
-
-
-def selection_mask(ds, rows: np.ndarray | Sequence[int] | None = None, split: str | Sequence[str] | None = None,
-                   pair_ids: Sequence[str] | None = None) -> np.ndarray:
-    """Boolean (patch,) mask of the rows to index: `rows` (bool mask or row indices) AND `split`
-    AND `pair_ids` AND the store's `valid` flag (rows not yet encoded or skipped are never indexed)."""
-    n = int(ds.sizes["patch"])
-    mask = np.ones(n, dtype=bool)
-    if rows is not None:
-        rows = np.asarray(rows)
-        if rows.dtype == bool:
-            if rows.shape != (n,):
-                raise ValueError(f"row mask has shape {rows.shape}, the store group has {n} rows")
-            mask &= rows
-        else:
-            if rows.size and (rows.min() < 0 or rows.max() >= n):
-                raise ValueError(f"row indices out of range for a store group of {n} rows")
-            chosen = np.zeros(n, dtype=bool)
-            chosen[rows.astype(np.int64)] = True
-            mask &= chosen
-    if split is not None:
-        splits = _coord(ds, "split")
-        if splits is None:
-            raise StoreError("the store group has no `split` coordinate; cannot select a split")
-        wanted = [split] if isinstance(split, str) else list(split)
-        mask &= np.isin(_strings(splits), np.array(wanted, dtype=object))
-    if pair_ids is not None:
-        pairs = _coord(ds, "pair_id")
-        if pairs is None:
-            raise StoreError("the store group has no `pair_id` coordinate; cannot select pairs")
-        mask &= np.isin(_strings(pairs), np.array([str(p) for p in pair_ids], dtype=object))
-    if "valid" in ds.variables:
-        mask &= np.asarray(ds["valid"].values, dtype=bool)
-    return mask
-
-
-def iter_embeddings(ds, mask: np.ndarray | None = None, batch_size: int = DEFAULT_BATCH):
-    """Yield (rows int64, normalised float32 vectors) for the selected rows, `batch_size` store rows
-    at a time. Slabs without a selected row are not read."""
-    if batch_size <= 0:
-        raise ValueError("batch_size must be positive")
-    n = int(ds.sizes["patch"])
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        keep = np.ones(stop - start, dtype=bool) if mask is None else mask[start:stop]
-        if not keep.any():
-            continue
-        block = _read_rows(ds, start, stop)
-        rows = np.arange(start, stop, dtype=np.int64)[keep]
-        block = block[keep]
-        if not np.isfinite(block).all():
-            bad = rows[~np.isfinite(block).all(axis=1)][:3].tolist()
-            raise StoreError(f"embeddings of rows {bad} are not finite (not encoded yet?)")
-        yield rows, _normalise(block)
-
-
-def provenance_of(ds) -> dict:
-    prov = ds.attrs.get("provenance", {})
-    if isinstance(prov, str):
-        prov = json.loads(prov)
-    return dict(prov)
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON round-trip so that tuples/lists and numpy scalars compare equal after save/load."""
-    return json.loads(json.dumps(value, default=_json_default))
-
-
-def _json_default(value: Any):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 # -- parameters ------------------------------------------------------------------------------------
@@ -201,7 +93,7 @@ class EmbeddingIndex:
                  modality: str | None = None, use_gpu: bool = True):
         self.cpu_index = index
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.patch_ids = _strings(patch_ids)
+        self.patch_ids = as_strings(patch_ids)
         self.kind = kind
         self.params = dict(params)
         self.provenance = dict(provenance or {})
@@ -248,8 +140,8 @@ class EmbeddingIndex:
             index.add(vectors)
             rows_parts.append(batch_rows)
         all_rows = np.concatenate(rows_parts)
-        pids = _coord(ds, "patch_id")
-        patch_ids = _strings(pids[all_rows]) if pids is not None else _strings(all_rows)
+        pids = coord_values(ds, "patch_id")
+        patch_ids = as_strings(pids[all_rows]) if pids is not None else as_strings(all_rows)
         selection = {
             "split": split if split is None or isinstance(split, str) else list(split),
             "rows": None if rows is None else "explicit",
@@ -298,7 +190,7 @@ class EmbeddingIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         if k > self.ntotal:
             raise StoreError(f"k={k} is larger than the archive ({self.ntotal} patches)")
-        q = _normalise(queries)
+        q = normalise_rows(queries)
         scores, ids = self._search_index.search(q, k)
         rows = np.where(ids >= 0, self.rows[np.clip(ids, 0, None)], -1)
         if self.params.get("metric") == "l2":  # squared L2 between unit vectors -> cosine
@@ -393,14 +285,14 @@ class EmbeddingIndex:
             vectors = np.stack([base.reconstruct(int(i)) for i in ids]) if hasattr(base, "reconstruct") else None
             if vectors is None:
                 raise ValueError("cannot draw tuning queries")
-            return _normalise(vectors)
+            return normalise_rows(vectors)
         vectors = np.stack([storage.reconstruct(int(i)) for i in ids])
         _, nn = storage.search(vectors, 2)
         neighbours = np.stack([storage.reconstruct(int(j)) for j in nn[:, 1]])
         spread = np.linalg.norm(vectors - neighbours, axis=1, keepdims=True)
         noise = rng.standard_normal(vectors.shape).astype(np.float32)
         noise *= spread / np.sqrt(vectors.shape[1])
-        return _normalise(vectors + noise)
+        return normalise_rows(vectors + noise)
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -426,7 +318,7 @@ class EmbeddingIndex:
             "provenance": self.provenance,
             "random_init": is_random_init(self.provenance),
         }
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=json_default))
         return directory
 
     @classmethod
@@ -461,37 +353,6 @@ class EmbeddingIndex:
         return f"EmbeddingIndex(kind={self.kind!r}, ntotal={self.ntotal}, dim={self.dim}, params={self.params})"
 
 
-def read_meta(directory: str | Path) -> dict:
-    path = Path(directory) / META_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StoreError(located(directory, f"no index here ({META_FILE} is missing)")) from None
-    except json.JSONDecodeError as exc:
-        raise StoreError(located(path, f"unreadable index metadata ({exc})")) from None
-
-
-def index_is_current(directory: str | Path, store_provenance: dict, n_rows: int, selection: dict | None = None) -> bool:
-    """True if `directory` holds a complete index built from embeddings with this provenance, from a
-    store group of `n_rows` rows (and, if given, with this selection, compared key by key)."""
-    directory = Path(directory)
-    if not all((directory / name).exists() for name in (INDEX_FILE, IDS_FILE, META_FILE)):
-        return False
-    try:
-        meta = read_meta(directory)
-    except StoreError:
-        return False
-    if differences(meta.get("provenance"), store_provenance):
-        return False
-    if int(meta.get("n_store_rows", -1)) != int(n_rows):
-        return False
-    if selection:
-        stored = meta.get("selection") or {}
-        if any(_jsonable(stored.get(key)) != _jsonable(value) for key, value in selection.items()):
-            return False
-    return True
-
-
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean over queries of |found_i ∩ truth_i| / |truth_i| (ids < 0 ignored)."""
     found, truth = np.asarray(found), np.asarray(truth)
@@ -518,16 +379,6 @@ def _open(source, modality: str | None):
     ds = open_group(path, modality)
     ds.attrs.setdefault("modality", modality)
     return ds
-
-
-def open_group(path: str | Path, modality: str):
-    """`xr.open_zarr` of one store group; consolidated metadata when the store has it."""
-    import xarray as xr
-
-    try:
-        return xr.open_zarr(path, group=modality, consolidated=True)
-    except (KeyError, FileNotFoundError, ValueError):
-        return xr.open_zarr(path, group=modality, consolidated=False)
 
 
 def _explicit_search_params(kind: str, params: dict) -> bool:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from rsretrieve.csmoe import CSMoE, CSMoEConfig, create_model, get_config
+from rsretrieve.models.csmoe import CSMoE, create_model
+from rsretrieve.models.registry import CSMoEConfig, get_config
 
 __all__ = ["TABLE_IV", "count_params", "count_macs", "model_macs", "model_report", "reference_vit_b"]
 
@@ -102,7 +103,7 @@ class _ReferenceViT(nn.Module):
 
     def __init__(self, img_size=120, patch_size=15, depth=12, dim=768, heads=12, in_chans=3, classes=1000):
         super().__init__()
-        from rsretrieve.csmoe import Block, PatchEmbed
+        from rsretrieve.models.csmoe import Block, PatchEmbed
 
         self.patch_embed = PatchEmbed(in_chans, dim, patch_size)
         n = (img_size // patch_size) ** 2

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rsretrieve.bands import Modality, resize_batch
+from rsretrieve.bands import Modality
+from rsretrieve.models.preprocessing import resize_batch
 from rsretrieve.provenance import RANDOM_INIT
 
 
@@ -15,7 +16,7 @@ def embed_pixels(model, pixels: np.ndarray, modality: Modality, device: str | No
     asynchronously to a GPU), then run by `csmoe.encode` (inference mode; bf16 autocast on CUDA)."""
     import torch
 
-    from rsretrieve.csmoe import encode
+    from rsretrieve.models.csmoe import encode
 
     device = device or str(next(model.parameters()).device)
     out = []
@@ -35,13 +36,13 @@ def describe_model(spec: str) -> tuple[dict, int]:
     A checkpoint path is loaded once (its sha256 and config are in the file)."""
     from pathlib import Path
 
-    from rsretrieve.csmoe import REGISTRY, get_config
+    from rsretrieve.models.registry import REGISTRY, get_config
 
     if spec in REGISTRY and not Path(spec).exists():
         config = get_config(spec)
         provenance = {"model": spec, "config": config.to_dict(), "checkpoint_sha256": RANDOM_INIT, "checkpoint_path": None}
         return provenance, config.embed_dim
-    from rsretrieve.checkpoint import load_model
+    from rsretrieve.models.checkpoint import load_model
 
     model = load_model(spec)
     return dict(model.provenance), model.config.embed_dim
@@ -53,7 +54,7 @@ def model_for_provenance(provenance: dict, device: str = "cpu"):
     import warnings
     from pathlib import Path
 
-    from rsretrieve.checkpoint import load_model
+    from rsretrieve.models.checkpoint import load_model
     from rsretrieve.errors import StoreError, located
 
     sha = provenance.get("checkpoint_sha256")

@@ -2,7 +2,7 @@
 
 Queries: the `query_split` (validation) embeddings of the query modality. Archive: the
 `archive_split` (test) embeddings of the target modality. Exact cosine search by default (the
-ranking CSMAE's retrieval.py uses), k = 10, scores from `rsretrieve.metrics.retrieval_scores`.
+ranking CSMAE's retrieval.py uses), k = 10, scores from `rsretrieve.retrieval.metrics.retrieval_scores`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from rsretrieve.errors import StoreError, located
-from rsretrieve.faiss_index import DEFAULT_BATCH, EmbeddingIndex, iter_embeddings, open_group, provenance_of, selection_mask
-from rsretrieve.metrics import retrieval_scores
+from rsretrieve.retrieval.faiss_index import EmbeddingIndex
+from rsretrieve.store.read import DEFAULT_BATCH, iter_embeddings, open_group, provenance_of, selection_mask
+from rsretrieve.retrieval.metrics import retrieval_scores
 from rsretrieve.provenance import RANDOM_INIT, is_random_init
 
 TASKS = ("s1s1", "s2s2", "s1s2", "s2s1")  # Table VI column order

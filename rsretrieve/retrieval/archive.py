@@ -1,11 +1,11 @@
 """Querying an archive: a store plus its per-modality FAISS indexes.
 
-    archive = Archive.open("rsretrieve-workspace/stores/sample--csmoe-p16.zarr")
+    archive = Archive.open("rsretrieve-workspace/stores/sample--csmoe-p16.zarr", "rsretrieve-workspace/indexes")
     result = archive.query_tile("tile.tif", target="s2", k=10)
     archive.mosaic(result, "mosaic.png")
 
 A tile with several 120 px patches is embedded patch by patch; the query vector is the mean of the
-patches' L2-normalised embeddings (the centroid direction of the tile), documented in docs/DATA.md.
+patches' L2-normalised embeddings (the centroid direction of the tile), documented in docs/DATASETS.md.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from rsretrieve.bands import Modality
 from rsretrieve.errors import StoreError, located
 from rsretrieve.labels import CLASSES
 from rsretrieve.provenance import is_random_init
-from rsretrieve.store import EmbeddingStore
-from rsretrieve.workspace import Workspace
+from rsretrieve.retrieval.index_meta import index_dir
+from rsretrieve.store.zarr_store import EmbeddingStore
 
 
 @dataclass
@@ -77,26 +77,27 @@ def short_id(patch_id: str) -> str:
 class Archive:
     """A store's embeddings and indexes, with the model that made them, ready for queries."""
 
-    def __init__(self, store: EmbeddingStore, workspace: Workspace, use_gpu: bool = False):
+    def __init__(self, store: EmbeddingStore, indexes_dir: str | Path, use_gpu: bool = False):
         self.store = store
-        self.workspace = workspace
+        self.indexes_dir = Path(indexes_dir)
         self.use_gpu = use_gpu  # search through faiss on a GPU when it has one
         self._indexes: dict = {}
         self._model = None
 
     @classmethod
-    def open(cls, store_path: str | Path, workspace: Workspace | None = None, use_gpu: bool = False) -> "Archive":
+    def open(cls, store_path: str | Path, indexes_dir: str | Path, use_gpu: bool = False) -> "Archive":
+        """The archive of a store, with its indexes below `indexes_dir` (a workspace's `indexes_dir`)."""
         store = EmbeddingStore(store_path)
         if not store.modalities():
             raise StoreError(located(store_path, "no embeddings yet; run `rsretrieve index --modality s1` and `--modality s2` first"))
-        return cls(store, workspace or Workspace(), use_gpu)
+        return cls(store, indexes_dir, use_gpu)
 
     # -- searching --------------------------------------------------------------------------------
     def index(self, modality: Modality):
-        from rsretrieve.faiss_index import EmbeddingIndex
+        from rsretrieve.retrieval.faiss_index import EmbeddingIndex
 
         if modality not in self._indexes:
-            directory = self.workspace.index_dir(self.store.path, modality)
+            directory = index_dir(self.indexes_dir, self.store.path, modality)
             if not (directory.exists() and any(directory.iterdir())):
                 raise StoreError(located(self.store.path, f"no {modality.upper()} index yet; run `rsretrieve index --modality {modality}` first"))
             provenance = self.store.provenance(modality)
@@ -118,7 +119,7 @@ class Archive:
         return QueryResult(label, source, target, self.search(vector, target, k, exclude_row), self.store.provenance(target), pixels)
 
     def query_tile(self, path: str | Path, target: Modality, k: int = 10, modality: Modality | None = None) -> QueryResult:
-        from rsretrieve.tile import read_tile
+        from rsretrieve.datasets.tile import read_tile
 
         tile = read_tile(path, modality)
         self._check_target(target)
@@ -165,7 +166,7 @@ class Archive:
         return np.stack([found[pid] for pid in patch_ids])
 
     def mosaic(self, result: QueryResult, path: str | Path) -> Path:
-        from rsretrieve.mosaic import labels_subtitle, render_mosaic
+        from rsretrieve.export.mosaic import labels_subtitle, render_mosaic
 
         pixels = self.read_pixels(result.target, [h.patch_id for h in result.hits])
         tiles = [
@@ -183,7 +184,7 @@ class Archive:
 
     def _embed(self, pixels: np.ndarray, modality: Modality, target: Modality) -> np.ndarray:
         """The query's embedding by the model that made the target's (a store holds one model)."""
-        from rsretrieve.encode import embed_pixels, model_for_provenance
+        from rsretrieve.models.inference import embed_pixels, model_for_provenance
 
         if self._model is None:
             self._model = model_for_provenance(self.store.provenance(target))

@@ -7,7 +7,7 @@ the model's state_dict; its safetensors metadata holds `{"format": "rsretrieve-c
 
 CSMAE Lightning checkpoints (`.ckpt`, `.pt`, `.pth`) are read with `torch.load(weights_only=True)`
 (never unpickling arbitrary objects). Their `state_dict` keys under `backbone.` map 1:1 onto this
-package's module names by stripping the prefix (see `rsretrieve.csmoe` and docs/MODEL.md); the dense
+package's module names by stripping the prefix (see `rsretrieve.models.csmoe` and docs/MODELS.md); the dense
 config (patch size, depths, width, image size) is inferred from tensor shapes.
 
 Every load is strict: a missing, unexpected or wrongly shaped tensor raises `CheckpointError` naming
@@ -27,7 +27,8 @@ from typing import Any, Mapping
 
 import torch
 
-from rsretrieve.csmoe import REGISTRY, CSMoE, CSMoEConfig, create_model, get_config
+from rsretrieve.models.csmoe import CSMoE, create_model
+from rsretrieve.models.registry import REGISTRY, CSMoEConfig, get_config
 from rsretrieve.errors import CheckpointError, located
 
 __all__ = [

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from rsretrieve.bands import Modality, bands_for, normalisation
+from rsretrieve.bands import Modality, bands_for
+from rsretrieve.preprocess import normalisation
 
 S1_RANGES_DB = {"VV": (-25.0, 0.0), "VH": (-32.0, -5.0), "ratio": (0.0, 15.0)}
 S2_FIXED_MAX_DN = 3000.0

@@ -24,12 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rsretrieve.bands import Modality, bands_for, native_size, normalise
-from rsretrieve.datasets import PATCH, Chunk, PatchBatch, empty_batch, meta_table
+from rsretrieve.bands import Modality, bands_for, native_size
+from rsretrieve.preprocess import normalise
+from rsretrieve.datasets.base import PATCH, Chunk, PatchBatch, empty_batch, meta_table
 from rsretrieve.errors import DataError, RSRetrieveError, located
-from rsretrieve.geo import pixel_to_xy
+from rsretrieve.geo import centres_to_wgs84, pixel_to_xy
+from rsretrieve.io.lmdb import open_env
 from rsretrieve.labels import multi_hot
-from rsretrieve.subsets import acquisition_time
+from rsretrieve.datasets.subsets import acquisition_time
 
 META_FILE = "metadata.parquet"
 SNOW_CLOUD_FILE = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
@@ -175,23 +177,12 @@ def tree_centre(root: Path, name: str, modality: Modality):
         return None
 
 
-def lmdb_env(path: Path):
-    """A read-only LMDB environment. Opened per chunk and closed after it (never kept open, so a
-    forked worker process never inherits an open environment)."""
-    import lmdb
-
-    try:
-        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True, max_readers=512)
-    except lmdb.Error as e:
-        raise DataError(located(path, f"cannot open LMDB ({' '.join(str(e).split())})")) from None
-
-
 def read_lmdb_patch(path: Path, name: str, modality: Modality, txn=None) -> np.ndarray:
     from safetensors.numpy import load
 
     where = f"{path}[{name}]"
     if txn is None:
-        env = lmdb_env(path)
+        env = open_env(path)
         try:
             with env.begin(buffers=False) as t:
                 value = t.get(name.encode())
@@ -242,23 +233,6 @@ def read_metadata(path: Path) -> pa.Table:
                 raise DataError(located(path, str(e.args[0]))) from None
         _META_CACHE[key] = table
     return _META_CACHE[key]
-
-
-def _latlon(centres: list) -> tuple[list, list]:
-    """Batch-project (x, y, crs) centres (or None) to WGS84 lat, lon lists."""
-    from rsretrieve.geo import to_wgs84
-
-    lat: list = [None] * len(centres)
-    lon: list = [None] * len(centres)
-    by_crs: dict[str, list[int]] = {}
-    for i, c in enumerate(centres):
-        if c is not None:
-            by_crs.setdefault(c[2], []).append(i)
-    for crs, idx in by_crs.items():
-        la, lo = to_wgs84(crs, [centres[i][0] for i in idx], [centres[i][1] for i in idx])
-        for j, i in enumerate(idx):
-            lat[i], lon[i] = float(la[j]), float(lo[j])
-    return lat, lon
 
 
 class BENv2Dataset:
@@ -318,7 +292,7 @@ class BENv2Dataset:
         self.splits = tuple(split) if split else None
         self.subset = None
         if subset:
-            from rsretrieve.subsets import get_subset
+            from rsretrieve.datasets.subsets import get_subset
 
             self.subset = get_subset(subset)
         self._cache: dict = {}
@@ -343,7 +317,7 @@ class BENv2Dataset:
             if self.subset is not None:
                 table = self.subset.apply(table, include_snow_cloud=self.include_snow_cloud)
             elif not self.include_snow_cloud:
-                from rsretrieve.subsets import Subset
+                from rsretrieve.datasets.subsets import Subset
 
                 table = Subset("all", "", None, 10).apply(table)
             if self.splits is not None:
@@ -353,7 +327,7 @@ class BENv2Dataset:
 
     def count_message(self) -> str | None:
         """Expected-vs-found message for the named subset (None when it matches or none is set)."""
-        from rsretrieve.subsets import check_count
+        from rsretrieve.datasets.subsets import check_count
 
         if self.subset is None or self.splits is not None or self.include_snow_cloud:
             return None
@@ -387,7 +361,7 @@ class BENv2Dataset:
         index = self._index()
         rows = [index[n] for n in names]
         take = t.take(pa.array(rows, pa.int64())) if rows else t.slice(0, 0)
-        lat, lon = _latlon(centres)
+        lat, lon = centres_to_wgs84(centres)
         return {
             "patch_id": list(names),
             "pair_id": take.column("patch_id").to_pylist(),
@@ -426,7 +400,7 @@ class BENv2Dataset:
         with rasterio.Env(**GDAL_ENV):
             txn = env = None
             if chunk.source == "lmdb":
-                env = lmdb_env(Path(chunk.path))
+                env = open_env(Path(chunk.path))
                 txn = env.begin(buffers=False)
             try:
                 for name in chunk.patch_ids:

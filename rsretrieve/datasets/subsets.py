@@ -23,7 +23,7 @@ COUNTRIES: tuple[str, ...] = (
     "Lithuania", "Luxembourg", "Portugal", "Serbia", "Switzerland",
 )
 
-# the one acquisition-date pattern of BigEarthNet patch names (also used by rsretrieve.benv2)
+# the one acquisition-date pattern of BigEarthNet patch names (also used by rsretrieve.datasets.benv2)
 _DATE = re.compile(r"_(\d{4})(\d{2})(\d{2})T(\d{6})")
 
 

@@ -9,7 +9,7 @@ Each tile is cut into floor(H/120) x floor(W/120) patches of 120 px at 10 m (106
 partial patches discarded (as the CSMoE paper). A patch with any invalid pixel is dropped and
 reported in `PatchBatch.skipped`: S1 nodata (-32768), non-positive or non-finite linear power;
 S2 the declared nodata, or 0 (L2A no-data) when none is declared. S1 is converted to dB
-(10 log10); 20 m S2 bands are nearest-upsampled to 10 m; then `bands.normalise`.
+(10 log10); 20 m S2 bands are nearest-upsampled to 10 m; then `preprocess.normalise`.
 
 Ids: tile key = grid_cell (or `grid_cell.k` for the k-th further tile of the same cell in one
 shard, which only the bundled sample has); pair_id = `<tile key>/<row>_<col>` (window origin in
@@ -28,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rsretrieve.bands import Modality, bands_for, normalise
-from rsretrieve.datasets import PATCH, Chunk, PatchBatch, empty_batch, meta_table
+from rsretrieve.bands import Modality, bands_for
+from rsretrieve.preprocess import normalise
+from rsretrieve.datasets.base import PATCH, Chunk, PatchBatch, empty_batch, meta_table
 from rsretrieve.errors import DataError, RSRetrieveError, located
 
 S1_NODATA = -32768.0

@@ -30,7 +30,8 @@ import pyarrow as pa
 import xarray as xr
 import zarr
 
-from rsretrieve.bands import MODALITIES, Modality, normalisation_attrs
+from rsretrieve.bands import MODALITIES, Modality
+from rsretrieve.preprocess import normalisation_attrs
 from rsretrieve.errors import StoreError, located
 from rsretrieve.labels import CLASSES, multi_hot
 from rsretrieve.provenance import MODEL_KEYS, describe, differences, is_random_init

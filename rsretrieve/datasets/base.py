@@ -1,25 +1,19 @@
-"""Datasets as lists of independent, picklable chunks (docs/ARCHITECTURE.md, "Readers").
-
-    ds = open_dataset("sample", None, None)          # the bundled real BigEarthNet-v2 sample
-    for chunk in ds.chunks("s2"):
-        batch = ds.read_chunk(chunk)                  # safe in a worker process
-        batch.pixels  # (B, 10, 120, 120) float32, normalised; batch.skipped: bad patches
+"""The types every reader shares: `Chunk`, `PatchBatch`, the `PatchDataset` protocol, `meta` tables.
 
 A `Chunk` holds only plain values (paths as strings, patch names, a row-group number), never an
-open handle, so chunks and datasets pickle cleanly into worker processes.
+open handle, so chunks and datasets pickle cleanly into worker processes. Readers import this module,
+never the registry in `rsretrieve.datasets`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
 
 from rsretrieve.bands import PATCH_SIZE, Modality, bands_for
-from rsretrieve.errors import RSRetrieveError
 from rsretrieve.labels import CLASSES, multi_hot
 
 PATCH = PATCH_SIZE  # kept as a name: the readers import it from here
@@ -98,43 +92,3 @@ def label_matrix(meta: pa.Table) -> np.ndarray:
     if not rows:
         return np.zeros((0, len(CLASSES)), dtype=bool)
     return np.stack([multi_hot(r or []) for r in rows])
-
-
-def sample_root() -> Path:
-    """The bundled real sample (BigEarthNet-v2 release layout + Major TOM shards)."""
-    return Path(__file__).resolve().parent / "data" / "sample"
-
-
-def open_dataset(name: str, root: Path | str | None = None, subset: str | None = None, **options) -> PatchDataset:
-    """`sample` (bundled; root optional), `benv2` (root: release tree or rico-hdl LMDB, with
-    metadata.parquet) or `majortom` (root: folder with Core-S2L2A/ and/or Core-S1RTC/).
-
-    BENv2 options: source ("auto"|"tree"|"lmdb"), split (str or list), include_snow_cloud (False),
-    chunk_size (256), metadata (path to metadata.parquet), tree_root (for lat/lon with an LMDB).
-    Major TOM options: patch_size (120), tile_size (the tile side in pixels, e.g. 1068: `chunks` and
-    `metadata` then take the size from it instead of each tile's header; the header of one band
-    cell per tile is still read, never its pixels, for the georeference (lat/lon))."""
-    key = name.lower()
-    if key == "sample":
-        from rsretrieve.benv2 import BENv2Dataset
-
-        options.setdefault("source", "tree")
-        # the bundled archive holds all 24 real pairs; `eval sample` keeps the paper's exclusion
-        # of snowy/cloudy patches through the `sample` subset's pair list
-        options.setdefault("include_snow_cloud", True)
-        return BENv2Dataset(Path(root) if root else sample_root(), subset=subset or "sample", dataset_name="sample", **options)
-    if key == "benv2":
-        from rsretrieve.benv2 import BENv2Dataset
-
-        if root is None:
-            raise RSRetrieveError("benv2: a dataset root is needed (the BigEarthNet-v2 folder or its LMDB)")
-        return BENv2Dataset(Path(root), subset=subset, **options)
-    if key == "majortom":
-        from rsretrieve.majortom import MajorTOMDataset
-
-        if root is None:
-            raise RSRetrieveError("majortom: a dataset root is needed (folder with Core-S2L2A/ or Core-S1RTC/)")
-        if subset not in (None, "", "all"):
-            raise RSRetrieveError(f"majortom: named subsets apply to BigEarthNet-v2 only, got {subset!r}")
-        return MajorTOMDataset(Path(root), **options)
-    raise RSRetrieveError(f"{name}: unknown dataset; expected 'sample', 'benv2' or 'majortom'")

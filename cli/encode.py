@@ -1,0 +1,136 @@
+"""`rsretrieve encode` and `rsretrieve index`: embeddings into the store, then FAISS indexes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rsretrieve.cli._app import (
+    BatchOpt,
+    CheckpointOpt,
+    DatasetOpt,
+    DeviceChoice,
+    DeviceOpt,
+    IndexKind,
+    ModalityOrBoth,
+    ModelOpt,
+    RootOpt,
+    SchedulerOpt,
+    State,
+    StoreOpt,
+    SubsetOpt,
+    app,
+    console,
+    err,
+    make_job,
+    modalities_of,
+    warn_if_random,
+)
+
+
+def _encode_with_progress(job, modality: str, client=None):
+    from rsretrieve.indexer.jobs import ensure_embeddings
+
+    columns = (
+        TextColumn(f"[bold]{modality.upper()}[/] encoding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} patches/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task("encode", total=None, rate="-", visible=False)
+
+        def on_start(total: int, todo: int) -> None:
+            progress.update(task, total=todo, visible=todo > 0)
+
+        def on_chunk(written: int, skipped: int) -> None:
+            progress.advance(task, written)
+            elapsed = progress.tasks[task].elapsed or 0
+            done = progress.tasks[task].completed
+            progress.update(task, rate=f"{done / elapsed:.1f}" if elapsed else "-")
+
+        summary = ensure_embeddings(job, modality, client=client, on_start=on_start, on_chunk=on_chunk)
+    _print_encode_summary(summary)
+    return summary
+
+
+def encode_all(job, modalities) -> None:
+    """Encode what is missing for each modality, on one cluster started only if there is work."""
+    from rsretrieve.indexer.jobs import job_cluster
+
+    with job_cluster(job) as client:
+        for m in modalities:
+            _encode_with_progress(job, m, client)
+
+
+def _print_encode_summary(summary) -> None:
+    warn_if_random(summary.provenance)
+    for note in summary.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if summary.nothing_to_do:
+        console.print(f"{summary.modality.upper()}: all {summary.chunks_total} chunks already encoded in {summary.store} — nothing to do")
+        return
+    console.print(
+        f"{summary.modality.upper()}: encoded {summary.patches_encoded} patches in {summary.chunks_encoded} chunks "
+        f"({summary.chunks_already_done} already done) in {summary.seconds:.1f} s — {summary.patches_per_second:.1f} patches/s"
+    )
+    if summary.skipped:
+        console.print(f"[yellow]skipped {len(summary.skipped)} patches:[/]")
+        for patch_id, reason in summary.skipped[:20]:
+            console.print(f"  {patch_id}: {reason}", highlight=False)
+        if len(summary.skipped) > 20:
+            console.print(f"  … and {len(summary.skipped) - 20} more")
+
+
+@app.command()
+def encode(
+    dataset: DatasetOpt = None,
+    data_root: RootOpt = None,
+    subset: SubsetOpt = None,
+    modality: Annotated[ModalityOrBoth, typer.Option("--modality", help="s1 | s2 | both")] = ModalityOrBoth.both,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    batch_size: BatchOpt = None,
+    scheduler: SchedulerOpt = None,
+    store: StoreOpt = None,
+    float16: Annotated[bool, typer.Option("--float16", help="Store embeddings as float16 (half the disk).")] = False,
+) -> None:
+    """Compute CSMoE [CLS] embeddings for every patch not yet in the store (resumable)."""
+    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else None)
+    subset_note = f" / {job.selection.subset}" if job.selection.subset else ""
+    console.print(f"dataset [cyan]{job.selection.dataset}[/]{subset_note} → store {job.store_path}")
+    encode_all(job, modalities_of(modality))
+    State.workspace.remember(job.selection)
+
+
+@app.command()
+def index(
+    modality: Annotated[ModalityOrBoth, typer.Option("--modality", help="s1 | s2 | both")] = ModalityOrBoth.both,
+    kind: Annotated[IndexKind, typer.Option("--index", help="auto: exact below 1M vectors, IVF-PQ with re-ranking above.")] = IndexKind.auto,
+    dataset: DatasetOpt = None,
+    data_root: RootOpt = None,
+    subset: SubsetOpt = None,
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    batch_size: BatchOpt = None,
+    scheduler: SchedulerOpt = None,
+    store: StoreOpt = None,
+    gpu_search: Annotated[bool, typer.Option("--gpu-search", help="Build/search through faiss on a GPU when it has one.")] = False,
+) -> None:
+    """Encode what is missing for a modality, then build its FAISS index (only what is missing)."""
+    from rsretrieve.indexer.jobs import ensure_index
+
+    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store)
+    encode_all(job, modalities_of(modality))
+    for m in modalities_of(modality):
+        outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search)
+        verb = "built" if outcome.built else "up to date:"
+        console.print(f"{m.upper()}: index {verb} {outcome.kind} over {outcome.vectors} vectors → {outcome.path}")
+    State.workspace.remember(job.selection)

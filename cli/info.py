@@ -1,0 +1,80 @@
+"""`rsretrieve info` and `rsretrieve models`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from rsretrieve.cli._app import State, app, console, print_json
+
+
+@app.command()
+def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Workspace location, stores found, counts per modality, model provenance."""
+    from rsretrieve.store import EmbeddingStore
+
+    ws = State.workspace
+    selection = ws.select(remember=False)
+    stores = [EmbeddingStore(p).summary() for p in ws.stores()]
+    data = {
+        "workspace": str(ws.path.resolve()),
+        "workspace_exists": ws.path.exists(),
+        "current": {"dataset": selection.dataset, "subset": selection.subset, "root": selection.root, "model": selection.model, "checkpoint": selection.checkpoint},
+        "datasets": ws.load_config().get("datasets", {}),
+        "stores": stores,
+    }
+    if as_json:
+        print_json(data)
+        return
+    console.print(f"[bold]workspace[/] {data['workspace']}" + ("" if ws.path.exists() else " [dim](not created yet)[/]"))
+    console.print(f"[bold]current[/]   dataset [cyan]{selection.dataset}{' / ' + selection.subset if selection.subset else ''}[/] model [cyan]{selection.model}[/]" + (f" checkpoint {selection.checkpoint}" if selection.checkpoint else ""))
+    if not stores:
+        console.print("[dim]no embedding stores yet: run `rsretrieve index --modality s1`[/]")
+        return
+    table = Table(title="embedding stores")
+    for column in ("store", "modality", "encoded / patches", "complete", "model", "weights"):
+        table.add_column(column)
+    for store in stores:
+        for modality, row in store["modalities"].items():
+            weights = "[red]random-init[/]" if row["random_init"] else str(row["checkpoint_sha256"])[:12]
+            table.add_row(Path(store["path"]).name, modality, f"{row['encoded']} / {row['patches']}", "yes" if row["complete"] else "no", str(row["model"]), weights)
+    console.print(table)
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Registered model configs with parameters and MACs per image, beside the paper's Table IV."""
+    from rsretrieve.models.macs import model_report
+
+    rows = model_report()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="Model configs beside the paper's Table IV (MACs per image, fvcore convention)")
+    for column in ("model", "params", "Table IV", "MACs S2", "MACs S1", "Table IV", "C2C (paper)"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+
+    def paper(value, deviation, unit, scale):
+        if not value:
+            return "-"
+        return f"{value / scale:.{0 if unit == 'M' else 2}f}{unit} ({deviation * 100:+.1f}%)"
+
+    for r in rows:
+        deviations = r.get("deviations") or {}
+        one_path = r.get("params_basis") == "s2-path"  # CSMAE's 87M is one ViT-B path
+        params = r["params_s2_path"] if one_path else r["params"]
+        table.add_row(
+            r["name"],
+            f"{params / 1e6:.1f}M" + ("¹" if one_path else ""),
+            paper(r.get("paper_params"), deviations.get("params", 0), "M", 1e6),
+            f"{r['macs_s2'] / 1e9:.2f}B",
+            f"{r['macs_s1'] / 1e9:.2f}B",
+            paper(r.get("paper_macs"), deviations.get("macs", 0), "B", 1e9),
+            f"{r['c2c']:.1f} ({r['paper_c2c']:.1f})" if r.get("paper_c2c") else f"{r['c2c']:.1f}",
+        )
+    console.print(table)
+    console.print("[dim]¹ one modality path, as the paper counts CSMAE; CSMoE counts both modality encoders.[/]")
+    console.print("[dim]Structure and residuals: docs/MODELS.md[/]")

@@ -1,0 +1,5 @@
+"""`python -m rsretrieve`: the command line."""
+
+from rsretrieve.cli import main
+
+main()

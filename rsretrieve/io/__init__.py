@@ -1,0 +1,1 @@
+"""Storage plumbing shared by readers and stores: LMDB environments."""

@@ -1,0 +1,115 @@
+"""Reading a store group: open it, select rows, stream its embeddings L2-normalised.
+
+The store is never loaded whole: `ds.embedding` is read in slices of `batch_size` rows, by
+`read_rows` alone (tests spy on it to check that batches are respected).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rsretrieve.errors import StoreError
+
+DEFAULT_BATCH = 65_536
+
+
+def read_rows(ds, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of `ds.embedding` as float32. The only place embeddings are read (tests
+    spy on it to check that batches are respected)."""
+    return np.asarray(ds["embedding"][start:stop].values, dtype=np.float32)
+
+
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    """L2-normalise rows in float32 (zero rows stay zero)."""
+    x = np.array(x, dtype=np.float32, copy=True)
+    if x.ndim != 2:
+        raise ValueError(f"expected a (n, dim) array, got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def as_strings(values) -> np.ndarray:
+    """Any string-like array (object, <U, numpy StringDType from Zarr v3) -> object array of str."""
+    return np.array([str(v) for v in np.asarray(values).tolist()], dtype=object)
+
+
+def coord_values(ds, name: str) -> np.ndarray | None:
+    if name in ds.coords or name in ds.variables:
+        return np.asarray(ds[name].values)
+    return None
+
+
+def selection_mask(ds, rows: np.ndarray | Sequence[int] | None = None, split: str | Sequence[str] | None = None,
+                   pair_ids: Sequence[str] | None = None) -> np.ndarray:
+    """Boolean (patch,) mask of the rows to index: `rows` (bool mask or row indices) AND `split`
+    AND `pair_ids` AND the store's `valid` flag (rows not yet encoded or skipped are never indexed)."""
+    n = int(ds.sizes["patch"])
+    mask = np.ones(n, dtype=bool)
+    if rows is not None:
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if rows.shape != (n,):
+                raise ValueError(f"row mask has shape {rows.shape}, the store group has {n} rows")
+            mask &= rows
+        else:
+            if rows.size and (rows.min() < 0 or rows.max() >= n):
+                raise ValueError(f"row indices out of range for a store group of {n} rows")
+            chosen = np.zeros(n, dtype=bool)
+            chosen[rows.astype(np.int64)] = True
+            mask &= chosen
+    if split is not None:
+        splits = coord_values(ds, "split")
+        if splits is None:
+            raise StoreError("the store group has no `split` coordinate; cannot select a split")
+        wanted = [split] if isinstance(split, str) else list(split)
+        mask &= np.isin(as_strings(splits), np.array(wanted, dtype=object))
+    if pair_ids is not None:
+        pairs = coord_values(ds, "pair_id")
+        if pairs is None:
+            raise StoreError("the store group has no `pair_id` coordinate; cannot select pairs")
+        mask &= np.isin(as_strings(pairs), np.array([str(p) for p in pair_ids], dtype=object))
+    if "valid" in ds.variables:
+        mask &= np.asarray(ds["valid"].values, dtype=bool)
+    return mask
+
+
+def iter_embeddings(ds, mask: np.ndarray | None = None, batch_size: int = DEFAULT_BATCH):
+    """Yield (rows int64, normalised float32 vectors) for the selected rows, `batch_size` store rows
+    at a time. Slabs without a selected row are not read."""
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    n = int(ds.sizes["patch"])
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        keep = np.ones(stop - start, dtype=bool) if mask is None else mask[start:stop]
+        if not keep.any():
+            continue
+        block = read_rows(ds, start, stop)
+        rows = np.arange(start, stop, dtype=np.int64)[keep]
+        block = block[keep]
+        if not np.isfinite(block).all():
+            bad = rows[~np.isfinite(block).all(axis=1)][:3].tolist()
+            raise StoreError(f"embeddings of rows {bad} are not finite (not encoded yet?)")
+        yield rows, normalise_rows(block)
+
+
+def provenance_of(ds) -> dict:
+    prov = ds.attrs.get("provenance", {})
+    if isinstance(prov, str):
+        prov = json.loads(prov)
+    return dict(prov)
+
+
+def open_group(path: str | Path, modality: str):
+    """`xr.open_zarr` of one store group; consolidated metadata when the store has it."""
+    import xarray as xr
+
+    try:
+        return xr.open_zarr(path, group=modality, consolidated=True)
+    except (KeyError, FileNotFoundError, ValueError):
+        return xr.open_zarr(path, group=modality, consolidated=False)

@@ -1,0 +1,140 @@
+"""The package as it ships: one import root, the layering contracts, a light `import rsretrieve`.
+
+The wheel is built once; import-linter runs on the unpacked wheel, because `rsretrieve.cli` and
+`rsretrieve.indexer` map the top-level folders `cli/` and `indexer/` into the package, which only
+an install (not the source tree) shows."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_MODULE_LINES = 450
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)],
+                   check=True, capture_output=True, timeout=300)
+    return next(out.glob("rsretrieve-*.whl"))
+
+
+@pytest.fixture(scope="module")
+def unpacked(wheel, tmp_path_factory) -> Path:
+    site = tmp_path_factory.mktemp("site")
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    return site
+
+
+def test_the_wheel_holds_only_rsretrieve_at_top_level(wheel):
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"rsretrieve"}
+    for module in ("rsretrieve/cli/__init__.py", "rsretrieve/cli/__main__.py", "rsretrieve/__main__.py",
+                   "rsretrieve/indexer/pipeline.py", "rsretrieve/datasets/base.py", "rsretrieve/store/read.py"):
+        assert module in names
+    # the sample ships as package data, not as namespace packages
+    assert any(n.startswith("rsretrieve/data/sample/BigEarthNet-S2/") and n.endswith("_B02.tif") for n in names)
+    assert not any(n.startswith("rsretrieve/data/") and n.endswith(".py") for n in names)
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "rsretrieve = rsretrieve.cli:main" in entry_points
+
+
+def test_import_contracts_hold(unpacked):
+    """`lint-imports` with the contracts in pyproject.toml, on the package as installed."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(lint), "--config", str(REPO / "pyproject.toml"), "--no-cache"], cwd=unpacked,
+                          env={"PYTHONPATH": str(unpacked), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "broken" in proc.stdout and " 0 broken" in proc.stdout
+
+
+def test_a_reader_importing_the_model_breaks_the_contracts(unpacked, tmp_path):
+    """The contracts can fail: a copy of the package where a reader imports `models` is refused."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(unpacked / "rsretrieve", site / "rsretrieve", ignore=shutil.ignore_patterns("data"))
+    reader = site / "rsretrieve" / "datasets" / "benv2.py"
+    reader.write_text(reader.read_text() + "\nfrom rsretrieve.models import load_model  # noqa\n")
+    lint = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(lint), "--config", str(REPO / "pyproject.toml"), "--no-cache"], cwd=site,
+                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "rsretrieve.datasets.benv2 -> rsretrieve.models" in proc.stdout
+
+
+def test_import_rsretrieve_is_light_and_offers_the_api():
+    code = ("import sys, rsretrieve; heavy = [m for m in ('torch', 'faiss', 'zarr', 'xarray', 'rasterio', 'dask') if m in sys.modules];"
+            "print(','.join(heavy)); print(rsretrieve.open_dataset.__module__, rsretrieve.EmbeddingStore.__module__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    heavy, modules = proc.stdout.splitlines()
+    assert heavy == ""
+    assert modules == "rsretrieve.datasets rsretrieve.store.zarr_store"
+
+
+def test_python_dash_m_rsretrieve_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "rsretrieve", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Usage" in proc.stdout and "query" in proc.stdout
+
+
+def _project_modules() -> list[Path]:
+    return sorted(p for folder in ("rsretrieve", "indexer", "cli") for p in (REPO / folder).rglob("*.py"))
+
+
+def test_modules_are_small_and_the_library_root_is_nearly_empty():
+    long = {str(p.relative_to(REPO)): n for p in _project_modules() if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
+    flat = sorted(p.name for p in (REPO / "rsretrieve").glob("*.py"))
+    assert len(flat) <= 11, flat
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] in ("cli", "indexer"):
+        parts = ["rsretrieve", *parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _module_level_imports(path: Path, modules: set[str]) -> set[str]:
+    """Project modules imported at module level (what runs at import time), resolved to modules."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names}
+    return {m for m in found if m in modules}
+
+
+def test_no_import_cycle_between_modules():
+    paths = _project_modules()
+    modules = {_module_name(p) for p in paths}
+    graph = {_module_name(p): _module_level_imports(p, modules) for p in paths}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert graph["rsretrieve.datasets.benv2"]  # the graph is not empty: readers import the shared types
