@@ -12,9 +12,10 @@ from rsretrieve.retrieval.metrics import per_query_f1, retrieval_scores
 PROV = {"model": "csmoe_p14", "config": {}, "checkpoint_sha256": "feedbeef", "dtype": "float32"}
 
 
-def reference_scores(query_labels, retrieved_labels):
-    """Plain loops, the protocol as written (0/0 := 0)."""
-    precision = recall = ap_sum = 0.0
+def reference_scores(query_labels, retrieved_labels, archive_labels=None):
+    """Plain loops, the protocol as written (0/0 := 0); mAP@k normalised by min(k, relevant items
+    in the archive), or by k without an archive."""
+    precision = recall = ap_sum = f1_sum = 0.0
     n = len(query_labels)
     for q, retrieved in zip(query_labels, retrieved_labels):
         p_q = r_q = 0.0
@@ -27,11 +28,14 @@ def reference_scores(query_labels, retrieved_labels):
             if common:
                 hits += 1
                 ap += hits / i
-        precision += p_q / len(retrieved)
-        recall += r_q / len(retrieved)
-        ap_sum += ap / hits if hits else 0.0
+        k = len(retrieved)
+        n_rel = k if archive_labels is None else sum(1 for a in archive_labels if any(x and y for x, y in zip(q, a)))
+        precision += p_q / k
+        recall += r_q / k
+        f1_sum += 2 * (p_q / k) * (r_q / k) / (p_q / k + r_q / k) if p_q + r_q else 0.0
+        ap_sum += ap / min(k, n_rel) if n_rel else 0.0
     P, R = precision / n, recall / n
-    return {"precision": P, "recall": R, "f1": 2 * P * R / (P + R) if P + R else 0.0, "map": ap_sum / n}
+    return {"precision": P, "recall": R, "f1": 2 * P * R / (P + R) if P + R else 0.0, "map": ap_sum / n, "f1_macro": f1_sum / n}
 
 
 def make_pair_store(path, n_val=30, n_test=50, dim=16, seed=0, prov=PROV):
@@ -71,7 +75,8 @@ def brute_force_task(data, source, target, k):
     a /= np.linalg.norm(a, axis=1, keepdims=True)
     order = np.argsort(-(q @ a.T), axis=1, kind="stable")[:, :k]
     retrieved = [[a_lab[a_rows[j]].tolist() for j in line] for line in order]
-    return reference_scores([q_lab[i].tolist() for i in q_rows], retrieved), len(q_rows), len(a_rows)
+    archive = [a_lab[j].tolist() for j in a_rows]
+    return reference_scores([q_lab[i].tolist() for i in q_rows], retrieved, archive), len(q_rows), len(a_rows)
 
 
 def test_evaluate_matches_brute_force_all_tasks(tmp_path):
@@ -83,7 +88,7 @@ def test_evaluate_matches_brute_force_all_tasks(tmp_path):
         ref, n_q, n_a = brute_force_task(data, task[:2], task[2:], 10)
         got = result.tasks[task]
         assert (got.n_queries, got.n_archive) == (n_q, n_a) == (30, 50)
-        for key in ("precision", "recall", "f1", "map"):
+        for key in ("precision", "recall", "f1", "map", "f1_macro"):
             assert getattr(got, key) == pytest.approx(ref[key], abs=1e-9), (task, key)
     # cross-modal tasks really differ from uni-modal ones (different archives are searched)
     assert result.tasks["s1s2"].f1 != result.tasks["s1s1"].f1
@@ -122,11 +127,26 @@ def test_hand_worked_example():
     assert s["precision"] == pytest.approx(0.5, abs=1e-12) == P
     assert s["recall"] == pytest.approx(0.625, abs=1e-12) == R
     assert s["f1"] == pytest.approx(2 * 0.5 * 0.625 / 1.125, abs=1e-12)  # 0.5555...
-    # AP@2: q0 both relevant -> (1/1 + 2/2)/2 = 1; q1 only first relevant -> 1/1 = 1
-    assert s["map"] == pytest.approx(1.0)
-    # a relevant item only at rank 2: AP = (1/2)/1
-    s2 = retrieval_scores(q[1:], np.array([[[1, 0, 0, 0], [0, 0, 1, 0]]], bool))
+    # AP@2 with >= 2 relevant items in the archive: q0 both relevant -> (1/1 + 2/2)/2 = 1;
+    # q1 only the first -> (1/1)/2 = 0.5
+    assert s["map"] == pytest.approx(0.75)
+    # ... and if the archive holds only one item relevant to q1, retrieving it first is perfect
+    assert retrieval_scores(q, r, n_relevant=np.array([5, 1]))["map"] == pytest.approx(1.0)
+    # a relevant item only at rank 2: AP = (1/2)/min(2, R_q)
+    s2 = retrieval_scores(q[1:], np.array([[[1, 0, 0, 0], [0, 0, 1, 0]]], bool), n_relevant=np.array([1]))
     assert s2["map"] == pytest.approx(0.5)
+    assert retrieval_scores(q[1:], np.array([[[1, 0, 0, 0], [0, 0, 1, 0]]], bool), n_relevant=np.array([0]))["map"] == 0
+
+
+def test_relevant_counts_per_label_set_equal_pairwise_counts():
+    from rsretrieve.retrieval.metrics import relevant_counts
+
+    rng = np.random.default_rng(3)
+    q = rng.random((50, 19)) < 0.15
+    a = rng.random((300, 19)) < 0.15
+    q[0] = False  # a query without labels has no relevant item
+    expect = ((q.astype(int) @ a.T.astype(int)) > 0).sum(axis=1)
+    np.testing.assert_array_equal(relevant_counts(q, a), expect)
 
 
 def test_f1_is_not_mean_of_per_query_f1():
@@ -137,6 +157,7 @@ def test_f1_is_not_mean_of_per_query_f1():
     assert s["f1"] == pytest.approx(2 * P * R / (P + R))
     f1s = per_query_f1(q, r)
     assert f1s == pytest.approx([2 / 3, 0.4])
+    assert s["f1_macro"] == pytest.approx(f1s.mean())  # both definitions are reported, labelled
     assert abs(s["f1"] - f1s.mean()) > 0.1  # 0.6818 vs 0.5333
 
 
@@ -148,7 +169,7 @@ def test_zero_over_zero_is_zero_and_random_against_reference():
     r[1, 0] = False
     s = retrieval_scores(q, r)
     ref = reference_scores(q.tolist(), r.tolist())
-    for key in ("precision", "recall", "f1", "map"):
+    for key in ("precision", "recall", "f1", "map", "f1_macro"):
         assert s[key] == pytest.approx(ref[key], abs=1e-12)
         assert np.isfinite(s[key])
 

@@ -17,7 +17,7 @@ import numpy as np
 from rsretrieve.errors import StoreError, located
 from rsretrieve.retrieval.faiss_index import EmbeddingIndex
 from rsretrieve.store.read import DEFAULT_BATCH, iter_embeddings, open_group, provenance_of, selection_mask
-from rsretrieve.retrieval.metrics import retrieval_scores
+from rsretrieve.retrieval.metrics import relevant_counts, retrieval_scores
 from rsretrieve.provenance import RANDOM_INIT, is_random_init
 
 TASKS = ("s1s1", "s2s2", "s1s2", "s2s1")  # Table VI column order
@@ -35,6 +35,7 @@ class TaskResult:
     n_archive: int
     k: int
     f1_pairwise: float = float("nan")
+    f1_macro: float = float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,9 +63,11 @@ class EvalResult:
                 "k": self.k,
                 "query_split": self.query_split,
                 "archive_split": self.archive_split,
-                "ranking": "cosine on L2-normalised [CLS] embeddings",
+                "ranking": "cosine on L2-normalised retrieval vectors (the model's: [CLS], or fc_norm(mean) for CSMAE)",
                 "index_kind": self.index_kind,
-                "f1": "2*P_avg*R_avg/(P_avg+R_avg)",
+                "f1": "2*P_avg*R_avg/(P_avg+R_avg): CSMAE's retrieval.py, the CSMoE paper's Table VI",
+                "f1_macro": "mean over queries of 2*P_q*R_q/(P_q+R_q)",
+                "map": "AP@k = sum_i rel_i*P@i / min(k, relevant items in the archive), relevant = shares a label",
                 "pair_subset": self.pair_subset,
             },
             "tasks": {name: result.to_dict() for name, result in self.tasks.items()},
@@ -84,6 +87,7 @@ class EvalResult:
         label = f"F1@{self.k} {model}" + (" [RANDOM-INIT]" if self.random_init else "")
         rows = [header]
         rows.append([label] + [f"{100 * self.tasks[t].f1:.2f}" for t in names])
+        rows.append([f"F1@{self.k} macro (per query)"] + [f"{100 * self.tasks[t].f1_macro:.2f}" for t in names])
         rows.append([f"P@{self.k}"] + [f"{100 * self.tasks[t].precision:.2f}" for t in names])
         rows.append([f"R@{self.k}"] + [f"{100 * self.tasks[t].recall:.2f}" for t in names])
         rows.append([f"mAP@{self.k}"] + [f"{100 * self.tasks[t].map:.2f}" for t in names])
@@ -169,9 +173,10 @@ def evaluate(
                 raise StoreError(f"{task}: the {index.kind} index returned fewer than k={k} neighbours")
             q_parts.append(query_labels[rows])
             r_parts.append(archive_labels[found])
-        scores = retrieval_scores(np.concatenate(q_parts), np.concatenate(r_parts))
+        queries = np.concatenate(q_parts)
+        scores = retrieval_scores(queries, np.concatenate(r_parts), relevant_counts(queries, archive_labels[index.rows]))
         results[task] = TaskResult(task, scores["precision"], scores["recall"], scores["f1"], scores["map"],
-                                   scores["n_queries"], index.ntotal, k, scores["f1_pairwise"])
+                                   scores["n_queries"], index.ntotal, k, scores["f1_pairwise"], scores["f1_macro"])
     return EvalResult(results, k, query_split, archive_split, index_kind, provenance,
                       None if pair_list is None else len(pair_list))
 
