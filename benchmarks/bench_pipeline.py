@@ -4,7 +4,7 @@
 
 The bundled sample (24 real pairs) is replicated under new patch names into a BigEarthNet-v2 release
 tree in a temporary folder, so there is enough work to time. For each model, in one run:
-  encoder alone  = all pixels already in memory, `embed_pixels` over the same batches of 32;
+  encoder alone  = all pixels already in memory, `embed_raw` over the same batches of 32;
   pipeline       = `indexer.pipeline.encode` (read GeoTIFFs, normalise, encode, write Zarr) on a
                    LocalCluster sized to the machine, started beforehand (steady state), and
                    the same including the cluster's start and model load (what a CLI user waits).
@@ -29,7 +29,7 @@ from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, encode, local_
 from rsretrieve.datasets.benv2 import product_of
 from rsretrieve.models.checkpoint import load_model
 from rsretrieve.datasets import open_dataset, sample_root
-from rsretrieve.models.inference import embed_pixels
+from rsretrieve.models.inference import embed_raw
 
 
 def replicate_sample(dest: Path, replicas: int) -> Path:
@@ -71,10 +71,10 @@ def bench_model(root: Path, model_name: str, device: str, workdir: Path) -> dict
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_model(model_name, device=device)
-    embed_pixels(model, batches[0][:4], "s2", device)  # warm-up
+    embed_raw(model, batches[0][:4], "s2", device)  # warm-up
     start = time.perf_counter()
     for pixels in batches:
-        embed_pixels(model, pixels, "s2", device, batch_size=32)
+        embed_raw(model, pixels, "s2", device, batch_size=32)
     encoder_s = time.perf_counter() - start
     del model
 

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from rsretrieve.cli._app import State, app, console, print_json
+from rsretrieve.provenance import describe_preprocessing, describe_weights
 
 
 @app.command()
@@ -42,6 +43,11 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
             weights = "[red]random-init[/]" if row["random_init"] else str(row["checkpoint_sha256"])[:12]
             table.add_row(Path(store["path"]).name, modality, f"{row['encoded']} / {row['patches']}", "yes" if row["complete"] else "no", str(row["model"]), weights)
     console.print(table)
+    for store in stores:
+        console.print(f"[bold]{Path(store['path']).name}[/]", highlight=False)
+        for modality, row in store["modalities"].items():
+            console.print(f"  {modality}: {describe_weights(row['model'], row['source'])}; "
+                          f"preprocessing {describe_preprocessing(row['preprocessing'])}", highlight=False)
 
 
 @app.command()
@@ -53,14 +59,13 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     if as_json:
         print_json(rows)
         return
-    table = Table(title="Model configs beside the paper's Table IV (MACs per image, fvcore convention)")
-    for column in ("model", "params", "Table IV", "MACs S2", "MACs S1", "Table IV", "C2C (paper)"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    table = Table(title="Configs beside the paper's Table IV (S2 path, per image; Δ vs Table IV)")
+    for column in ("model", "params", "MACs fvcore", "paper conv.²", "Table IV"):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
 
-    def paper(value, deviation, unit, scale):
-        if not value:
-            return "-"
-        return f"{value / scale:.{0 if unit == 'M' else 2}f}{unit} ({deviation * 100:+.1f}%)"
+    def ours(value, deviation, unit, scale):
+        text = f"{value / scale:.{1 if unit == 'M' else 2}f}{unit}"
+        return text if deviation is None else f"{text} {deviation * 100:+.1f}%"
 
     for r in rows:
         deviations = r.get("deviations") or {}
@@ -68,13 +73,13 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         params = r["params_s2_path"] if one_path else r["params"]
         table.add_row(
             r["name"],
-            f"{params / 1e6:.1f}M" + ("¹" if one_path else ""),
-            paper(r.get("paper_params"), deviations.get("params", 0), "M", 1e6),
-            f"{r['macs_s2'] / 1e9:.2f}B",
-            f"{r['macs_s1'] / 1e9:.2f}B",
-            paper(r.get("paper_macs"), deviations.get("macs", 0), "B", 1e9),
-            f"{r['c2c']:.1f} ({r['paper_c2c']:.1f})" if r.get("paper_c2c") else f"{r['c2c']:.1f}",
+            ours(params, deviations.get("params"), "M", 1e6) + ("¹" if one_path else ""),
+            ours(r["macs_s2"], deviations.get("macs"), "B", 1e9),
+            ours(r["macs_s2_paper_convention"], deviations.get("macs_paper_convention"), "B", 1e9),
+            f"{r['paper_params'] / 1e6:.0f}M {r['paper_macs'] / 1e9:.2f}B" if r.get("paper_macs") else "-",
         )
     console.print(table)
     console.print("[dim]¹ one modality path, as the paper counts CSMAE; CSMoE counts both modality encoders.[/]")
+    console.print("[dim]² fvcore without the attention matrix products: reproduces the paper's Table I exactly.[/]")
+    console.print("[dim]C2C (params/MACs) and the S1 path: rsretrieve models --json[/]")
     console.print("[dim]Structure and residuals: docs/MODELS.md[/]")

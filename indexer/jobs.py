@@ -38,7 +38,7 @@ class Job:
 
     @property
     def encoder_spec(self) -> EncoderSpec:
-        return EncoderSpec(self.selection.model_spec, self.device, self.batch_size)
+        return EncoderSpec(self.selection.model_spec, self.device, self.batch_size, self.selection.config)
 
 
 def job_cluster(job: Job) -> cluster:

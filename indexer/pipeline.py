@@ -1,6 +1,6 @@
 """The encoder stage: data chunks -> CSMoE [CLS] embeddings -> Zarr store, over a Dask cluster.
 
-Each data chunk becomes two tasks: `read` (GeoTIFF/LMDB/parquet decoding and normalisation, runs on
+Each data chunk becomes two tasks: `read` (GeoTIFF/LMDB/parquet decoding to raw values, runs on
 any worker thread) and `encode` (one batch through the model). Encode tasks claim the worker's single
 `encoder` resource, so a worker runs one encode at a time on its CPU cores or GPU while its other
 threads read the next chunks: reading overlaps encoding. Each worker process loads the model once.
@@ -25,7 +25,7 @@ import numpy as np
 
 from rsretrieve.bands import Modality
 from rsretrieve.datasets import Chunk, PatchBatch, open_dataset
-from rsretrieve.models.inference import embed_pixels
+from rsretrieve.models.inference import embed_raw
 from rsretrieve.errors import RSRetrieveError
 from rsretrieve.provenance import MODEL_KEYS, describe, differences
 from rsretrieve.store import ChunkSpan, EmbeddingStore
@@ -55,11 +55,13 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """Which model to run where: a config name or checkpoint path, a device, a batch size."""
+    """Which model to run where: a config name or checkpoint path (with, for plain weights, the
+    registered config they fit), a device, a batch size."""
 
     model: str = "csmoe-p16"
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int | None = None  # default: 32 on CPU, 256 on a GPU
+    config: str | None = None
 
     def resolved_device(self) -> str:
         import torch
@@ -116,7 +118,7 @@ def _worker_model(spec: EncoderSpec, device: str):
 
     path = Path(spec.model)
     stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
-    key = (spec.model, device, stamp)
+    key = (spec.model, spec.config, device, stamp)
     with _CACHE_LOCK:
         if key not in _MODELS:
             _MODELS.clear()  # one model per worker process
@@ -126,7 +128,7 @@ def _worker_model(spec: EncoderSpec, device: str):
                 # random-init is stamped in the store's provenance and said by the client, once
                 warnings.simplefilter("ignore", UserWarning)
                 logging.getLogger("rsretrieve").setLevel(logging.ERROR)
-                _MODELS[key] = load_model(spec.model, device=device)
+                _MODELS[key] = load_model(spec.model, device=device, config=spec.config)
         return _MODELS[key]
 
 
@@ -169,7 +171,7 @@ def encode_batch(batch: PatchBatch, spec: EncoderSpec, chunk_hook: Callable | No
         chunk_hook(chunk)
     device = _worker_device(spec)
     model = _worker_model(spec, device)
-    embeddings = embed_pixels(model, batch.pixels, chunk.modality, device, spec.resolved_batch_size())
+    embeddings = embed_raw(model, batch.pixels, chunk.modality, device, spec.resolved_batch_size())
     return list(batch.patch_ids), embeddings, list(batch.skipped), model.provenance
 
 
@@ -237,7 +239,7 @@ def encode(
     ds = dataset.open()
     chunks = ds.chunks(modality)
     store = EmbeddingStore(store_path)
-    provenance, dim = describe_model(encoder.model)
+    provenance, dim = describe_model(encoder.model, encoder.config)
     provenance = {**provenance, "rsretrieve_version": __version__, "dataset": dataset.to_dict()}
     if store.has(modality):
         spans = chunk_spans(chunks)

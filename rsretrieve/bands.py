@@ -14,6 +14,8 @@ MODALITIES: tuple[Modality, ...] = ("s1", "s2")
 S1_BANDS: tuple[str, ...] = ("VV", "VH")
 S2_BANDS: tuple[str, ...] = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
 S2_10M: frozenset[str] = frozenset({"B02", "B03", "B04", "B08"})
+S2_FINE: tuple[str, ...] = ("B02", "B03", "B04", "B08")  # 10 m bands, in S2_BANDS order
+S2_COARSE: tuple[str, ...] = ("B05", "B06", "B07", "B8A", "B11", "B12")  # 20 m bands, in S2_BANDS order
 S2_60M: tuple[str, ...] = ("B01", "B09")  # in the release, not used by the model
 PATCH_SIZE = 120  # BigEarthNet patch side at 10 m
 
@@ -23,6 +25,15 @@ def bands_for(modality: Modality) -> tuple[str, ...]:
         return S1_BANDS
     if modality == "s2":
         return S2_BANDS
+    raise ValueError(f"unknown modality {modality!r}; expected 's1' or 's2'")
+
+
+def band_groups(modality: Modality) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(bands at 10 m, bands at 20 m) of a modality, as readers ship them (`preprocess.RawPixels`)."""
+    if modality == "s1":
+        return S1_BANDS, ()
+    if modality == "s2":
+        return S2_FINE, S2_COARSE
     raise ValueError(f"unknown modality {modality!r}; expected 's1' or 's2'")
 
 

@@ -1,17 +1,41 @@
-"""Preprocessing of raw band values into a model's input: statistics and normalisation.
+"""What a model does to raw band values before its first layer, and the raw values readers ship.
 
-20 m bands upsampled to 10 m with nearest neighbour (BigEarthNet's "120_nearest"); statistics are
-BigEarthNet-v2's train split.
+Readers deliver `RawPixels`: raw physical values (S2 digital numbers as uint16, S1 backscatter in
+dB as float32) of a declared band set, each band at its native size: the 10 m bands (and S1) at
+the patch size in `fine`, the 20 m bands at half that size in `coarse` (when the source has them
+at native resolution; a multi-band query GeoTIFF already has every band on the 10 m grid).
+
+A model owns a frozen `Preprocessing` (held by its config, written into checkpoints and store
+provenance): its band order per modality, the statistics it was trained with, how 20 m bands are
+upsampled, how a patch is resized to the model's input size, and any transpose. The encoder
+applies it on its device, once per batch (`rsretrieve.models.preprocessing.prepare`), so every
+path - the archive, a query tile, an evaluation - embeds pixels the same way.
+
+Registered preprocessings:
+
+- ``benv2-nearest`` (CSMoE): BigEarthNet-v2 train-split statistics with 20 m bands upsampled by
+  nearest neighbour (as the CSMoE paper states); S2 B02 B03 B04 B05 B06 B07 B08 B8A B11 B12, S1
+  VV VH; bilinear resize to the input size (our guess: the paper names none).
+- ``csmae-ben1`` (CSMAE's published code, jakhac/CSMAE): S2 B02 B03 B04 B08 B05 B06 B07 B11 B12 B8A,
+  S1 VH VV; BigEarthNet v1 statistics (`bigearthnet_common.constants` 2.8.0); every band bicubic
+  upsampled with align_corners=True; H and W transposed; bicubic resize; then normalised.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from rsretrieve.bands import S1_BANDS, S2_BANDS, Modality, bands_for
 
+UPSAMPLE_METHODS = ("nearest", "bicubic-align-corners")
+RESIZE_METHODS = ("bilinear", "bicubic")
+
 # (mean, std) per band, BigEarthNet-v2 train split, 20 m bands upsampled with nearest neighbour.
-BAND_STATS: dict[str, tuple[float, float]] = {
+BENV2_STATS: dict[str, tuple[float, float]] = {
     "B02": (438.372, 607.027),
     "B03": (614.056, 603.297),
     "B04": (588.410, 684.569),
@@ -25,31 +49,195 @@ BAND_STATS: dict[str, tuple[float, float]] = {
     "VH": (-19.3526, 5.5905),
     "VV": (-12.6439, 5.1335),
 }
+BAND_STATS = BENV2_STATS  # the default statistics (CSMoE)
+
+# (mean, std) per band, BigEarthNet v1 (bigearthnet_common 2.8.0 `BAND_STATS_S1/S2`), as CSMAE uses.
+BEN1_STATS: dict[str, tuple[float, float]] = {
+    "B02": (429.9430203, 572.41639287),
+    "B03": (614.21682446, 582.87945694),
+    "B04": (590.23569706, 675.88746967),
+    "B05": (950.68368468, 729.89827633),
+    "B06": (1792.46290469, 1096.01480586),
+    "B07": (2075.46795189, 1273.45393088),
+    "B08": (2218.94553375, 1365.45589904),
+    "B8A": (2266.46036911, 1356.13789355),
+    "B11": (1594.42694882, 1079.19066363),
+    "B12": (1009.32729131, 818.86747235),
+    "VH": (-19.29044597721542, 5.464428464912864),
+    "VV": (-12.619993741972035, 5.115911777546365),
+}
 
 
-def normalisation(modality: Modality) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std, in the channel order of `bands_for(modality)`."""
-    names = bands_for(modality)
-    mean = np.array([BAND_STATS[b][0] for b in names], dtype=np.float32)
-    std = np.array([BAND_STATS[b][1] for b in names], dtype=np.float32)
-    return mean, std
+# -- raw values, as readers ship them ------------------------------------------------------------
 
 
-def normalise(pixels: np.ndarray, modality: Modality) -> np.ndarray:
-    """(..., C, H, W) raw values (S2 reflectance DN, S1 dB) -> float32 standardised."""
-    mean, std = normalisation(modality)
-    if pixels.shape[-3] != len(mean):
-        raise ValueError(f"{modality} expects {len(mean)} bands, got {pixels.shape[-3]}")
-    return ((pixels.astype(np.float32) - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+@dataclass
+class RawPixels:
+    """Raw band values of B patches (see the module docstring). `fine` (B, C, S, S) holds the bands
+    named in `fine_bands`; `coarse` (B, C', S/2, S/2) the 20 m bands named in `coarse_bands`."""
+
+    fine: np.ndarray
+    fine_bands: tuple[str, ...]
+    coarse: np.ndarray | None = None
+    coarse_bands: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.fine_bands, self.coarse_bands = tuple(self.fine_bands), tuple(self.coarse_bands)
+        if self.fine.ndim != 4 or self.fine.shape[1] != len(self.fine_bands):
+            raise ValueError(f"fine pixels {self.fine.shape} do not match bands {self.fine_bands}")
+        if self.coarse is not None and (self.coarse.ndim != 4 or self.coarse.shape[1] != len(self.coarse_bands)
+                                        or len(self.coarse) != len(self.fine)):
+            raise ValueError(f"coarse pixels {self.coarse.shape} do not match bands {self.coarse_bands}")
+
+    def __len__(self) -> int:
+        return len(self.fine)
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        return self.fine_bands + self.coarse_bands
+
+    @property
+    def nbytes(self) -> int:
+        return self.fine.nbytes + (self.coarse.nbytes if self.coarse is not None else 0)
+
+    def take(self, rows) -> "RawPixels":
+        coarse = self.coarse[rows] if self.coarse is not None else None
+        return RawPixels(self.fine[rows], self.fine_bands, coarse, self.coarse_bands)
+
+    def band(self, name: str) -> np.ndarray:
+        """One band of every patch at its native size, (B, h, w)."""
+        if name in self.fine_bands:
+            return self.fine[:, self.fine_bands.index(name)]
+        if name in self.coarse_bands:
+            return self.coarse[:, self.coarse_bands.index(name)]
+        raise KeyError(f"band {name} is not in this batch ({', '.join(self.bands)})")
+
+    def stacked(self, bands: tuple[str, ...] | None = None) -> np.ndarray:
+        """(B, C, S, S) float32 of the named bands (default: all, fine then coarse) on the 10 m grid,
+        20 m bands repeated 2 x 2 (nearest neighbour): a reference view for checks and pictures;
+        a model upsamples with its own method."""
+        size = self.fine.shape[-1]
+        out = np.empty((len(self), len(bands or self.bands), size, size), np.float32)
+        for i, name in enumerate(bands or self.bands):
+            band = self.band(name)
+            factor = size // band.shape[-1]
+            out[:, i] = band if factor == 1 else band.repeat(factor, axis=-2).repeat(factor, axis=-1)
+        return out
+
+    @staticmethod
+    def concat(parts: list["RawPixels"]) -> "RawPixels":
+        """One batch from several with the same bands (the encoder batches across chunks)."""
+        first = parts[0]
+        if any(p.fine_bands != first.fine_bands or p.coarse_bands != first.coarse_bands for p in parts):
+            raise ValueError("cannot concatenate batches with different bands")
+        coarse = np.concatenate([p.coarse for p in parts]) if first.coarse is not None else None
+        return RawPixels(np.concatenate([p.fine for p in parts]), first.fine_bands, coarse, first.coarse_bands)
+
+    @staticmethod
+    def empty(modality: Modality, size: int) -> "RawPixels":
+        dtype = np.float32 if modality == "s1" else np.uint16
+        return RawPixels(np.zeros((0, len(bands_for(modality)), size, size), dtype), bands_for(modality))
 
 
-def normalisation_attrs() -> dict[str, object]:
-    """Self-describing record of the normalisation, for store attributes."""
-    return {
-        "s1_bands": list(S1_BANDS),
-        "s2_bands": list(S2_BANDS),
-        "s2_resampling": "20 m bands upsampled to 10 m with nearest neighbour",
-        "s1_units": "dB",
-        "stats": {band: list(stat) for band, stat in BAND_STATS.items()},
-        "stats_source": "BigEarthNet-v2 train split (120_nearest)",
-    }
+# -- what a model does with them -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """A model's input preprocessing (frozen, JSON round-trip; see the module docstring)."""
+
+    name: str
+    s1_bands: tuple[str, ...] = S1_BANDS
+    s2_bands: tuple[str, ...] = S2_BANDS
+    stats: tuple[tuple[str, float, float], ...] = tuple((b, m, s) for b, (m, s) in BENV2_STATS.items())
+    stats_source: str = "BigEarthNet-v2 train split (120_nearest)"
+    upsample: str = "nearest"  # how 20 m bands reach 10 m: one of UPSAMPLE_METHODS
+    resize: str = "bilinear"  # patch -> the model's input size: one of RESIZE_METHODS
+    transpose: bool = False  # swap H and W before the model (CSMAE's data module does)
+    notes: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "s1_bands", tuple(self.s1_bands))
+        object.__setattr__(self, "s2_bands", tuple(self.s2_bands))
+        object.__setattr__(self, "stats", tuple((str(b), float(m), float(s)) for b, m, s in self.stats))
+        if self.upsample not in UPSAMPLE_METHODS:
+            raise ValueError(f"{self.name}: upsample must be one of {UPSAMPLE_METHODS}, got {self.upsample!r}")
+        if self.resize not in RESIZE_METHODS:
+            raise ValueError(f"{self.name}: resize must be one of {RESIZE_METHODS}, got {self.resize!r}")
+        known = {b for b, _, _ in self.stats}
+        missing = [b for b in (*self.s1_bands, *self.s2_bands) if b not in known]
+        if missing:
+            raise ValueError(f"{self.name}: no statistics for band(s) {', '.join(missing)}")
+
+    def bands(self, modality: Modality) -> tuple[str, ...]:
+        """The model's channel order for a modality."""
+        if modality == "s1":
+            return self.s1_bands
+        if modality == "s2":
+            return self.s2_bands
+        raise ValueError(f"unknown modality {modality!r}; expected 's1' or 's2'")
+
+    def mean_std(self, modality: Modality) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and std (float32), in the model's channel order."""
+        table = {b: (m, s) for b, m, s in self.stats}
+        names = self.bands(modality)
+        return (np.array([table[b][0] for b in names], np.float32), np.array([table[b][1] for b in names], np.float32))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["s1_bands"], d["s2_bands"] = list(self.s1_bands), list(self.s2_bands)
+        d["stats"] = [list(row) for row in self.stats]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | str) -> "Preprocessing":
+        if isinstance(d, str):
+            return get_preprocessing(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocessing fields {unknown}")
+        return cls(**d)
+
+    def normalise(self, pixels: np.ndarray, modality: Modality) -> np.ndarray:
+        """NumPy reference of the normalisation: (..., C, H, W) raw values in the model's channel
+        order -> float32 standardised (the encoder does the same in torch, on its device)."""
+        mean, std = self.mean_std(modality)
+        if pixels.shape[-3] != len(mean):
+            raise ValueError(f"{modality} expects {len(mean)} bands, got {pixels.shape[-3]}")
+        return ((pixels.astype(np.float32) - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+
+
+PREPROCESSINGS: dict[str, Preprocessing] = {}
+
+
+def register_preprocessing(p: Preprocessing) -> Preprocessing:
+    PREPROCESSINGS[p.name] = p
+    return p
+
+
+def get_preprocessing(name: str) -> Preprocessing:
+    try:
+        return PREPROCESSINGS[name]
+    except KeyError:
+        raise KeyError(f"unknown preprocessing {name!r}; registered: {', '.join(sorted(PREPROCESSINGS))}") from None
+
+
+BENV2_NEAREST = register_preprocessing(Preprocessing(
+    "benv2-nearest",
+    notes="CSMoE paper: BENv2 statistics, nearest upsampling of 20 m bands. Band order and the "
+          "bilinear resize to the input size are our choices (the paper states neither).",
+))
+CSMAE_BEN1 = register_preprocessing(Preprocessing(
+    "csmae-ben1",
+    s1_bands=("VH", "VV"),
+    s2_bands=("B02", "B03", "B04", "B08", "B05", "B06", "B07", "B11", "B12", "B8A"),
+    stats=tuple((b, m, s) for b, (m, s) in BEN1_STATS.items()),
+    stats_source="BigEarthNet v1 (bigearthnet_common 2.8.0 BAND_STATS_S1/S2)",
+    upsample="bicubic-align-corners",
+    resize="bicubic",
+    transpose=True,
+    notes="jakhac/CSMAE: BEN_lmdb_utils.BENLMDBReader (bicubic, align_corners=True, every band), "
+          "BEN_DataModule_LMDB_Encoder (np.transpose(img, (2, 1, 0)) then ToTensor), "
+          "augmentations.build_transform_pipeline (Resize bicubic, Normalize).",
+))

@@ -1,5 +1,6 @@
-"""What identifies a set of embeddings: the model, its config and weights, and how pixels were
-normalised. Stores, indexes, queries and evaluations all compare provenance the same way."""
+"""What identifies a set of embeddings: the model, its config and weights, and the preprocessing
+that turned raw pixels into its input. Stores, indexes, queries and evaluations all compare
+provenance the same way."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from collections.abc import Sequence
 RANDOM_INIT = "random-init"  # the checkpoint_sha256 of a model with untrained weights
 
 # provenance keys that must agree before embeddings may share a store or an index
-IDENTITY_KEYS = ("model", "config", "checkpoint_sha256", "dtype", "normalisation")
-MODEL_KEYS = ("model", "config", "checkpoint_sha256")  # what must agree between a store's S1 and S2
+IDENTITY_KEYS = ("model", "config", "checkpoint_sha256", "dtype", "preprocessing")
+MODEL_KEYS = ("model", "config", "checkpoint_sha256", "preprocessing")  # what a store's S1 and S2 share
 
 
 def is_random_init(provenance: dict | None) -> bool:
@@ -33,3 +34,20 @@ def describe(provenance: dict | None) -> str:
     provenance = provenance or {}
     sha = str(provenance.get("checkpoint_sha256", "?"))
     return f"{provenance.get('model')} ({'random-init' if sha == RANDOM_INIT else 'sha256 ' + sha[:12]})"
+
+
+def describe_weights(model: str, source: dict) -> str:
+    """'csmae-p15 (CSMAE checkpoint, csmae_sesd, decoder specific)' from a store's provenance."""
+    source = source.get("converted_from", source)
+    if source.get("format") == "csmae-lightning":
+        variant = source.get("variant") or "not one of the four published configurations"
+        return f"{model} (CSMAE checkpoint: {variant}, decoder {source.get('decoder')}, vector {source.get('vector')})"
+    return f"{model} ({source.get('format', 'registered config')})"
+
+
+def describe_preprocessing(p: dict) -> str:
+    if not p:
+        return "unknown (store written before preprocessing was recorded)"
+    transposed = ", H/W transposed" if p.get("transpose") else ""
+    return (f"{p.get('name')} ({p.get('stats_source')}; 20 m bands {p.get('upsample')}; resize {p.get('resize')}{transposed}; "
+            f"S2 {' '.join(p.get('s2_bands', []))}; S1 {' '.join(p.get('s1_bands', []))})")

@@ -33,6 +33,7 @@ class Selection:
     model: str
     checkpoint: str | None
     subset: str | None = None  # a named subset (BENv2-14k, BENv2-243k) of the dataset
+    config: str | None = None  # the registered config a checkpoint's weights fit (--model with --checkpoint)
 
     @property
     def model_spec(self) -> str:
@@ -111,15 +112,18 @@ class Workspace:
             subset = current.get("subset")  # the remembered subset belongs to the remembered dataset
         dataset = dataset or current.get("dataset") or DEFAULT_DATASET
         root_str = str(Path(root).expanduser().resolve()) if root else self.dataset_root(dataset)
+        config = None
         if checkpoint:
             checkpoint = str(Path(checkpoint).expanduser().resolve())
+            config = model  # with a checkpoint, --model names the config its weights fit
             model = model or Path(checkpoint).stem
         elif model:
             checkpoint = None
         else:
             model = current.get("model") or DEFAULT_MODEL
             checkpoint = current.get("checkpoint")
-        selection = Selection(dataset=dataset, root=root_str, model=model, checkpoint=checkpoint, subset=subset)
+            config = current.get("config")
+        selection = Selection(dataset=dataset, root=root_str, model=model, checkpoint=checkpoint, subset=subset, config=config)
         if remember:
             self.remember(selection)
         return selection
@@ -129,7 +133,8 @@ class Workspace:
         config = self.load_config()
         if selection.root and selection.dataset != "sample":
             config.setdefault("datasets", {}).setdefault(selection.dataset, {})["root"] = selection.root
-        config["current"] = {"dataset": selection.dataset, "subset": selection.subset, "model": selection.model, "checkpoint": selection.checkpoint}
+        config["current"] = {"dataset": selection.dataset, "subset": selection.subset, "model": selection.model,
+                             "checkpoint": selection.checkpoint, "config": selection.config}
         self.save_config(config)
 
 

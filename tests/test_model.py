@@ -1,17 +1,14 @@
-import glob
 import math
-import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from rsretrieve.models.checkpoint import load_model, save_model
 from rsretrieve.models import CSMoEConfig, create_model, encode, get_config, list_models
 from rsretrieve.errors import CheckpointError
-from rsretrieve.models.macs import TABLE_IV, count_macs, count_params, model_macs, model_report, reference_vit_b
+from rsretrieve.models.macs import TABLE_IV, count_macs, count_params, model_macs, model_report, reference_vit
 
 SAMPLE = Path(__file__).resolve().parents[1] / "rsretrieve" / "data" / "sample"
 
@@ -21,42 +18,21 @@ SAMPLE = Path(__file__).resolve().parents[1] / "rsretrieve" / "data" / "sample"
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_with_rasterio(modality: str, n: int) -> np.ndarray:
-    import rasterio
-
-    from rsretrieve.bands import bands_for, normalise, upsample_nearest
-
-    root = SAMPLE / ("BigEarthNet-S2" if modality == "s2" else "BigEarthNet-S1")
-    patches = sorted(p for p in glob.glob(str(root / "*" / "*")) if os.path.isdir(p))[:n]
-    out = []
-    for p in patches:
-        pid = os.path.basename(p)
-        bands = []
-        for b in bands_for(modality):
-            with rasterio.open(os.path.join(p, f"{pid}_{b}.tif")) as f:
-                a = f.read(1).astype(np.float32)
-            bands.append(a if a.shape[-1] == 120 else upsample_nearest(a, 120))
-        out.append(np.stack(bands))
-    return normalise(np.stack(out), modality) if out else np.zeros((0,))
-
-
 _CACHE: dict = {}
 
 
 def real_pixels(modality: str, n: int = 8) -> torch.Tensor:
-    """(n, C, 120, 120) normalised float32 from real BigEarthNet-v2 sample patches."""
+    """(n, C, 120, 120) normalised float32 from real BigEarthNet-v2 sample patches (raw reader
+    values through CSMoE's preprocessing, without the resize)."""
     if modality not in _CACHE:
-        px = None
-        try:
-            from rsretrieve.datasets import open_dataset
+        from rsretrieve.datasets import open_dataset
+        from rsretrieve.models.preprocessing import prepare
+        from rsretrieve.preprocess import BENV2_NEAREST, RawPixels
 
-            ds = open_dataset("sample", None, None)
-            px = np.concatenate([ds.read_chunk(c).pixels for c in ds.chunks(modality)])
-        except Exception:
-            px = _read_with_rasterio(modality, 32)
-        if px is None or px.ndim != 4 or len(px) < 2:
-            pytest.skip("no real sample pixels in rsretrieve/data/sample yet")
-        _CACHE[modality] = torch.from_numpy(np.ascontiguousarray(px, dtype=np.float32))
+        ds = open_dataset("sample")
+        raw = RawPixels.concat([ds.read_chunk(c).pixels for c in ds.chunks(modality)])
+        assert len(raw) >= 8
+        _CACHE[modality] = prepare(raw, modality, BENV2_NEAREST, 120)
     px = _CACHE[modality]
     reps = math.ceil(n / len(px))
     return px.repeat(reps, 1, 1, 1)[:n].clone() if reps > 1 else px[:n].clone()
@@ -67,13 +43,25 @@ def real_pixels(modality: str, n: int = 8) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_reference_vit_b_reproduces_csmae_5_64_gmacs():
-    model, x = reference_vit_b(img_size=120, patch_size=15, depth=12, in_chans=3)
-    macs = count_macs(model, x)
-    assert round(macs / 1e9, 2) == 5.64
-    # the 10-channel variant would not round to 5.64: the table's figure used 3 input channels
-    model10, x10 = reference_vit_b(img_size=120, patch_size=15, depth=12, in_chans=10)
-    assert round(count_macs(model10, x10) / 1e9, 2) != 5.64
+@pytest.mark.parametrize("kwargs, table_i", [
+    # Prithvi-EO-2.0 300M: ViT-L/16 at 224 px, 6 bands; 600M: ViT-H/14 (the paper's Table I)
+    (dict(img_size=224, patch_size=16, depth=24, dim=1024, heads=16, in_chans=6, classes=0), 59.85),
+    (dict(img_size=224, patch_size=14, depth=32, dim=1280, heads=16, in_chans=6, classes=0), 162.18),
+    # CSMAE's S2 path: ViT-B/15 at 120 px with its 10 bands
+    (dict(img_size=120, patch_size=15, depth=12, in_chans=10, classes=0), 5.638),
+])
+def test_paper_convention_reproduces_table_i_exactly(kwargs, table_i):
+    """The paper's MACs are fvcore's count without the attention matrix products."""
+    model, x = reference_vit(**kwargs)
+    digits = 3 if table_i < 10 else 2
+    assert round(count_macs(model, x, convention="paper") / 1e9, digits) == table_i
+    assert round(count_macs(model, x) / 1e9, digits) != table_i  # the full fvcore count does not
+
+
+def test_csmae_config_matches_table_iv_in_the_paper_convention():
+    rows = {r["name"]: r for r in model_report()}
+    assert abs(rows["csmae-p15"]["macs_s2_paper_convention"] / 5.64e9 - 1) <= 0.01
+    assert round(model_macs("csmae-p15", "s2", convention="paper") / 1e9, 3) == 5.638
 
 
 def test_dense_layer_mac_formula():
@@ -125,7 +113,11 @@ def test_shapes_and_single_modality(name):
         assert tokens.shape == (3, 1 + cfg.num_patches, cfg.embed_dim)
         e = m.embed(x, mod)
         assert e.shape == (3, cfg.embed_dim)
-        torch.testing.assert_close(e, tokens[:, 0])
+        if cfg.global_pool == "token":  # CSMoE: the raw [CLS]
+            torch.testing.assert_close(e, tokens[:, 0])
+        else:  # CSMAE: fc_norm of the mean of the patch tokens
+            torch.testing.assert_close(e, m.fc_norm(tokens[:, 1:].mean(1)))
+            assert not torch.allclose(e, tokens[:, 0], atol=1e-3)
     with pytest.raises(ValueError):
         m.embed(torch.randn(1, 10, 64, 64), "s1")  # wrong channel count for S1
 

@@ -12,7 +12,7 @@ import xarray as xr
 from rsretrieve.indexer.pipeline import DatasetSpec, EncodeInterrupted, EncoderSpec, encode
 from rsretrieve.models.checkpoint import load_model
 from rsretrieve.datasets import open_dataset
-from rsretrieve.models.inference import embed_pixels
+from rsretrieve.models.inference import embed_raw
 from rsretrieve.errors import StoreError
 from rsretrieve.labels import CLASSES
 
@@ -60,7 +60,7 @@ def test_store_reads_back_with_plain_xarray(full_store):
         assert np.isfinite(ds["lat"].values).all() and np.isfinite(ds["lon"].values).all()
         prov = ds.attrs["provenance"]
         assert prov["model"] == MODEL and prov["checkpoint_sha256"] == "random-init"
-        assert prov["normalisation"]["s2_bands"][0] == "B02"
+        assert prov["preprocessing"]["name"] == "benv2-nearest" and prov["preprocessing"]["s2_bands"][0] == "B02"
         assert "rsretrieve_version" in prov and "created" in prov
 
 
@@ -72,7 +72,7 @@ def test_store_embeddings_equal_the_model_called_directly(full_store):
         row_of = {pid: i for i, pid in enumerate(ds["patch_id"].values.tolist())}
         for chunk in dataset.chunks(modality)[:2]:
             batch = dataset.read_chunk(chunk)
-            direct = embed_pixels(model, batch.pixels, modality, "cpu")
+            direct = embed_raw(model, batch.pixels, modality, "cpu")
             stored = ds["embedding"].values[[row_of[p] for p in batch.patch_ids]]
             np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-5)
 

@@ -15,7 +15,9 @@ from safetensors.numpy import save
 
 from rsretrieve.datasets.benv2 import band_path
 from rsretrieve.datasets import Chunk, PatchBatch, label_matrix, open_dataset, sample_root
+from rsretrieve.bands import bands_for
 from rsretrieve.labels import multi_hot
+from rsretrieve.preprocess import RawPixels
 
 ROOT = sample_root()
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -49,8 +51,9 @@ def lmdb_root(tmp_path_factory):
 
 
 def read_all(ds, modality):
+    """Every patch on the 10 m grid in `bands_for(modality)` order (raw values), ids, batches."""
     batches = [ds.read_chunk(c) for c in ds.chunks(modality)]
-    x = np.concatenate([b.pixels for b in batches])
+    x = RawPixels.concat([b.pixels for b in batches]).stacked(bands_for(modality))
     ids = sum((b.patch_ids for b in batches), [])
     return x, ids, batches
 
@@ -74,14 +77,17 @@ def test_tree_lmdb_majortom_identical(lmdb_root, modality):
     np.testing.assert_allclose(xm, xt[order], atol=tol, rtol=0)
 
 
-def test_normalisation_and_upsampling_from_raw():
+def test_readers_ship_raw_values_at_native_resolution():
     ds = open_dataset("sample")
     name = ds.names("s2")[0]
     x = ds.read_patch(name, "s2")
+    assert x.fine.dtype == np.uint16 and x.fine_bands == ("B02", "B03", "B04", "B08") and x.fine.shape == (1, 4, 120, 120)
+    assert x.coarse.dtype == np.uint16 and x.coarse.shape == (1, 6, 60, 60) and x.coarse_bands[0] == "B05"
     with rasterio.open(band_path(ROOT, name, "s2", "B05")) as f:
-        b05 = f.read(1).astype(np.float32)
-    expect = (b05.repeat(2, 0).repeat(2, 1) - 942.843) / 738.433
-    np.testing.assert_allclose(x[3], expect, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(x.band("B05")[0], f.read(1))
+    s1 = ds.read_patch(ds.names("s1")[0], "s1")
+    assert s1.fine.dtype == np.float32 and s1.fine_bands == ("VV", "VH") and s1.coarse is None
+    assert -40 < float(s1.fine.mean()) < 0  # dB
 
 
 def test_labels_splits_and_pairing():
@@ -187,7 +193,7 @@ def test_majortom_1068_tile_cut_into_64_and_invalid_dropped(tmp_path):
     s1, s2 = write_synthetic_tiles(tmp_path)
     mt = open_dataset("majortom", tmp_path)
     b2 = mt.read_chunk(mt.chunks("s2")[0])
-    assert b2.pixels.shape == (64, 10, 120, 120) and not b2.skipped
+    assert len(b2.pixels) == 64 and b2.pixels.coarse.shape == (64, 6, 60, 60) and not b2.skipped
     # window (120, 240) holds pixel (130, 250) set to nodata in S1 vv
     b1 = mt.read_chunk(mt.chunks("s1")[0])
     assert len(b1) == 63 and len(b1.skipped) == 1
@@ -196,10 +202,10 @@ def test_majortom_1068_tile_cut_into_64_and_invalid_dropped(tmp_path):
     windows = b2.meta.column("window").to_pylist()
     assert windows[9] == [120, 120, 120, 120]
     row = b2.meta.to_pylist()[9]
-    np.testing.assert_allclose(b2.pixels[9, 0], (s2["B02"][120:240, 120:240] - 438.372) / 607.027, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(b2.pixels[9, 3], (s2["B05"][60:120, 60:120].repeat(2, 0).repeat(2, 1) - 942.843) / 738.433, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(b2.pixels.band("B02")[9], s2["B02"][120:240, 120:240])
+    np.testing.assert_array_equal(b2.pixels.band("B05")[9], s2["B05"][60:120, 60:120])  # 20 m band at native size
     i = b1.meta.column("pair_id").to_pylist().index(row["pair_id"])
-    np.testing.assert_allclose(b1.pixels[i, 0], (10 * np.log10(s1["vv"][120:240, 120:240]) + 12.6439) / 5.1335, atol=1e-5)
+    np.testing.assert_allclose(b1.pixels.band("VV")[i], 10 * np.log10(s1["vv"][120:240, 120:240]), atol=1e-4)
     assert row["grid_cell"] == "454U_120R" and row["timestamp"].month == 7 and 40 < row["lat"] < 41
     assert mt.metadata("s1").num_rows == 64  # metadata lists every window; reads drop bad ones
 
@@ -222,20 +228,21 @@ def test_query_tile_s2_sizes(tmp_path):
     with rasterio.open(p, "w", driver="GTiff", height=120, width=120, count=12, dtype="uint16", crs=crs, transform=tr) as ds:
         ds.write(stack)
     q = read_tile(p)
-    assert q.modality == "s2" and q.pixels.shape == (1, 10, 120, 120) and not q.resized
-    np.testing.assert_allclose(q.pixels[0], open_dataset("sample").read_patch(name, "s2"), atol=1e-6)
+    assert q.modality == "s2" and q.pixels.fine.shape == (1, 10, 120, 120) and not q.resized
+    assert q.pixels.fine.dtype == np.uint16 and q.pixels.fine_bands == bands_for("s2")
+    np.testing.assert_array_equal(q.pixels.stacked(bands_for("s2")), open_dataset("sample").read_patch(name, "s2").stacked(bands_for("s2")))
     assert 47 < q.lat < 49
     # smaller -> resized to one 120 px patch; larger -> cut
     small = tmp_path / "small.tif"
     with rasterio.open(small, "w", driver="GTiff", height=60, width=60, count=10, dtype="uint16") as ds:
         ds.write(stack[[1, 2, 3, 4, 5, 6, 7, 8, 10, 11], ::2, ::2])
     qs = read_tile(small)
-    assert qs.resized and qs.pixels.shape == (1, 10, 120, 120) and qs.lat is None
+    assert qs.resized and qs.pixels.fine.shape == (1, 10, 120, 120) and qs.lat is None
     big = tmp_path / "big.tif"
     with rasterio.open(big, "w", driver="GTiff", height=250, width=370, count=2, dtype="float32") as ds:
         ds.write(np.full((2, 250, 370), -15.0, np.float32))
     qb = read_tile(big)
-    assert qb.modality == "s1" and qb.pixels.shape == (6, 2, 120, 120)
+    assert qb.modality == "s1" and qb.pixels.fine.shape == (6, 2, 120, 120)
 
 
 def _stack_folder(folder: Path, out: Path) -> Path:
@@ -265,12 +272,13 @@ def test_query_tile_from_patch_folder_equals_stacked_geotiff(tmp_path, modality)
     folder = band_path(ROOT, name, modality, "VV" if modality == "s1" else "B02").parent
     q = read_tile(folder)
     g = read_tile(_stack_folder(folder, tmp_path / "stack.tif"))
-    assert q.modality == g.modality == modality and q.pixels.shape == (1, 2 if modality == "s1" else 10, 120, 120)
-    np.testing.assert_array_equal(q.pixels, g.pixels)
-    np.testing.assert_array_equal(q.pixels[0], open_dataset("sample").read_patch(name, modality))
+    order = bands_for(modality)
+    assert q.modality == g.modality == modality and q.pixels.stacked(order).shape == (1, len(order), 120, 120)
+    np.testing.assert_array_equal(q.pixels.stacked(order), g.pixels.stacked(order))
+    np.testing.assert_array_equal(q.pixels.fine, open_dataset("sample").read_patch(name, modality).fine)
     assert (q.windows, q.resized, q.crs, q.lat, q.lon, q.patch_latlon) == (g.windows, g.resized, g.crs, g.lat, g.lon, g.patch_latlon)
     assert q.lat is not None and 40 < q.lat < 70
-    assert read_tile(str(folder), modality).pixels.shape == q.pixels.shape
+    assert len(read_tile(str(folder), modality).pixels) == len(q.pixels)
 
 
 def _assert_header_meta_equals_full(mt, modality, monkeypatch):

@@ -13,8 +13,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import pyarrow as pa
 
-from rsretrieve.bands import PATCH_SIZE, Modality, bands_for
+from rsretrieve.bands import PATCH_SIZE, Modality
 from rsretrieve.labels import CLASSES, multi_hot
+from rsretrieve.preprocess import RawPixels
 
 PATCH = PATCH_SIZE  # kept as a name: the readers import it from here
 
@@ -49,7 +50,7 @@ class Chunk:
 
 @dataclass
 class PatchBatch:
-    pixels: np.ndarray  # (B, C, 120, 120) float32, normalised; never contains NaN
+    pixels: RawPixels  # raw values (S2 uint16 DN, S1 float32 dB) at native sizes; never NaN
     patch_ids: list[str]
     meta: pa.Table  # one row per patch in `pixels`
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (patch_id, one-line reason)
@@ -77,7 +78,7 @@ def meta_table(columns: dict[str, list]) -> pa.Table:
 
 def empty_batch(modality: Modality, columns: list[str], skipped=None) -> PatchBatch:
     return PatchBatch(
-        pixels=np.zeros((0, len(bands_for(modality)), PATCH, PATCH), np.float32),
+        pixels=RawPixels.empty(modality, PATCH),
         patch_ids=[],
         meta=meta_table({c: [] for c in columns}),
         skipped=list(skipped or []),

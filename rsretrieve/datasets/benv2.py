@@ -10,8 +10,9 @@ the name, never found by walking the tree.
 rico-hdl LMDB: key = patch name (S2 patch_id or s1_name), value = safetensors bytes of a dict
 band name -> 2-D array (S2 uint16 at native size, S1 float32 dB).
 
-Pixels come back normalised with `rsretrieve.bands` ((B, C, 120, 120) float32; 20 m S2 bands
-nearest-upsampled). S1 and S2 patches pair through `s1_name`; both carry pair_id = S2 patch_id.
+Pixels come back raw (`preprocess.RawPixels`): S2 digital numbers as uint16 with the 10 m bands at
+120 px and the 20 m bands at their native 60 px, S1 dB as float32; the model's preprocessing does
+the rest. S1 and S2 patches pair through `s1_name`; both carry pair_id = S2 patch_id.
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rsretrieve.bands import Modality, bands_for, native_size
-from rsretrieve.preprocess import normalise
+from rsretrieve.bands import Modality, bands_for
 from rsretrieve.datasets.base import PATCH, Chunk, PatchBatch, empty_batch, meta_table
 from rsretrieve.errors import DataError, RSRetrieveError, located
 from rsretrieve.geo import centres_to_wgs84, pixel_to_xy
+from rsretrieve.datasets.benv2_patch import read_lmdb_patch, read_patch_folder, stack_raw
 from rsretrieve.io.lmdb import open_env
 from rsretrieve.labels import multi_hot
+from rsretrieve.preprocess import RawPixels
 from rsretrieve.datasets.subsets import acquisition_time
 
 META_FILE = "metadata.parquet"
@@ -84,76 +85,8 @@ def find_lmdb(root: Path) -> Path | None:
     return None
 
 
-# --- pixels ----------------------------------------------------------------------------------
-
-def _check_values(arr: np.ndarray, where: object, modality: Modality) -> None:
-    if modality == "s1":
-        if arr.dtype.kind != "f":
-            raise DataError(located(where, f"S1 band has dtype {arr.dtype}, expected float32 dB"))
-    elif arr.dtype.kind not in "uif":
-        raise DataError(located(where, f"S2 band has dtype {arr.dtype}, expected uint16"))
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
-        raise DataError(located(where, f"{bad} NaN/infinite pixel(s)"))
-
-
-def assemble(bands: dict[str, np.ndarray], modality: Modality, where: object) -> np.ndarray:
-    """Band dict (native sizes) -> raw (C, 120, 120) float32 in `bands_for(modality)` order."""
-    out = np.empty((len(bands_for(modality)), PATCH, PATCH), np.float32)
-    for i, band in enumerate(bands_for(modality)):
-        if band not in bands:
-            raise DataError(located(where, f"band {band} missing"))
-        arr = np.asarray(bands[band])
-        size = native_size(band)
-        if arr.shape != (size, size):
-            raise DataError(located(where, f"band {band} is {arr.shape}, expected ({size}, {size})"))
-        _check_values(arr, f"{where} {band}" if not str(where).endswith(".tif") else where, modality)
-        if size != PATCH:
-            f = PATCH // size
-            arr = arr.repeat(f, axis=0).repeat(f, axis=1)
-        out[i] = arr
-    return out
-
-
-def read_band_tif(path: Path):
-    """(array, transform, crs) of a single-band GeoTIFF; DataError on anything unreadable."""
-    import rasterio
-    from rasterio.errors import RasterioError
-
-    if not path.is_file():
-        raise DataError(located(path, "missing band file"))
-    try:
-        with rasterio.open(path) as ds:
-            if ds.count != 1:
-                raise DataError(located(path, f"has {ds.count} bands, expected 1"))
-            return ds.read(1), ds.transform, ds.crs
-    except DataError:
-        raise
-    except (RasterioError, OSError, ValueError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(located(path, f"unreadable GeoTIFF ({msg})")) from None
-
-
-def read_patch_folder(folder: Path, modality: Modality, name: str | None = None):
-    """Raw (C, 120, 120) float32 and the (transform, crs) of its first georeferenced 10 m band
-    (else the first 10 m band's transform and crs None), from a patch folder holding the
-    single-band GeoTIFFs `<name>_<band>.tif` (`name` defaults to the folder's name)."""
-    folder = Path(folder)
-    name = name or folder.name
-    bands, geo = {}, None
-    for band in bands_for(modality):
-        path = folder / f"{name}_{band}.tif"
-        arr, transform, crs = read_band_tif(path)
-        if native_size(band) == PATCH and (geo is None or (geo[1] is None and crs is not None)):
-            geo = (transform, crs)
-        _check_values(arr, path, modality)
-        bands[band] = arr
-    transform, crs = geo if geo is not None else (None, None)
-    return assemble(bands, modality, folder), transform, crs
-
-
 def read_tree_patch(root: Path, name: str, modality: Modality):
-    """Raw (C, 120, 120) float32 and the patch centre (x, y, crs) or None, from the GeoTIFF tree."""
+    """Raw (10 m bands, 20 m bands) and the patch centre (x, y, crs) or None, from the GeoTIFF tree."""
     raw, transform, crs = read_patch_folder(patch_dir(root, name, modality), modality, name)
     centre = None
     if crs is not None:
@@ -175,28 +108,6 @@ def tree_centre(root: Path, name: str, modality: Modality):
             return (x, y, ds.crs.to_string())
     except Exception:
         return None
-
-
-def read_lmdb_patch(path: Path, name: str, modality: Modality, txn=None) -> np.ndarray:
-    from safetensors.numpy import load
-
-    where = f"{path}[{name}]"
-    if txn is None:
-        env = open_env(path)
-        try:
-            with env.begin(buffers=False) as t:
-                value = t.get(name.encode())
-        finally:
-            env.close()
-    else:
-        value = txn.get(name.encode())
-    if value is None:
-        raise DataError(located(path, f"no entry for {name}"))
-    try:
-        bands = load(bytes(value))
-    except Exception as e:  # safetensors raises its own error types
-        raise DataError(located(where, f"corrupt safetensors value ({' '.join(str(e).split())})")) from None
-    return assemble(bands, modality, where)
 
 
 # --- metadata --------------------------------------------------------------------------------
@@ -391,7 +302,7 @@ class BENv2Dataset:
         return self._cache[key]
 
     def read_chunk(self, chunk: Chunk) -> PatchBatch:
-        """Read, validate and normalise one chunk; bad patches go to `skipped`, never zero-filled."""
+        """Read and validate one chunk; bad patches go to `skipped`, never zero-filled."""
         import rasterio
 
         modality = chunk.modality
@@ -425,14 +336,13 @@ class BENv2Dataset:
                     env.close()
         if not names:
             return empty_batch(modality, BATCH_COLUMNS, skipped)
-        x = normalise(np.stack(pixels), modality)
-        return PatchBatch(x, names, meta_table(self._meta_columns(names, modality, centres)), skipped)
+        return PatchBatch(stack_raw(pixels, modality), names, meta_table(self._meta_columns(names, modality, centres)), skipped)
 
     # --- convenience
-    def read_patch(self, name: str, modality: Modality) -> np.ndarray:
-        """Normalised (C, 120, 120) pixels of one patch; DataError if it is bad."""
+    def read_patch(self, name: str, modality: Modality) -> RawPixels:
+        """Raw pixels of one patch; DataError if it is bad."""
         if self.source == "tree":
             raw, _ = read_tree_patch(self.data_path, name, modality)
         else:
             raw = read_lmdb_patch(self.data_path, name, modality)
-        return normalise(raw, modality)
+        return stack_raw([raw], modality)

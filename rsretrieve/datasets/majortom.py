@@ -9,7 +9,8 @@ Each tile is cut into floor(H/120) x floor(W/120) patches of 120 px at 10 m (106
 partial patches discarded (as the CSMoE paper). A patch with any invalid pixel is dropped and
 reported in `PatchBatch.skipped`: S1 nodata (-32768), non-positive or non-finite linear power;
 S2 the declared nodata, or 0 (L2A no-data) when none is declared. S1 is converted to dB
-(10 log10); 20 m S2 bands are nearest-upsampled to 10 m; then `preprocess.normalise`.
+(10 log10). Pixels ship raw (`preprocess.RawPixels`: S2 uint16 digital numbers, the 20 m bands at
+native resolution where the windows allow; S1 float32 dB); the model's preprocessing does the rest.
 
 Ids: tile key = grid_cell (or `grid_cell.k` for the k-th further tile of the same cell in one
 shard, which only the bundled sample has); pair_id = `<tile key>/<row>_<col>` (window origin in
@@ -21,17 +22,17 @@ from __future__ import annotations
 import os
 import re
 from datetime import datetime
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rsretrieve.bands import Modality, bands_for
-from rsretrieve.preprocess import normalise
+from rsretrieve.bands import Modality, band_groups, bands_for
 from rsretrieve.datasets.base import PATCH, Chunk, PatchBatch, empty_batch, meta_table
 from rsretrieve.errors import DataError, RSRetrieveError, located
+from rsretrieve.preprocess import RawPixels
 
 S1_NODATA = -32768.0
 COLLECTIONS = {"s2": "S2L2A", "s1": "S1RTC"}
@@ -39,8 +40,10 @@ TIME_COLUMNS = ("product_datetime", "timestamp")
 BATCH_COLUMNS = ["patch_id", "pair_id", "lat", "lon", "grid_cell", "timestamp", "product_id", "window"]
 
 
-def band_columns(modality: Modality) -> tuple[str, ...]:
-    return tuple(b.lower() for b in bands_for(modality)) if modality == "s1" else bands_for(modality)
+def band_columns(modality: Modality, bands: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Parquet column names of bands (S1 columns are lower case: `vv`, `vh`)."""
+    bands = bands_for(modality) if bands is None else bands
+    return tuple(b.lower() for b in bands) if modality == "s1" else tuple(bands)
 
 
 def _one_line(e: BaseException) -> str:
@@ -108,36 +111,66 @@ def decode_band(data: bytes | None, where: str, *, header_only: bool = False):
         raise DataError(located(where, f"undecodable GeoTIFF cell ({_one_line(e)})")) from None
 
 
-def tile_pixels(bands: dict[str, tuple], modality: Modality, where: str):
-    """Raw (C, H, W) float32 (S1 in dB) and a (H, W) invalid mask, from decoded band cells."""
+@dataclass
+class TileRaster:
+    """A decoded tile, raw: `fine` (C, H, W) the 10 m bands (S2 uint16 digital numbers, S1 float32
+    dB), `coarse` (C', H/2, W/2) the S2 20 m bands at native resolution (None for S1), and
+    `invalid` (H, W) marking pixels where any band is invalid (on the 10 m grid)."""
+
+    fine: np.ndarray
+    fine_bands: tuple[str, ...]
+    coarse: np.ndarray | None
+    coarse_bands: tuple[str, ...]
+    invalid: np.ndarray
+
+    def cut(self, wins: list[tuple[int, int, int, int]]) -> RawPixels:
+        """Raw pixels of these windows. The 20 m bands stay at native resolution when every window
+        lies on the 20 m grid (even origin and size); otherwise they are cut from a nearest
+        upsampling to 10 m, the only way to cut them at odd positions."""
+        fine = np.stack([self.fine[:, r : r + h, c : c + w] for r, c, h, w in wins])
+        if self.coarse is None:
+            return RawPixels(fine, self.fine_bands)
+        if all(v % 2 == 0 for win in wins for v in win):
+            coarse = np.stack([self.coarse[:, r // 2 : (r + h) // 2, c // 2 : (c + w) // 2] for r, c, h, w in wins])
+            return RawPixels(fine, self.fine_bands, coarse, self.coarse_bands)
+        up = np.stack([self.coarse[:, (r + np.arange(h))[:, None] // 2, (c + np.arange(w))[None, :] // 2] for r, c, h, w in wins])
+        return RawPixels(np.concatenate([fine, up], axis=1), self.fine_bands + self.coarse_bands)
+
+
+def _invalid_s1(a: np.ndarray, nodata) -> np.ndarray:
+    bad = ~np.isfinite(a) | (a == S1_NODATA) | (a <= 0)
+    if nodata is not None:
+        bad |= a == nodata
+    return bad
+
+
+def tile_pixels(bands: dict[str, tuple], modality: Modality, where: str) -> TileRaster:
+    """The raw raster of a tile from its decoded band cells (S1 linear power converted to dB)."""
+    fine_names, coarse_names = band_groups(modality)
     cols = band_columns(modality)
-    ref = bands[cols[0]][0]
-    h, w = ref.shape
-    raw = np.empty((len(cols), h, w), np.float32)
+    h, w = bands[cols[0]][0].shape
     invalid = np.zeros((h, w), bool)
-    for i, col in enumerate(cols):
+    dtype = np.float32 if modality == "s1" else np.uint16
+    fine = np.empty((len(fine_names), h, w), dtype)
+    coarse = np.empty((len(coarse_names), h // 2, w // 2), dtype) if coarse_names else None
+    for name, col in zip((*fine_names, *coarse_names), (*band_columns(modality, fine_names), *band_columns(modality, coarse_names))):
         arr, _, _, nodata = bands[col]
-        if arr.shape != (h, w):
-            fh, rh = divmod(h, arr.shape[0])
-            fw, rw = divmod(w, arr.shape[1])
-            if rh or rw or fh != fw or fh < 1:
-                raise DataError(located(where, f"band {col} is {arr.shape}, not an integer fraction of {(h, w)}"))
-            arr = arr.repeat(fh, axis=0).repeat(fw, axis=1)
-        a = arr.astype(np.float64 if modality == "s1" else np.float32)
-        bad = ~np.isfinite(a)
         if modality == "s1":
-            if nodata is not None:
-                bad |= a == nodata
-            bad |= a == S1_NODATA
-            bad |= a <= 0
+            a = arr.astype(np.float64)
+            bad = _invalid_s1(a, nodata)
             with np.errstate(divide="ignore", invalid="ignore"):
                 a = 10.0 * np.log10(np.where(bad, 1.0, a))
         else:
-            bad |= a == (nodata if nodata is not None else 0)
-            bad |= a == 0
-        invalid |= bad
-        raw[i] = np.where(bad, 0, a)
-    return raw, invalid
+            a = arr
+            bad = (a == nodata) | (a == 0) if nodata is not None else a == 0
+            if a.dtype.kind == "f":
+                bad |= ~np.isfinite(a)
+        target, size = (fine, (h, w)) if name in fine_names else (coarse, (h // 2, w // 2))
+        if a.shape != size:
+            raise DataError(located(where, f"band {col} is {a.shape}, expected {size} (10 m: {(h, w)})"))
+        target[(fine_names if target is fine else coarse_names).index(name)] = np.where(bad, 0, a)
+        invalid |= bad if a.shape == (h, w) else bad.repeat(2, axis=0).repeat(2, axis=1)
+    return TileRaster(fine, fine_names, coarse, coarse_names, invalid)
 
 
 def windows(h: int, w: int, size: int = PATCH) -> list[tuple[int, int, int, int]]:
@@ -255,14 +288,14 @@ class MajorTOMDataset:
         if has_src:
             cols_meta.append("source_patch_id")
         data = {c: table.column(c).to_pylist() for c in table.column_names}
-        pixels, ids, skipped = [], [], []
+        parts, ids, skipped = [], [], []
         meta: dict[str, list] = {c: [] for c in cols_meta}
         for i in range(table.num_rows):
             key = keys[first + i]
             product = data["product_id"][i] or ""
             where = f"{path}:row {first + i}"
             try:
-                raw = invalid = None
+                raster = None
                 if _header_only:
                     # the first band's GeoTIFF header only (size, georeference), no pixels
                     first_col = band_columns(modality)[0]
@@ -272,7 +305,7 @@ class MajorTOMDataset:
                     decoded = {col: decode_band(data[col][i], f"{where}:{col}") for col in band_columns(modality)}
                     ref = decoded[band_columns(modality)[0]]
                     h, w = ref[0].shape
-                    raw, invalid = tile_pixels(decoded, modality, where)
+                    raster = tile_pixels(decoded, modality, where)
             except DataError as e:
                 skipped.append((f"{product}/{key}", str(e)))
                 continue
@@ -287,15 +320,16 @@ class MajorTOMDataset:
                 la, lo = to_wgs84(crs, list(xs), list(ys))
                 lat, lon = la.tolist(), lo.tolist()
             ts = parse_time(data[time_col][i])
+            kept = []
             for j, (r, c, hh, ww) in enumerate(wins):
                 pair_id = f"{key}/{r}_{c}"
                 patch_id = f"{product}/{pair_id}"
-                if raw is not None:
-                    bad = int(invalid[r : r + hh, c : c + ww].sum())
+                if raster is not None:
+                    bad = int(raster.invalid[r : r + hh, c : c + ww].sum())
                     if bad:
                         skipped.append((patch_id, located(where, f"window {r},{c}: {bad} invalid pixel(s) (nodata, non-positive or non-finite)")))
                         continue
-                    pixels.append(raw[:, r : r + hh, c : c + ww])
+                    kept.append((r, c, hh, ww))
                 ids.append(patch_id)
                 for col, val in (("patch_id", patch_id), ("pair_id", pair_id), ("lat", lat[j]), ("lon", lon[j]),
                                  ("grid_cell", data["grid_cell"][i]), ("timestamp", ts), ("product_id", product),
@@ -303,10 +337,12 @@ class MajorTOMDataset:
                     meta[col].append(val)
                 if has_src:
                     meta["source_patch_id"].append(data["source_patch_id"][i])
+            if kept:
+                parts.append(raster.cut(kept))
         if not ids:
             return empty_batch(modality, cols_meta, skipped)
-        x = normalise(np.stack(pixels), modality) if pixels else np.zeros((0,), np.float32)
-        return PatchBatch(x, ids, meta_table(meta), skipped)
+        pixels = RawPixels.concat(parts) if parts else RawPixels.empty(modality, self.patch_size)
+        return PatchBatch(pixels, ids, meta_table(meta), skipped)
 
     def metadata(self, modality: Modality) -> pa.Table:
         """All candidate patches (every full 120 px window of every tile), in chunk order. Reads

@@ -1,4 +1,4 @@
-"""Single-tile reader for queries: one multi-band GeoTIFF -> normalised (P, C, 120, 120) patches.
+"""Single-tile reader for queries: one multi-band GeoTIFF -> raw 120 px patches (`RawPixels`).
 
 A BigEarthNet patch folder (`BigEarthNet-S1/<product>/<s1_name>/`, `BigEarthNet-S2/<product>/<patch_id>/`)
 is a query tile too: S1 when it holds `<folder>_VV.tif` and `_VH.tif` (dB), S2 when it holds
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from rsretrieve.bands import PATCH_SIZE as PATCH, S1_BANDS, S2_BANDS, Modality
-from rsretrieve.preprocess import normalise
+from rsretrieve.preprocess import RawPixels
 from rsretrieve.errors import DataError, located
 
 S2_12 = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
@@ -39,7 +39,7 @@ _NAMES = {"s1": "Sentinel-1", "s2": "Sentinel-2"}
 
 @dataclass
 class QueryTile:
-    pixels: np.ndarray  # (P, C, 120, 120) float32, normalised
+    pixels: RawPixels  # P patches of 120 px, raw (S2 digital numbers, S1 dB); the model normalises
     modality: Modality
     path: str
     windows: list[tuple[int, int, int, int]]  # (row, col, h, w) of each patch in the source tile
@@ -88,7 +88,8 @@ def _order(descs: list[str], modality: Modality, n: int, where: str) -> list[int
 
 
 def _read_geotiff(path: Path, modality: Modality | None, where: str):
-    """(data (C, H, W) in model band order, modality, nodata, transform, crs) of a multi-band GeoTIFF."""
+    """(data (C, H, W) in `S1_BANDS` / `S2_BANDS` order, modality, nodata, transform, crs) of a
+    multi-band GeoTIFF."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
@@ -116,7 +117,7 @@ def _read_geotiff(path: Path, modality: Modality | None, where: str):
             if modality == "s2" and (dtype.kind not in "uif" or dtype.itemsize < 2):
                 raise DataError(located(where, f"Sentinel-2 tile has dtype {dtype}; expected uint16 reflectance DN"))
             idx = _order(descs, modality, n, where)
-            data = ds.read([i + 1 for i in idx]).astype(np.float64 if modality == "s1" else np.float32)
+            data = ds.read([i + 1 for i in idx])  # native dtype: integer S2 digital numbers stay integers
     except DataError:
         raise
     except (RasterioError, OSError, ValueError) as e:
@@ -125,11 +126,11 @@ def _read_geotiff(path: Path, modality: Modality | None, where: str):
 
 
 def _read_patch_folder(path: Path, modality: Modality | None, where: str):
-    """(data (C, 120, 120), modality, transform, crs) of a BigEarthNet patch folder: S1 when it holds
-    `<folder>_VV.tif`/`_VH.tif`, S2 when it holds `<folder>_B02.tif` ... (20 m bands nearest-upsampled)."""
+    """(raw pixels of one patch, modality, transform, crs) of a BigEarthNet patch folder: S1 when it
+    holds `<folder>_VV.tif`/`_VH.tif`, S2 when it holds `<folder>_B02.tif` ... (20 m bands at 60 px)."""
     from rasterio.errors import NotGeoreferencedWarning
 
-    from rsretrieve.datasets.benv2 import read_patch_folder
+    from rsretrieve.datasets.benv2_patch import read_patch_folder, stack_raw
 
     name = path.name
     found = [m for m, bands in (("s1", S1_BANDS), ("s2", S2_BANDS))
@@ -145,8 +146,8 @@ def _read_patch_folder(path: Path, modality: Modality | None, where: str):
         raise DataError(located(where, f"is a {_NAMES[detected]} patch folder ({bands}) but --modality {modality} was given"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        data, transform, crs = read_patch_folder(path, detected)
-    return data, detected, transform, crs
+        raw, transform, crs = read_patch_folder(path, detected)
+    return stack_raw([raw], detected), detected, transform, crs
 
 
 def read_tile(path: Path | str, modality: Modality | None = None, *, s1_units: str = "auto") -> QueryTile:
@@ -155,48 +156,15 @@ def read_tile(path: Path | str, modality: Modality | None = None, *, s1_units: s
     path = Path(path)
     where = str(path)
     if path.is_dir():
-        data, modality, transform, crs = _read_patch_folder(path, modality, where)
-        nodata = None
-        if s1_units == "auto":
-            s1_units = "db"  # BigEarthNet S1 band files hold dB
+        pixels, modality, transform, crs = _read_patch_folder(path, modality, where)
+        wins, resized, skipped = [(0, 0, PATCH, PATCH)], False, []
+        h = w = PATCH
     elif not path.is_file():
         raise DataError(located(where, "file not found"))
     else:
         data, modality, nodata, transform, crs = _read_geotiff(path, modality, where)
-
-    invalid = ~np.isfinite(data).all(axis=0)
-    if nodata is not None and np.isfinite(nodata):
-        invalid |= (data == nodata).any(axis=0)
-    if modality == "s1":
-        finite = data[np.isfinite(data)]
-        linear = s1_units == "linear" or (s1_units == "auto" and finite.size and finite.min() >= 0)
-        if linear:
-            invalid |= (data <= 0).any(axis=0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                data = 10.0 * np.log10(np.where(data > 0, data, 1.0))
-    data = np.where(invalid[None], 0, data).astype(np.float32)
-
-    h, w = data.shape[1:]
-    resized = h < PATCH or w < PATCH
-    skipped: list[tuple[str, str]] = []
-    if resized:
-        if invalid.any():
-            raise DataError(located(where, f"{int(invalid.sum())} invalid pixel(s) (NaN, inf or nodata)"))
-        patches, wins = bilinear_resize(data, PATCH)[None], [(0, 0, h, w)]
-    else:
-        patches, wins = [], []
-        for r in range(0, h - PATCH + 1, PATCH):
-            for c in range(0, w - PATCH + 1, PATCH):
-                bad = int(invalid[r : r + PATCH, c : c + PATCH].sum())
-                if bad:
-                    skipped.append((f"{path.name}:{r}_{c}", located(where, f"window {r},{c}: {bad} invalid pixel(s) (NaN, inf or nodata)")))
-                    continue
-                patches.append(data[:, r : r + PATCH, c : c + PATCH])
-                wins.append((r, c, PATCH, PATCH))
-        if not patches:
-            raise DataError(located(where, f"every 120 px patch has invalid pixels (NaN, inf or nodata); {len(skipped)} dropped"))
-        patches = np.stack(patches)
-    pixels = normalise(patches, modality)
+        pixels, wins, resized, skipped = _cut(data, modality, nodata, s1_units, path, where)
+        h, w = data.shape[1:]
 
     lat = lon = None
     patch_latlon = None
@@ -213,3 +181,42 @@ def read_tile(path: Path | str, modality: Modality | None = None, *, s1_units: s
         except Exception:
             pass
     return QueryTile(pixels, modality, str(path), wins, resized, crs_s, lat, lon, patch_latlon, skipped)
+
+
+def _cut(data: np.ndarray, modality: Modality, nodata, s1_units: str, path: Path, where: str):
+    """Raw 120 px patches of a tile (C, H, W): (RawPixels, windows, resized, skipped). S1 linear
+    power becomes dB; S2 integer digital numbers stay uint16."""
+    integer_dn = modality == "s2" and data.dtype.kind in "ui"
+    data = data.astype(np.float64 if modality == "s1" else np.float32)
+    invalid = ~np.isfinite(data).all(axis=0)
+    if nodata is not None and np.isfinite(nodata):
+        invalid |= (data == nodata).any(axis=0)
+    if modality == "s1":
+        finite = data[np.isfinite(data)]
+        linear = s1_units == "linear" or (s1_units == "auto" and finite.size and finite.min() >= 0)
+        if linear:
+            invalid |= (data <= 0).any(axis=0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                data = 10.0 * np.log10(np.where(data > 0, data, 1.0))
+    data = np.where(invalid[None], 0, data).astype(np.float32)
+
+    h, w = data.shape[1:]
+    bands = S1_BANDS if modality == "s1" else S2_BANDS
+    skipped: list[tuple[str, str]] = []
+    if h < PATCH or w < PATCH:
+        if invalid.any():
+            raise DataError(located(where, f"{int(invalid.sum())} invalid pixel(s) (NaN, inf or nodata)"))
+        return RawPixels(bilinear_resize(data, PATCH)[None], bands), [(0, 0, h, w)], True, skipped
+    patches, wins = [], []
+    for r in range(0, h - PATCH + 1, PATCH):
+        for c in range(0, w - PATCH + 1, PATCH):
+            bad = int(invalid[r : r + PATCH, c : c + PATCH].sum())
+            if bad:
+                skipped.append((f"{path.name}:{r}_{c}", located(where, f"window {r},{c}: {bad} invalid pixel(s) (NaN, inf or nodata)")))
+                continue
+            patches.append(data[:, r : r + PATCH, c : c + PATCH])
+            wins.append((r, c, PATCH, PATCH))
+    if not patches:
+        raise DataError(located(where, f"every 120 px patch has invalid pixels (NaN, inf or nodata); {len(skipped)} dropped"))
+    stacked = np.stack(patches)
+    return RawPixels(stacked.astype(np.uint16) if integer_dn else stacked, bands), wins, False, skipped

@@ -1,7 +1,8 @@
 """A PNG mosaic of a query patch beside its top results (Pillow only).
 
-S2 renders as true colour (B04, B03, B02 = channels 2, 1, 0 of `bands.S2_BANDS`), de-normalised
-to reflectance DN and stretched jointly over the three channels (2-98 % percentiles by default;
+Patches come raw, as readers ship them (`preprocess.RawPixels`, or a (C, H, W) array in
+`bands.bands_for(modality)` order). S2 renders as true colour (B04, B03, B02 in reflectance DN),
+stretched jointly over the three channels (2-98 % percentiles by default;
 `stretch="fixed"` maps 0-3000 DN with gamma 1/1.6). S1 renders as a false-colour composite
 R = VV in [-25, 0] dB, G = VH in [-32, -5] dB, B = VV - VH (the VV/VH ratio in dB) in [0, 15] dB.
 """
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from rsretrieve.bands import Modality, bands_for
-from rsretrieve.preprocess import normalisation
+from rsretrieve.preprocess import RawPixels
 
 S1_RANGES_DB = {"VV": (-25.0, 0.0), "VH": (-32.0, -5.0), "ratio": (0.0, 15.0)}
 S2_FIXED_MAX_DN = 3000.0
@@ -32,13 +33,15 @@ BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 
 
-def denormalise(pixels: np.ndarray, modality: Modality) -> np.ndarray:
-    """(C, H, W) standardised -> raw units (S2 reflectance DN, S1 dB)."""
-    mean, std = normalisation(modality)
+def _bands(pixels: RawPixels | np.ndarray, names: Sequence[str], modality: Modality, index: int) -> np.ndarray:
+    """The named bands of one patch as float32 (len(names), H, W)."""
+    if isinstance(pixels, RawPixels):
+        return np.stack([pixels.band(name)[index] for name in names]).astype(np.float32)
     pixels = np.asarray(pixels, dtype=np.float32)
-    if pixels.ndim != 3 or pixels.shape[0] != len(mean):
-        raise ValueError(f"{modality} pixels must be ({len(mean)}, H, W), got {pixels.shape}")
-    return pixels * std[:, None, None] + mean[:, None, None]
+    order = bands_for(modality)
+    if pixels.ndim != 3 or pixels.shape[0] != len(order):
+        raise ValueError(f"{modality} pixels must be ({len(order)}, H, W) in {order} order, got {pixels.shape}")
+    return pixels[[order.index(name) for name in names]]
 
 
 def _scale(x: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -47,12 +50,10 @@ def _scale(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((x - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
-def to_rgb(pixels: np.ndarray, modality: Modality, normalised: bool = True, stretch: str = "percentile") -> np.ndarray:
-    """(C, H, W) patch -> uint8 (H, W, 3). `normalised=False` takes raw units (DN / dB)."""
-    raw = denormalise(pixels, modality) if normalised else np.asarray(pixels, dtype=np.float32)
-    raw = np.nan_to_num(raw, nan=0.0)
+def to_rgb(pixels: RawPixels | np.ndarray, modality: Modality, stretch: str = "percentile", index: int = 0) -> np.ndarray:
+    """A raw patch (patch `index` of a RawPixels, or a (C, H, W) array) -> uint8 (H, W, 3)."""
     if modality == "s2":
-        rgb = raw[[2, 1, 0]]  # B04, B03, B02
+        rgb = np.nan_to_num(_bands(pixels, ("B04", "B03", "B02"), modality, index), nan=0.0)
         if stretch == "percentile":
             low, high = np.percentile(rgb, [2, 98])
             out = _scale(rgb, float(low), float(high))
@@ -61,8 +62,7 @@ def to_rgb(pixels: np.ndarray, modality: Modality, normalised: bool = True, stre
         else:
             raise ValueError(f"unknown stretch {stretch!r}; expected 'percentile' or 'fixed'")
     elif modality == "s1":
-        names = bands_for("s1")
-        vv, vh = raw[names.index("VV")], raw[names.index("VH")]
+        vv, vh = np.nan_to_num(_bands(pixels, ("VV", "VH"), modality, index), nan=0.0)
         out = np.stack([
             _scale(vv, *S1_RANGES_DB["VV"]),
             _scale(vh, *S1_RANGES_DB["VH"]),
@@ -124,9 +124,9 @@ def mosaic_size(n_results: int, tile: int = 120, scale: int = SCALE, columns: in
 
 
 def render_mosaic(
-    query: np.ndarray,
+    query: RawPixels | np.ndarray,
     query_modality: Modality,
-    results: Sequence[tuple[np.ndarray, Modality, str, str]],
+    results: Sequence[tuple[RawPixels | np.ndarray, Modality, str, str]],
     path: str | Path,
     query_title: str = "query",
     query_subtitle: str = "",
@@ -139,8 +139,7 @@ def render_mosaic(
     written under it, wrapped and truncated to the tile width. Tiles are laid out `columns` per row
     (all in one row by default). Tiles of another size are resized to the query's."""
     path = Path(path)
-    query = np.asarray(query)
-    tile = int(query.shape[-1])
+    tile = int((query.fine if isinstance(query, RawPixels) else np.asarray(query)).shape[-1])
     width, height = mosaic_size(len(results), tile, scale, columns)
     cells = 1 + len(results)
     ncols = cells if columns is None else max(1, min(columns, cells))
@@ -176,4 +175,4 @@ def labels_subtitle(labels: Sequence[str], score: float | None = None) -> str:
     return text if score is None else f"{score:.3f} | {text}"
 
 
-__all__ = ["to_rgb", "render_mosaic", "mosaic_size", "denormalise", "labels_subtitle"]
+__all__ = ["to_rgb", "render_mosaic", "mosaic_size", "labels_subtitle"]

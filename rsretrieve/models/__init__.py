@@ -7,7 +7,7 @@
 
 from rsretrieve.models.checkpoint import FORMAT, load_model, save_model
 from rsretrieve.models.csmoe import CSMoE, create_model, encode
-from rsretrieve.models.inference import describe_model, embed_pixels, model_for_provenance
+from rsretrieve.models.inference import describe_model, embed_raw, model_for_provenance
 from rsretrieve.models.registry import REGISTRY, CSMoEConfig, get_config, list_models, register_config
 
 __all__ = [
@@ -17,7 +17,7 @@ __all__ = [
     "CSMoEConfig",
     "create_model",
     "describe_model",
-    "embed_pixels",
+    "embed_raw",
     "encode",
     "get_config",
     "list_models",

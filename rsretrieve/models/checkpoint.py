@@ -1,17 +1,17 @@
-"""Model checkpoints: rsretrieve's own safetensors format, the CSMAE Lightning importer, load_model.
+"""Model checkpoints: rsretrieve's own safetensors format, plain state dicts, CSMAE's, load_model.
 
-Own format: one `<name>.safetensors` file (or a directory holding exactly one) with every tensor of
-the model's state_dict; its safetensors metadata holds `{"format": "rsretrieve-csmoe/1",
-"config": <config JSON>}`. The sha256 of the file is computed at load and recorded in
-`model.provenance["checkpoint_sha256"]`.
+- Own format: one `<name>.safetensors` file (or a directory holding exactly one) with every tensor
+  of the model's state_dict; its safetensors metadata holds `{"format": "rsretrieve-csmoe/1",
+  "config": <config JSON>}` (the config includes the model's preprocessing).
+- Plain weights: a `.safetensors` state dict without that metadata (the way timm and Hugging Face
+  publish weights) loads into a registered config named with `config=` (`--model NAME`).
+- CSMAE Lightning checkpoints (`.ckpt`, `.pt`, `.pth`) are read with
+  `torch.load(weights_only=True)` (never unpickling arbitrary objects) and imported by
+  `rsretrieve.models.csmae` (docs/MODELS.md).
 
-CSMAE Lightning checkpoints (`.ckpt`, `.pt`, `.pth`) are read with `torch.load(weights_only=True)`
-(never unpickling arbitrary objects). Their `state_dict` keys under `backbone.` map 1:1 onto this
-package's module names by stripping the prefix (see `rsretrieve.models.csmoe` and docs/MODELS.md); the dense
-config (patch size, depths, width, image size) is inferred from tensor shapes.
-
-Every load is strict: a missing, unexpected or wrongly shaped tensor raises `CheckpointError` naming
-the first offending keys, before anything is copied into the model.
+The sha256 of the file is recorded in `model.provenance["checkpoint_sha256"]`. Every load is
+strict: a missing, unexpected or wrongly shaped tensor raises `CheckpointError` naming the first
+offending keys, before anything is copied into the model.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,8 +36,6 @@ __all__ = [
     "load_model",
     "load_own",
     "load_csmae_lightning",
-    "csmae_to_rsretrieve_keys",
-    "infer_csmae_config",
     "check_state_dict",
     "sha256_file",
 ]
@@ -130,6 +127,8 @@ def save_model(model: CSMoE, path: str | os.PathLike) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": model.config.to_json()}
+    if model.source:  # where converted weights came from (e.g. a recognised CSMAE variant)
+        meta["source"] = json.dumps(model.source, sort_keys=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -146,8 +145,8 @@ def _resolve_own(path: Path) -> Path:
 
 
 def load_own(path: str | os.PathLike, device: str = "cpu", config: CSMoEConfig | str | None = None) -> CSMoE:
-    """Load an rsretrieve safetensors checkpoint. `config` (optional) overrides the stored config:
-    the weights must then match it exactly."""
+    """Load an rsretrieve safetensors checkpoint, or a plain safetensors state dict into `config`.
+    `config` (optional for our own files) overrides the stored config: the weights must match it."""
     from safetensors import safe_open
 
     path = _resolve_own(Path(path))
@@ -157,86 +156,34 @@ def load_own(path: str | os.PathLike, device: str = "cpu", config: CSMoEConfig |
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
-    except CheckpointError:
-        raise
     except Exception as exc:  # truncated / corrupt header or data
         raise CheckpointError(located(path, f"unreadable safetensors file ({type(exc).__name__}: {_one_line(exc)})")) from None
+    source = {"format": "rsretrieve" if meta.get("format") == FORMAT else "state-dict"}
+    if meta.get("source"):
+        source["converted_from"] = json.loads(meta["source"])
     if config is None:
         if meta.get("format") != FORMAT or "config" not in meta:
-            raise CheckpointError(located(path, f"not an rsretrieve checkpoint (metadata format {meta.get('format')!r})"))
+            raise CheckpointError(located(path, "a plain state dict without rsretrieve metadata: name the config its "
+                                                f"weights fit with --model NAME (registered: {', '.join(sorted(REGISTRY))})"))
         try:
             config = CSMoEConfig.from_dict(json.loads(meta["config"]))
         except Exception as exc:
             raise CheckpointError(located(path, f"invalid config in metadata: {_one_line(exc)}")) from None
-    return _model_from_state(config, state, path, device)
+    return _model_from_state(config, state, path, device, source)
 
 
-def _model_from_state(config: CSMoEConfig | str, state: Mapping[str, torch.Tensor], path: Path, device: str) -> CSMoE:
+def _model_from_state(config: CSMoEConfig | str, state: Mapping[str, torch.Tensor], path: Path, device: str,
+                      source: dict | None = None) -> CSMoE:
     """Build the config's model, load the state strictly and stamp the file's sha256 as provenance."""
     model = create_model(get_config(config) if isinstance(config, str) else config)
     _load_into(model, state, path)
     model.set_provenance(sha256_file(path), str(path))
+    model.source = dict(source or {})
     return model.to(device).eval()
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300]
-
-
-# ---------------------------------------------------------------------------------------------
-# CSMAE Lightning importer
-# ---------------------------------------------------------------------------------------------
-
-_BLOCK = re.compile(r"^(blocks_s1|blocks_s2|blocks)\.(\d+)\.")
-
-
-def csmae_to_rsretrieve_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`backbone.<name>` -> `<name>`; keys outside `backbone.` (decoders, projector, optimiser)
-    are pretraining-only and dropped. Names inside the backbone are identical by design."""
-    out = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    return out
-
-
-def infer_csmae_config(state: Mapping[str, torch.Tensor], path: object, hparams: Mapping[str, Any] | None = None) -> CSMoEConfig:
-    """Dense CSMAE config from tensor shapes. Heads cannot be seen in shapes: taken from the
-    checkpoint's hyper_parameters (`num_heads`/`heads`) if present, else from a registered dense
-    config with the same shapes, else embed_dim // 64 (ViT convention)."""
-    try:
-        w_s1 = state["patch_embed.proj.weight"]
-        w_s2 = state["patch_embed_s2.proj.weight"]
-        pos = state["pos_embed"]
-    except KeyError as exc:
-        raise CheckpointError(located(path, f"not a CSMAE backbone: missing key backbone.{exc.args[0]}")) from None
-    dim, s1_chans, patch, _ = w_s1.shape
-    s2_chans = w_s2.shape[1]
-    n = pos.shape[-2] - 1
-    grid = int(round(n**0.5))
-    if grid * grid != n:
-        raise CheckpointError(located(path, f"pos_embed has {n} patch positions, not a square grid"))
-    depths = {}
-    for k in state:
-        m = _BLOCK.match(k)
-        if m:
-            depths[m.group(1)] = max(depths.get(m.group(1), 0), int(m.group(2)) + 1)
-    if depths.get("blocks_s1") != depths.get("blocks_s2"):
-        raise CheckpointError(located(path, f"S1 and S2 encoders differ in depth: {depths}"))
-    fc1 = state.get("blocks_s1.0.mlp.fc1.weight")
-    mlp_ratio = fc1.shape[0] / dim if fc1 is not None else 4.0
-    shape_sig = dict(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth_modality=depths.get("blocks_s1", 0),
-                     depth_cross=depths.get("blocks", 0), s1_chans=s1_chans, s2_chans=s2_chans, mlp_ratio=mlp_ratio)
-    heads, name = None, None
-    if hparams:
-        for key in ("num_heads", "heads", "encoder_heads"):
-            if isinstance(hparams.get(key), int):
-                heads = hparams[key]
-                break
-    for cfg in REGISTRY.values():
-        if not cfg.is_moe and all(getattr(cfg, k) == v for k, v in shape_sig.items()) and heads in (None, cfg.num_heads):
-            heads, name = cfg.num_heads, cfg.name
-            break
-    heads = heads or max(1, dim // 64)
-    return CSMoEConfig(name=name or f"csmae-imported-p{patch}", num_heads=heads, num_experts=1,
-                       moe_layers_modality=(), moe_layers_cross=(), **shape_sig)
 
 
 def _torch_load(path: Path) -> Any:
@@ -252,22 +199,23 @@ def _torch_load(path: Path) -> Any:
 
 def load_csmae_lightning(path: str | os.PathLike, device: str = "cpu", config: CSMoEConfig | str | None = None) -> CSMoE:
     """Import a CSMAE Lightning checkpoint (dict with `state_dict`, or a bare state_dict)."""
+    from rsretrieve.models.csmae import load_csmae
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(located(path, "no such checkpoint file"))
+    config = get_config(config) if isinstance(config, str) else config
     obj = _torch_load(path)
-    hparams = None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        hparams = obj.get("hyper_parameters") if isinstance(obj.get("hyper_parameters"), Mapping) else None
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(located(path, "not a state_dict (expected a mapping of names to tensors)"))
-    state = csmae_to_rsretrieve_keys(obj)
-    if not state:
-        raise CheckpointError(located(path, "no keys under 'backbone.': not a CSMAE checkpoint"))
-    if config is None:
-        config = infer_csmae_config(state, path, hparams)
-    return _model_from_state(config, state, path, device)
+    state = obj["state_dict"] if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) else obj
+    if config is not None and isinstance(state, Mapping) and not any(str(k).startswith("backbone.") for k in state):
+        return _model_from_state(config, state, path, device, {"format": "state-dict"})  # plain weights, named config
+    config, state, source = load_csmae(obj, path, config)
+    return _model_from_state(config, state, path, device, source)
+
+
+CONVERT_HINT = ("save its state dict as safetensors in Python (`safetensors.torch.save_file(state_dict, "
+                "'weights.safetensors')`), then pass `--checkpoint weights.safetensors --model NAME`, or make it "
+                "self-describing with `rsretrieve convert weights.safetensors model.safetensors --model NAME`")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,4 +240,5 @@ def load_model(name_or_path: str | os.PathLike, device: str = "cpu", config: CSM
         return load_own(path, device=device, config=config)
     if path.suffix in LIGHTNING_SUFFIXES:
         return load_csmae_lightning(path, device=device, config=config)
-    raise CheckpointError(located(path, f"unknown checkpoint type {path.suffix!r}; expected .safetensors, a directory, .ckpt, .pt or .pth"))
+    raise CheckpointError(located(path, f"unknown checkpoint type {path.suffix!r} (rsretrieve reads .safetensors, a directory "
+                                        f"holding one, or CSMAE's .ckpt/.pt/.pth); {CONVERT_HINT}"))

@@ -98,7 +98,9 @@ class Block(nn.Module):
 
 
 def _sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
-    """MAE-style fixed 2D sin-cos position embedding with a zero row for [CLS]: (1, 1+grid², dim)."""
+    """MAE's fixed 2D sin-cos position embedding with a zero row for [CLS]: (1, 1+grid², dim). As in
+    MAE's and CSMAE's `get_2d_sincos_pos_embed`, the first half of the channels encodes the token's
+    column and the second half its row (tokens in row-major order)."""
     if dim % 4:
         return torch.zeros(1, 1 + grid * grid, dim)
     coords = torch.arange(grid, dtype=torch.float64)
@@ -109,7 +111,7 @@ def _sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
         out = pos.reshape(-1, 1) * omega[None]
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    pe = torch.cat([emb(gy), emb(gx)], dim=1).float()
+    pe = torch.cat([emb(gx), emb(gy)], dim=1).float()
     return torch.cat([torch.zeros(1, dim), pe], dim=0)[None]
 
 
@@ -140,8 +142,11 @@ class CSMoE(nn.Module):
         self.norm_s1 = nn.LayerNorm(d, eps=c.norm_eps)
         self.norm_s2 = nn.LayerNorm(d, eps=c.norm_eps)
         self.norm = nn.LayerNorm(d, eps=c.norm_eps)
+        # timm names: with global_pool="avg" the pooled patch tokens go through `fc_norm`
+        self.fc_norm = nn.LayerNorm(d, eps=c.norm_eps) if c.global_pool == "avg" else None
         self._checkpoint_sha256: str = RANDOM_INIT
         self._checkpoint_path: str | None = None
+        self.source: dict[str, Any] = {}  # how a checkpoint was imported (format, recognised variant)
         self.init_weights()
 
     # -- init / provenance ------------------------------------------------------------------
@@ -178,6 +183,8 @@ class CSMoE(nn.Module):
             "config": self.config.to_dict(),
             "checkpoint_sha256": self._checkpoint_sha256,
             "checkpoint_path": self._checkpoint_path,
+            "preprocessing": self.config.preprocessing.to_dict(),
+            **({"source": dict(self.source)} if self.source else {}),
         }
 
     @property
@@ -217,10 +224,15 @@ class CSMoE(nn.Module):
         return self.forward_features(x, modality)
 
     def embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        """Raw (un-normalised) [CLS] of the cross-sensor output, (B, D). Resizes to img_size if needed."""
+        """The retrieval vector (B, D) of normalised pixels: the raw (un-normalised) [CLS] of the
+        cross-sensor output, or with global_pool="avg" `fc_norm(mean of the patch tokens)`.
+        Resizes to img_size (the preprocessing's method) if the caller did not."""
         if x.ndim == 4 and x.shape[-2:] != (self.config.img_size, self.config.img_size):
-            x = resize_batch(x, self.config.img_size)
-        return self.forward_features(x, modality)[:, 0]
+            x = resize_batch(x, self.config.img_size, self.config.preprocessing.resize)
+        tokens = self.forward_features(x, modality)
+        if self.fc_norm is not None:
+            return self.fc_norm(tokens[:, 1:].mean(dim=1))
+        return tokens[:, 0]
 
     # -- routing introspection ----------------------------------------------------------------
 

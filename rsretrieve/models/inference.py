@@ -1,36 +1,38 @@
-"""Running the encoder on normalised pixels: batching, the one resize per batch, CPU/CUDA."""
+"""Running the encoder on raw reader values: the model's preprocessing and the forward pass, on
+its device, in batches. Archive chunks, query tiles and evaluations all come through here, so a
+query embeds exactly as the archive did."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from rsretrieve.bands import Modality
-from rsretrieve.models.preprocessing import resize_batch
+from rsretrieve.preprocess import RawPixels
 from rsretrieve.provenance import RANDOM_INIT
 
 
-def embed_pixels(model, pixels: np.ndarray, modality: Modality, device: str | None = None, batch_size: int = 32) -> np.ndarray:
-    """Normalised (N, C, H, W) pixels -> raw [CLS] embeddings (N, D) float32, in batches.
+def embed_raw(model, raw: RawPixels, modality: Modality, device: str | None = None, batch_size: int = 32) -> np.ndarray:
+    """Raw pixels of N patches -> retrieval vectors (N, D) float32, `batch_size` at a time.
 
-    Each batch is resized to the model's input size once, on the device (pinned and copied
-    asynchronously to a GPU), then run by `csmoe.encode` (inference mode; bf16 autocast on CUDA)."""
+    Each batch goes to the device as raw values (uint16 S2 digital numbers, float32 S1 dB), where
+    `models.preprocessing.prepare` applies the model's preprocessing; then `csmoe.encode` runs it
+    (inference mode; bf16 autocast on CUDA)."""
     import torch
 
     from rsretrieve.models.csmoe import encode
+    from rsretrieve.models.preprocessing import prepare
 
     device = device or str(next(model.parameters()).device)
+    config = model.config
     out = []
-    for start in range(0, len(pixels), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch_size], dtype=np.float32))
-        if device.startswith("cuda"):
-            x = x.pin_memory().to(device, non_blocking=True)
+    for start in range(0, len(raw), batch_size):
         with torch.inference_mode():
-            x = resize_batch(x, model.config.img_size)
+            x = prepare(raw.take(slice(start, start + batch_size)), modality, config.preprocessing, config.img_size, device)
         out.append(encode(model, x, modality, device).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.config.embed_dim), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, config.embed_dim), np.float32)
 
 
-def describe_model(spec: str) -> tuple[dict, int]:
+def describe_model(spec: str, config: str | None = None) -> tuple[dict, int]:
     """(provenance, embedding dim) of a model spec, without building a registered model's weights.
 
     A checkpoint path is loaded once (its sha256 and config are in the file)."""
@@ -39,12 +41,13 @@ def describe_model(spec: str) -> tuple[dict, int]:
     from rsretrieve.models.registry import REGISTRY, get_config
 
     if spec in REGISTRY and not Path(spec).exists():
-        config = get_config(spec)
-        provenance = {"model": spec, "config": config.to_dict(), "checkpoint_sha256": RANDOM_INIT, "checkpoint_path": None}
-        return provenance, config.embed_dim
+        registered = get_config(spec)
+        provenance = {"model": spec, "config": registered.to_dict(), "checkpoint_sha256": RANDOM_INIT, "checkpoint_path": None,
+                      "preprocessing": registered.preprocessing.to_dict()}
+        return provenance, registered.embed_dim
     from rsretrieve.models.checkpoint import load_model
 
-    model = load_model(spec)
+    model = load_model(spec, config=config)
     return dict(model.provenance), model.config.embed_dim
 
 
@@ -54,8 +57,9 @@ def model_for_provenance(provenance: dict, device: str = "cpu"):
     import warnings
     from pathlib import Path
 
-    from rsretrieve.models.checkpoint import load_model
     from rsretrieve.errors import StoreError, located
+    from rsretrieve.models.checkpoint import load_model, sha256_file
+    from rsretrieve.models.registry import CSMoEConfig
 
     sha = provenance.get("checkpoint_sha256")
     if sha == RANDOM_INIT:
@@ -68,7 +72,6 @@ def model_for_provenance(provenance: dict, device: str = "cpu"):
     path = provenance.get("checkpoint_path")
     if not path or not Path(path).exists():
         raise StoreError(located(path, "the checkpoint this store was encoded with is missing; queries need the same model"))
-    model = load_model(path, device=device)
-    if model.provenance.get("checkpoint_sha256") != sha:
+    if sha256_file(path) != sha:
         raise StoreError(located(path, "checkpoint changed since the store was written (sha256 differs); re-encode or restore it"))
-    return model
+    return load_model(path, device=device, config=CSMoEConfig.from_dict(provenance["config"]))

@@ -15,12 +15,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rsretrieve.bands import S1_BANDS, S2_BANDS
+from rsretrieve.preprocess import BENV2_NEAREST, CSMAE_BEN1, Preprocessing
+
+POOLS = ("token", "avg")
 
 
 @dataclass(frozen=True)
 class CSMoEConfig:
     """Frozen, JSON-serialisable model config. `moe_layers_*` index the layers (0-based) of the
-    modality-specific and cross-sensor encoders that use Soft MoE instead of a dense MLP."""
+    modality-specific and cross-sensor encoders that use Soft MoE instead of a dense MLP.
+
+    `global_pool` picks the retrieval vector: "token" = the raw [CLS] after the last norm (CSMoE,
+    Table V), "avg" = `fc_norm` of the mean of the patch tokens (CSMAE: timm's global_pool='avg').
+    `preprocessing` is what the model does to raw band values (`rsretrieve.preprocess`)."""
 
     name: str
     img_size: int = 224
@@ -39,9 +46,19 @@ class CSMoEConfig:
     s2_chans: int = len(S2_BANDS)
     qkv_bias: bool = True
     norm_eps: float = 1e-6
+    global_pool: str = "token"
+    preprocessing: Preprocessing = BENV2_NEAREST
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
+        if not isinstance(self.preprocessing, Preprocessing):
+            object.__setattr__(self, "preprocessing", Preprocessing.from_dict(self.preprocessing))
+        if self.global_pool not in POOLS:
+            raise ValueError(f"{self.name}: global_pool must be one of {POOLS}, got {self.global_pool!r}")
+        for modality in ("s1", "s2"):
+            if len(self.preprocessing.bands(modality)) != self.chans(modality):
+                raise ValueError(f"{self.name}: {self.chans(modality)} {modality} channels but preprocessing "
+                                 f"{self.preprocessing.name!r} orders {len(self.preprocessing.bands(modality))} bands")
         object.__setattr__(self, "moe_layers_modality", tuple(int(i) for i in self.moe_layers_modality))
         object.__setattr__(self, "moe_layers_cross", tuple(int(i) for i in self.moe_layers_cross))
         if self.img_size % self.patch_size:
@@ -89,6 +106,7 @@ class CSMoEConfig:
         d = dataclasses.asdict(self)
         d["moe_layers_modality"] = list(self.moe_layers_modality)
         d["moe_layers_cross"] = list(self.moe_layers_cross)
+        d["preprocessing"] = self.preprocessing.to_dict()
         return d
 
     def to_json(self) -> str:
@@ -116,12 +134,13 @@ def register_config(config: CSMoEConfig) -> CSMoEConfig:
 
 for _p in (14, 16, 28, 32):
     register_config(CSMoEConfig(name=f"csmoe-p{_p}", patch_size=_p))
-register_config(
-    CSMoEConfig(
-        name="csmae-p15", img_size=120, patch_size=15, depth_modality=10, depth_cross=2,
-        moe_layers_modality=(), moe_layers_cross=(), num_experts=1,
-    )
-)
+# CSMAE's published ViT-B/15 backbones (jakhac/CSMAE): "SE" = 10 sensor-specific + 2 shared layers
+# (csmae_secd, csmae_sesd), "CE" = 12 + 0 (csmae_cecd, csmae_cesd). Retrieval vector fc_norm(mean of
+# the patch tokens); CSMAE's own preprocessing.
+_CSMAE = dict(img_size=120, patch_size=15, moe_layers_modality=(), moe_layers_cross=(), num_experts=1,
+              global_pool="avg", preprocessing=CSMAE_BEN1)
+register_config(CSMoEConfig(name="csmae-p15", depth_modality=10, depth_cross=2, **_CSMAE))
+register_config(CSMoEConfig(name="csmae-ce-p15", depth_modality=12, depth_cross=0, **_CSMAE))
 register_config(
     CSMoEConfig(
         name="csmoe-tiny", img_size=64, patch_size=16, embed_dim=64, num_heads=2, depth_modality=2,
@@ -131,7 +150,8 @@ register_config(
 register_config(
     CSMoEConfig(
         name="csmae-tiny", img_size=64, patch_size=16, embed_dim=64, num_heads=2, depth_modality=2,
-        depth_cross=1, num_experts=1, moe_layers_modality=(), moe_layers_cross=(),
+        depth_cross=1, num_experts=1, moe_layers_modality=(), moe_layers_cross=(), global_pool="avg",
+        preprocessing=CSMAE_BEN1,
     )
 )
 

@@ -18,6 +18,7 @@ import numpy as np
 from rsretrieve.bands import Modality
 from rsretrieve.errors import StoreError, located
 from rsretrieve.labels import CLASSES
+from rsretrieve.preprocess import RawPixels
 from rsretrieve.provenance import is_random_init
 from rsretrieve.retrieval.index_meta import index_dir
 from rsretrieve.store.zarr_store import EmbeddingStore
@@ -43,7 +44,7 @@ class QueryResult:
     target: Modality
     hits: list[Hit]
     provenance: dict
-    query_pixels: np.ndarray = field(repr=False)
+    query_pixels: RawPixels = field(repr=False)  # the query's (first) patch, raw
 
     @property
     def random_init(self) -> bool:
@@ -115,7 +116,7 @@ class Archive:
         found = self.store.open(target).drop_vars("embedding").isel(patch=[row for _, row in kept]).compute()
         return [self._hit(found, i, score, row) for i, (score, row) in enumerate(kept)]
 
-    def query_vector(self, vector: np.ndarray, source: Modality, target: Modality, k: int, label: str, pixels: np.ndarray, exclude_row=None) -> QueryResult:
+    def query_vector(self, vector: np.ndarray, source: Modality, target: Modality, k: int, label: str, pixels: RawPixels, exclude_row=None) -> QueryResult:
         return QueryResult(label, source, target, self.search(vector, target, k, exclude_row), self.store.provenance(target), pixels)
 
     def query_tile(self, path: str | Path, target: Modality, k: int = 10, modality: Modality | None = None) -> QueryResult:
@@ -127,7 +128,7 @@ class Archive:
         unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
         vector = unit.mean(axis=0)
         label = f"{Path(path).name} ({tile.modality.upper()}, {len(tile.pixels)} patch{'es' if len(tile.pixels) > 1 else ''})"
-        return self.query_vector(vector, tile.modality, target, k, label, tile.pixels[0])
+        return self.query_vector(vector, tile.modality, target, k, label, tile.pixels.take([0]))
 
     def query_id(self, patch_id: str, target: Modality, k: int = 10, modality: Modality | None = None) -> QueryResult:
         """Query with an archive patch's stored embedding (the patch itself is left out of the results)."""
@@ -141,37 +142,37 @@ class Archive:
                 if not bool(group["valid"][row]):
                     raise StoreError(located(self.store.path, f"patch {patch_id} was skipped when encoding (bad input); it cannot be a query"))
                 vector = group["embedding"][row].values.astype(np.float32)
-                pixels = self.read_pixels(source, [patch_id])[0]
+                pixels = self.read_pixels(source, [patch_id])
                 return self.query_vector(vector, source, target, k, f"{patch_id} ({source.upper()})", pixels, exclude_row=row if source == target else None)
         raise StoreError(located(self.store.path, f"no patch with id {patch_id!r}"))
 
     # -- pictures ---------------------------------------------------------------------------------
-    def read_pixels(self, modality: Modality, patch_ids: list[str]) -> np.ndarray:
-        """Normalised pixels of archive patches, read back from the dataset the store was built from:
+    def read_pixels(self, modality: Modality, patch_ids: list[str]) -> RawPixels:
+        """Raw pixels of archive patches, read back from the dataset the store was built from:
         patch by patch where the reader can, else through the chunks that hold them."""
         from rsretrieve.datasets import open_dataset
 
         source = self.store.provenance(modality).get("dataset") or {"name": "sample"}
         dataset = open_dataset(source["name"], Path(source["root"]) if source.get("root") else None, source.get("subset"), **source.get("options", {}))
         if hasattr(dataset, "read_patch"):
-            return np.stack([dataset.read_patch(pid, modality) for pid in patch_ids])
+            return RawPixels.concat([dataset.read_patch(pid, modality) for pid in patch_ids])
         spans, _ = self.store.ledger(modality)
         ids = self.store.open(modality)["patch_id"].values.tolist()
         chunk_of = {ids[row]: span.key for span in spans for row in range(span.start, span.stop)}
         chunks = {chunk.key: chunk for chunk in dataset.chunks(modality)}
-        found: dict[str, np.ndarray] = {}
+        found: dict[str, RawPixels] = {}
         for key in dict.fromkeys(chunk_of[pid] for pid in patch_ids):
             batch = dataset.read_chunk(chunks[key])
-            found.update({pid: pix for pid, pix in zip(batch.patch_ids, batch.pixels)})
-        return np.stack([found[pid] for pid in patch_ids])
+            found.update({pid: batch.pixels.take([i]) for i, pid in enumerate(batch.patch_ids)})
+        return RawPixels.concat([found[pid] for pid in patch_ids])
 
     def mosaic(self, result: QueryResult, path: str | Path) -> Path:
         from rsretrieve.export.mosaic import labels_subtitle, render_mosaic
 
         pixels = self.read_pixels(result.target, [h.patch_id for h in result.hits])
         tiles = [
-            (pix, result.target, f"#{h.rank} {short_id(h.patch_id)}", labels_subtitle(h.labels, h.score))
-            for pix, h in zip(pixels, result.hits)
+            (pixels.take([i]), result.target, f"#{h.rank} {short_id(h.patch_id)}", labels_subtitle(h.labels, h.score))
+            for i, h in enumerate(result.hits)
         ]
         warning = "RANDOM WEIGHTS: not a result" if result.random_init else ""
         return render_mosaic(result.query_pixels, result.query_modality, tiles, Path(path), query_title=result.query_label, query_subtitle=warning)
@@ -182,13 +183,14 @@ class Archive:
             raise StoreError(located(self.store.path, f"no {target.upper()} embeddings; run `rsretrieve index --modality {target}` first"))
         self.index(target)
 
-    def _embed(self, pixels: np.ndarray, modality: Modality, target: Modality) -> np.ndarray:
-        """The query's embedding by the model that made the target's (a store holds one model)."""
-        from rsretrieve.models.inference import embed_pixels, model_for_provenance
+    def _embed(self, pixels: RawPixels, modality: Modality, target: Modality) -> np.ndarray:
+        """The query's embedding by the model that made the target's (a store holds one model),
+        through the same preprocessing as the archive's patches."""
+        from rsretrieve.models.inference import embed_raw, model_for_provenance
 
         if self._model is None:
             self._model = model_for_provenance(self.store.provenance(target))
-        return embed_pixels(self._model, pixels, modality)
+        return embed_raw(self._model, pixels, modality)
 
     @staticmethod
     def _hit(found, i: int, score: float, row: int) -> Hit:

@@ -8,7 +8,7 @@ Each group is a self-describing Dataset that opens with plain `xarray.open_zarr(
               grid_cell, timestamp, product_id (those the source has)
     chunk_key / chunk_start / chunk_stop / chunk_done (chunk)   the resumability ledger
     attrs     provenance: model, config, checkpoint_sha256 ("random-init" for untrained weights),
-              normalisation, rsretrieve version, creation time
+              preprocessing (band order, statistics, resampling), rsretrieve version, creation time
 
 Rows are allocated for every patch up front, in the dataset's chunk order, so each data chunk owns
 one fixed region. A chunk is written (embedding + valid) and only then marked done in the ledger;
@@ -31,7 +31,6 @@ import xarray as xr
 import zarr
 
 from rsretrieve.bands import MODALITIES, Modality
-from rsretrieve.preprocess import normalisation_attrs
 from rsretrieve.errors import StoreError, located
 from rsretrieve.labels import CLASSES, multi_hot
 from rsretrieve.provenance import MODEL_KEYS, describe, differences, is_random_init
@@ -103,6 +102,8 @@ class EmbeddingStore:
                 "model": prov.get("model"),
                 "checkpoint_sha256": prov.get("checkpoint_sha256"),
                 "random_init": is_random_init(prov),
+                "source": prov.get("source") or {},
+                "preprocessing": prov.get("preprocessing") or {},
             }
         return out
 
@@ -110,10 +111,10 @@ class EmbeddingStore:
     def check(self, modality: Modality, provenance: dict, spans: Sequence[ChunkSpan], dtype: str | None = None) -> str:
         """Check that an existing group takes these embeddings; returns the group's dtype.
 
-        Another model, checkpoint, normalisation or (an explicitly asked) dtype is refused:
+        Another model, checkpoint, preprocessing or (an explicitly asked) dtype is refused:
         embeddings of different models are never mixed."""
         existing = self.provenance(modality)
-        asked = {**provenance, "dtype": dtype or existing.get("dtype"), "normalisation": normalisation_attrs()}
+        asked = {**provenance, "dtype": dtype or existing.get("dtype")}
         diff = differences(existing, asked)
         if diff:
             raise StoreError(
@@ -142,7 +143,6 @@ class EmbeddingStore:
         dataset.attrs["provenance"] = {
             **provenance,
             "dtype": dtype,
-            "normalisation": normalisation_attrs(),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         dataset.attrs["description"] = f"CSMoE [CLS] embeddings of {modality.upper()} patches (rsretrieve)"
