@@ -43,8 +43,8 @@ def replicate_sample(dest: Path, replicas: int) -> Path:
             s2, s1 = row["patch_id"], row["s1_name"]
             new_s2, new_s1 = _rename(s2, copy), _rename(s1, copy)
             for name, new, sensor in ((s2, new_s2, "S2"), (s1, new_s1, "S1")):
-                old_dir = src / f"BigEarthNet-{sensor}" / product_of(name) / name
-                new_dir = dest / f"BigEarthNet-{sensor}" / product_of(new) / new
+                old_dir = src / f"BigEarthNet-{sensor}" / product_of(name, "s1" if sensor == "S1" else "s2") / name
+                new_dir = dest / f"BigEarthNet-{sensor}" / product_of(new, "s1" if sensor == "S1" else "s2") / new
                 new_dir.mkdir(parents=True, exist_ok=True)
                 for tif in old_dir.glob("*.tif"):
                     shutil.copyfile(tif, new_dir / tif.name.replace(name, new))

@@ -125,10 +125,17 @@ CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="rsr
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where the encoder runs.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="[default: 32 on CPU, 256 on GPU]")]
 SchedulerOpt = Annotated[Optional[str], typer.Option("--scheduler", help="Address of a dask.distributed scheduler [default: a local cluster].")]
+class WindowRule(str, Enum):
+    majortom = "majortom"
+    grid = "grid"
+
+
+WindowsOpt = Annotated[Optional[WindowRule], typer.Option("--windows", help="Major TOM tiles: majortom = its fragmenter (whole cell, 10 x 10 of 120 px), grid = the CSMoE paper's 8 x 8; default majortom.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store path [default: one per dataset, subset and model in the workspace].")]
 
 
-def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto, batch_size=None, scheduler=None, store=None, dtype=None):
+def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto, batch_size=None, scheduler=None, store=None,
+             dtype=None, windows=None):
     from rsretrieve.indexer.jobs import Job
 
     if data_root is not None and not Path(data_root).exists():
@@ -143,4 +150,6 @@ def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.
     selection = State.workspace.select(dataset.value if dataset else None, data_root, model, checkpoint, subset, remember=False)
     if data_root is not None and selection.dataset == "sample":
         raise RSRetrieveError(f"{data_root}: --data-root needs --dataset benv2 or majortom (the bundled sample has its own)")
-    return Job(State.workspace, selection, store, device.value, batch_size, scheduler, dtype)
+    if windows is not None and selection.dataset != "majortom":
+        raise RSRetrieveError(f"--windows {windows.value}: applies to --dataset majortom only")
+    return Job(State.workspace, selection, store, device.value, batch_size, scheduler, dtype, windows.value if windows else None)

@@ -21,6 +21,7 @@ from rsretrieve.cli._app import (
     State,
     StoreOpt,
     SubsetOpt,
+    WindowsOpt,
     app,
     console,
     err,
@@ -100,9 +101,10 @@ def encode(
     scheduler: SchedulerOpt = None,
     store: StoreOpt = None,
     float16: Annotated[bool, typer.Option("--float16", help="Store embeddings as float16 (half the disk).")] = False,
+    windows: WindowsOpt = None,
 ) -> None:
-    """Compute CSMoE [CLS] embeddings for every patch not yet in the store (resumable)."""
-    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else None)
+    """Compute the model's embeddings for every patch not yet in the store (resumable)."""
+    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else None, windows)
     subset_note = f" / {job.selection.subset}" if job.selection.subset else ""
     console.print(f"dataset [cyan]{job.selection.dataset}[/]{subset_note} → store {job.store_path}")
     encode_all(job, modalities_of(modality))
@@ -123,11 +125,12 @@ def index(
     scheduler: SchedulerOpt = None,
     store: StoreOpt = None,
     gpu_search: Annotated[bool, typer.Option("--gpu-search", help="Build/search through faiss on a GPU when it has one.")] = False,
+    windows: WindowsOpt = None,
 ) -> None:
     """Encode what is missing for a modality, then build its FAISS index (only what is missing)."""
     from rsretrieve.indexer.jobs import ensure_index
 
-    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store)
+    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, None, windows)
     encode_all(job, modalities_of(modality))
     for m in modalities_of(modality):
         outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search)

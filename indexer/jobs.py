@@ -27,14 +27,20 @@ class Job:
     batch_size: int | None = None
     scheduler: str | None = None
     dtype: str | None = None  # float32/float16 for a new store; None: an existing store's
+    windows: str | None = None  # Major TOM: "majortom" (its fragmenter, the default) or "grid" (the paper's 8 x 8)
 
     @property
     def store_path(self) -> Path:
-        return Path(self.store) if self.store else self.workspace.selection_store(self.selection)
+        if self.store:
+            return Path(self.store)
+        path = self.workspace.selection_store(self.selection)
+        # another cut of the tiles is another set of patches: a store of its own
+        return path.with_name(f"{path.stem}-{self.windows}windows.zarr") if self.windows == "grid" else path
 
     @property
     def dataset_spec(self) -> DatasetSpec:
-        return DatasetSpec(self.selection.dataset, self.selection.root, self.selection.subset)
+        options = (("windows", self.windows),) if self.windows else ()
+        return DatasetSpec(self.selection.dataset, self.selection.root, self.selection.subset, options)
 
     @property
     def encoder_spec(self) -> EncoderSpec:

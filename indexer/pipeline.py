@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,22 @@ from rsretrieve.provenance import MODEL_KEYS, describe, differences
 from rsretrieve.store import ChunkSpan, EmbeddingStore
 
 ENCODER_RESOURCE = "encoder"
+MAX_FAILED_SHARE = 0.05  # unreadable inputs tolerated before a run fails (nodata windows are not failures)
+DATA_GAP = "invalid pixel(s)"  # a window with nodata: the data has a gap, nothing is broken
+
+
+def skip_reason(message: str) -> str:
+    """The kind of problem in a one-line skip message ('<where>: <problem>'): the problem without
+    its window, its closing details in parentheses and its numbers ('missing band file',
+    'unreadable GeoTIFF', 'invalid pixel(s)')."""
+    problem = message.split(": ", 1)[-1]
+    problem = re.sub(r"^window [\d,]+: ", "", problem)
+    problem = re.sub(r"\s*\([^()]*(\([^()]*\)[^()]*)*\)$", "", problem)
+    return re.sub(r"\b\d+\b\s*", "", problem).strip()
+
+
+def skip_counts(skipped: list[tuple[str, str]]) -> Counter:
+    return Counter(skip_reason(message) for _, message in skipped)
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,14 @@ class EncodeSummary:
     seconds: float = 0.0
     provenance: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. a subset count that differs from the paper's
+    patches_total: int = 0
+
+    def skip_summary(self, examples: int = 3) -> str:
+        """'3 skipped: 2 missing band file, 1 invalid pixel(s) ...; first: <path>, ...' (one line)."""
+        counts = skip_counts(self.skipped)
+        reasons = ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
+        first = "; ".join(message for _, message in self.skipped[:examples])
+        return f"{len(self.skipped)} skipped: {reasons}; first: {first}"
 
     @property
     def patches_per_second(self) -> float:
@@ -96,6 +122,15 @@ class EncodeSummary:
     @property
     def nothing_to_do(self) -> bool:
         return self.chunks_already_done == self.chunks_total
+
+
+class TooManySkipped(RSRetrieveError):
+    """Every patch of a modality, or more than the allowed share of them, could not be read. What
+    was encoded stays in the store; the message says what was skipped and why."""
+
+    def __init__(self, message: str, summary: EncodeSummary):
+        super().__init__(message)
+        self.summary = summary
 
 
 class EncodeInterrupted(RSRetrieveError):
@@ -219,8 +254,14 @@ def encode(
     on_start: Callable[[int, int], None] | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     chunk_hook: Callable[[Chunk], None] | None = None,
+    max_failed_share: float = MAX_FAILED_SHARE,
 ) -> EncodeSummary:
     """Encode every patch of `modality` not yet in the store.
+
+    Patches that cannot be read are skipped, counted by reason and recorded in the store's
+    attributes. The run fails (`TooManySkipped`) when no patch of the modality is encoded, or when
+    more than `max_failed_share` of this run's patches were unreadable (nodata windows, a gap in
+    the data rather than a failure, do not count).
 
     `client`: an existing dask.distributed Client; else `scheduler` (an address) is connected to;
     else a LocalCluster sized to the machine is started for this call (`cluster()` shares one
@@ -240,7 +281,8 @@ def encode(
     chunks = ds.chunks(modality)
     store = EmbeddingStore(store_path)
     provenance, dim = describe_model(encoder.model, encoder.config)
-    provenance = {**provenance, "rsretrieve_version": __version__, "dataset": dataset.to_dict()}
+    reader = ds.describe() if hasattr(ds, "describe") else {}
+    provenance = {**provenance, "rsretrieve_version": __version__, "dataset": {**dataset.to_dict(), "reader": reader}}
     if store.has(modality):
         spans = chunk_spans(chunks)
         dtype = store.check(modality, provenance, spans, dtype)
@@ -254,7 +296,8 @@ def encode(
 
     done = store.done_chunks(modality)
     todo = [(chunk, span) for chunk, span in zip(chunks, spans) if chunk.key not in done]
-    summary = EncodeSummary(modality, Path(store_path), len(chunks), len(chunks) - len(todo), provenance=store.provenance(modality))
+    summary = EncodeSummary(modality, Path(store_path), len(chunks), len(chunks) - len(todo), provenance=store.provenance(modality),
+                            patches_total=spans[-1].stop)
     count_message = getattr(ds, "count_message", None)
     if count_message and count_message():
         summary.notes.append(count_message())
@@ -263,8 +306,26 @@ def encode(
     if todo:
         with workers:
             _run(workers.get(), dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook)
+        if summary.skipped:
+            store.record_skipped(modality, skip_counts(summary.skipped), [m for _, m in summary.skipped[:5]])
     summary.seconds = time.perf_counter() - started
+    _check_skipped(store, modality, summary, sum(span.stop - span.start for _, span in todo), max_failed_share)
     return summary
+
+
+def _check_skipped(store: EmbeddingStore, modality: Modality, summary: EncodeSummary, attempted: int, max_share: float) -> None:
+    """TooManySkipped when the store holds no patch of the modality, or this run failed to read
+    more than `max_share` of the patches it attempted."""
+    label = modality.upper()
+    if store.valid_count(modality) == 0:
+        recorded = store.skipped(modality)
+        why = summary.skip_summary() if summary.skipped else (
+            "; ".join(f"{n} {reason}" for reason, n in recorded.get("by_reason", {}).items()) + "; first: " + "; ".join(recorded.get("examples", [])))
+        raise TooManySkipped(f"{label}: none of the {summary.patches_total} patches could be encoded: {why}", summary)
+    failed = sum(1 for _, message in summary.skipped if DATA_GAP not in skip_reason(message))
+    if attempted and failed / attempted > max_share:
+        raise TooManySkipped(f"{label}: {failed} of {attempted} patches ({failed / attempted:.0%}) could not be read, more than "
+                             f"the {max_share:.0%} allowed; the others are in the store: {summary.skip_summary()}", summary)
 
 
 class cluster:

@@ -1,38 +1,75 @@
 """Geometry helpers: the Major TOM grid, MGRS 100 km squares, UTM <-> WGS84.
 
-Major TOM grid (REFERENCE.md section 4, 10 km spacing):
-- rows: ``r = floor(lat / (180 / 2004))``, named ``"{r}U"`` for r >= 0 and ``"{|r|}D"`` for r < 0;
-- columns of row r: ``n = ceil(2*pi*6378.137*cos(row_lat) / 10)`` with ``row_lat`` the latitude of
-  the row's bottom edge (``r * 180/2004``), ``c = floor(lon / (360 / n))``, named ``"{c}R"`` for
-  c >= 0 and ``"{|c|}L"`` for c < 0;
-- the cell name is ``"{row}_{col}"`` (the cell is named from its bottom-left corner).
-Example: Naples (40.85 N, 14.27 E) -> ``"454U_120R"``.
+Major TOM grid (ESA Phi-lab's `MajorTOM/grid.py` `Grid(10)`, REFERENCE.md section 4), computed
+the way that code computes it, so names agree bit for bit (a golden test holds 10,000 points
+named by Major TOM's own code, `tools/golden/make_majortom_golden.py`):
+
+- rows: n = ceil(pi * 6378.137 / 10) = 2004 latitudes `linspace(-90, 90, n + 1)[:-1]`, shifted by
+  `mod(., 180) - 90` and sorted; the row at 0 is "0U", rows above "1U", "2U", ..., below "1D",
+  "2D", ...; only rows with -85 <= lat <= 85 exist (946D ... 946U, lat -84.97 ... 84.97);
+- columns of a row at latitude L (its bottom edge): m = ceil(2 pi (R cos(L pi / 180)) / 10)
+  longitudes `mod(linspace(-180, 180, m + 1)[:-1], 360) - 180`, sorted; the one at 0 is "0R",
+  east of it "1R", ..., west "1L", ...;
+- a point belongs to the last row whose latitude is below it (a point on a line: the row
+  below) and, in it, the last column whose longitude is below it; west of the row's first
+  column it wraps to the row's last column (the antimeridian);
+- the cell name is ``"{row}_{col}"`` (the cell is named from its bottom-left corner), e.g. Naples
+  (40.85 N, 14.27 E) -> ``"454U_120R"``.
+
+Points south of the lowest row (-84.97) or north of the top row's top edge (85.06) lie outside
+the grid: `grid_cell` raises (Major TOM's code wraps such a southern point to the top row "946U",
+an artefact of its index arithmetic that names no real cell).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from functools import lru_cache
 
 import numpy as np
 
 EARTH_RADIUS_KM = 6378.137
 GRID_KM = 10.0
-N_ROWS = 2004  # ceil(pi * R / 10 km), rows from pole to pole
-ROW_DEG = 180.0 / N_ROWS
+LAT_RANGE = (-85.0, 85.0)
 
 
-def grid_row(lat: float) -> int:
-    return math.floor(lat / ROW_DEG)
+def _grid_lines(start: float, stop: float, n: int, period: float, half: float) -> np.ndarray:
+    """Major TOM's n grid lines over [start, stop): linspace, shifted by mod(., period) - half, sorted."""
+    return np.sort(np.mod(np.linspace(start, stop, n + 1)[:-1], period) - half)
 
 
-def grid_n_cols(row: int) -> int:
-    row_lat = row * ROW_DEG
-    return math.ceil(2 * math.pi * EARTH_RADIUS_KM * math.cos(math.radians(row_lat)) / GRID_KM)
+@lru_cache(maxsize=None)
+def _rows() -> tuple[np.ndarray, np.ndarray]:
+    """(row latitudes, signed row indices) of the rows the grid keeps, south to north."""
+    lats = _grid_lines(-90, 90, math.ceil(math.pi * EARTH_RADIUS_KM / GRID_KM), 180, 90)
+    signed = np.arange(lats.size) - int(np.searchsorted(lats, 0))
+    keep = (lats >= LAT_RANGE[0]) & (lats <= LAT_RANGE[1])
+    return lats[keep], signed[keep]
 
 
-def grid_col(lat: float, lon: float) -> int:
-    return math.floor(lon / (360.0 / grid_n_cols(grid_row(lat))))
+ROW_DEG = 180.0 / math.ceil(math.pi * EARTH_RADIUS_KM / GRID_KM)  # row spacing, about 0.0898 degrees
+
+
+@lru_cache(maxsize=4096)
+def _columns(row_lat: float) -> tuple[np.ndarray, int]:
+    """(column longitudes, index of the 0 R column) of the row at `row_lat`."""
+    circumference = 2 * math.pi * (EARTH_RADIUS_KM * math.cos(row_lat * math.pi / 180))
+    lons = _grid_lines(-180, 180, math.ceil(circumference / GRID_KM), 360, 180)
+    return lons, int(np.flatnonzero(lons == 0)[0])
+
+
+def grid_indices(lat: float, lon: float) -> tuple[int, int]:
+    """(grid_row_u, grid_col_r): the signed row and column of the cell holding a point (Major TOM's
+    `latlon2rowcol(..., integer=True)`)."""
+    lats, signed = _rows()
+    top = lats[-1] + (lats[-1] - lats[-2])
+    if not lats[0] < lat <= top:  # on the lowest line the point belongs to the row below it
+        raise ValueError(f"latitude {lat} is outside Major TOM's grid ({lats[0]:.4f} < lat <= {top:.4f})")
+    r = int(np.searchsorted(lats, lat)) - 1
+    lons, zero = _columns(float(lats[r]))
+    c = (int(np.searchsorted(lons, lon)) - 1) % lons.size  # west of the first column: the last one
+    return int(signed[r]), c - zero
 
 
 def row_name(row: int) -> str:
@@ -45,13 +82,8 @@ def col_name(col: int) -> str:
 
 def grid_cell(lat: float, lon: float) -> str:
     """Major TOM grid cell name for a point, e.g. ``grid_cell(40.85, 14.27) == "454U_120R"``."""
-    row = grid_row(lat)
-    return f"{row_name(row)}_{col_name(grid_col(lat, lon))}"
-
-
-def grid_indices(lat: float, lon: float) -> tuple[int, int]:
-    """(grid_row_u, grid_col_r): the signed row and column indices of the cell."""
-    return grid_row(lat), grid_col(lat, lon)
+    row, col = grid_indices(lat, lon)
+    return f"{row_name(row)}_{col_name(col)}"
 
 
 _CELL = re.compile(r"^(\d+)([UD])_(\d+)([RL])$")
@@ -68,9 +100,16 @@ def parse_grid_cell(name: str) -> tuple[int, int]:
 
 
 def grid_cell_bottom_left(name: str) -> tuple[float, float]:
-    """(lat, lon) of the bottom-left corner of a named cell."""
+    """(lat, lon) of the bottom-left corner (the grid point) of a named cell."""
     row, col = parse_grid_cell(name)
-    return row * ROW_DEG, col * 360.0 / grid_n_cols(row)
+    lats, signed = _rows()
+    hit = np.flatnonzero(signed == row)
+    if not hit.size:
+        raise ValueError(f"{name}: no such row in Major TOM's grid")
+    lons, zero = _columns(float(lats[hit[0]]))
+    if not 0 <= zero + col < lons.size:
+        raise ValueError(f"{name}: no such column in row {row_name(row)}")
+    return float(lats[hit[0]]), float(lons[zero + col])
 
 
 # --- MGRS 100 km squares (for the approximate georeference of BigEarthNet tiles) -------------

@@ -4,8 +4,11 @@ Release layout (REFERENCE.md section 3):
     <root>/BigEarthNet-S2/<S2 product>/<patch_id>/<patch_id>_<band>.tif
     <root>/BigEarthNet-S1/<S1 product>/<s1_name>/<s1_name>_{VV,VH}.tif
     <root>/metadata.parquet  (+ metadata_for_patches_with_snow_cloud_or_shadow.parquet)
-The product folder is the patch name without its trailing `_<row>_<col>`; paths are built from
-the name, never found by walking the tree.
+The product folder is the patch name without its trailing `_<row>_<col>` for S2
+(`S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP`), and without `_<tile>_<row>_<col>` for S1
+(`S1A_IW_GRDH_1SDV_20170613T165043`), as the release, the bigearthnet-pipeline that builds it,
+TorchGeo and rico-hdl have it. Paths are built from the name, never found by walking the tree; a
+tree whose folders are not where the release puts them is a one-line error naming the folder.
 
 rico-hdl LMDB: key = patch name (S2 patch_id or s1_name), value = safetensors bytes of a dict
 band name -> 2-D array (S2 uint16 at native size, S1 float32 dB).
@@ -50,12 +53,18 @@ GDAL_ENV = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
 # --- names and paths -------------------------------------------------------------------------
 
-def product_of(name: str) -> str:
-    """Product folder of a patch: its name without the trailing `_<row>_<col>`."""
+def product_of(name: str, modality: Modality = "s2") -> str:
+    """Product folder of a patch: an S2 patch_id without its trailing `_<row>_<col>`, an S1
+    s1_name without its trailing `_<tile>_<row>_<col>`."""
     m = _NAME_RC.match(name)
     if not m:
         raise DataError(located(name, "patch name does not end in _<row>_<col>"))
-    return m.group(1)
+    if modality == "s2":
+        return m.group(1)
+    product, _, tile = m.group(1).rpartition("_")
+    if not product or not tile:
+        raise DataError(located(name, "S1 patch name does not end in _<tile>_<row>_<col>"))
+    return product
 
 
 def timestamp_of(name: str) -> datetime | None:
@@ -64,7 +73,7 @@ def timestamp_of(name: str) -> datetime | None:
 
 
 def patch_dir(root: Path, name: str, modality: Modality) -> Path:
-    return Path(root) / (S2_DIR if modality == "s2" else S1_DIR) / product_of(name) / name
+    return Path(root) / (S2_DIR if modality == "s2" else S1_DIR) / product_of(name, modality) / name
 
 
 def band_path(root: Path, name: str, modality: Modality, band: str) -> Path:
@@ -96,8 +105,10 @@ def read_tree_patch(root: Path, name: str, modality: Modality):
 
 
 def tree_centre(root: Path, name: str, modality: Modality):
-    """Patch centre (x, y, crs) from the header of its first 10 m band file, or None."""
+    """Patch centre (x, y, crs) from the header of its first 10 m band file; None when the file
+    is missing or carries no georeference (the layout itself is checked by `check_layout`)."""
     import rasterio
+    from rasterio.errors import RasterioError
 
     path = band_path(root, name, modality, bands_for(modality)[0])
     try:
@@ -106,8 +117,25 @@ def tree_centre(root: Path, name: str, modality: Modality):
                 return None
             x, y = pixel_to_xy(ds.transform, ds.width / 2.0, ds.height / 2.0)
             return (x, y, ds.crs.to_string())
-    except Exception:
+    except (RasterioError, OSError):
         return None
+
+
+LAYOUT_PROBE = 8  # patches looked up before a tree's layout is declared wrong
+
+
+def check_layout(root: Path, names: list[str], modality: Modality) -> None:
+    """DataError naming the expected folder when none of the first patches of a selection is where
+    the release puts it (a wrong root, an unpacked archive missing, or a pre-release layout)."""
+    probe = names[:LAYOUT_PROBE]
+    if not probe or any(patch_dir(root, n, modality).is_dir() for n in probe):
+        return
+    expected = patch_dir(root, probe[0], modality)
+    folder = S2_DIR if modality == "s2" else S1_DIR
+    pattern = "<product>/<patch_id>" if modality == "s2" else "<product>/<s1_name> (product = s1_name without _<tile>_<row>_<col>)"
+    old = Path(root) / folder / _NAME_RC.match(probe[0]).group(1) / probe[0]
+    hint = f"; found {old.parent.name}/ instead, a pre-release layout: move each patch folder up to its product folder" if old.is_dir() else ""
+    raise DataError(located(expected, f"no such folder: the release puts {modality.upper()} patches in {folder}/{pattern}{hint}"))
 
 
 # --- metadata --------------------------------------------------------------------------------
@@ -260,6 +288,8 @@ class BENv2Dataset:
     def chunks(self, modality: Modality) -> list[Chunk]:
         bands_for(modality)
         names = self.names(modality)
+        if self.source == "tree":
+            check_layout(self.data_path, names, modality)
         out = []
         for i in range(0, len(names), self.chunk_size):
             part = tuple(names[i : i + self.chunk_size])
@@ -282,7 +312,7 @@ class BENv2Dataset:
             "lat": lat,
             "lon": lon,
             "timestamp": [timestamp_of(n) for n in names],
-            "product_id": [product_of(n) for n in names],
+            "product_id": [product_of(n, modality) for n in names],
         }
 
     def metadata(self, modality: Modality) -> pa.Table:
@@ -294,6 +324,7 @@ class BENv2Dataset:
             if self.tree_root is not None:
                 import rasterio
 
+                check_layout(self.tree_root, names, modality)
                 with rasterio.Env(**GDAL_ENV):
                     centres = [tree_centre(self.tree_root, n, modality) for n in names]
             else:
@@ -339,6 +370,10 @@ class BENv2Dataset:
         return PatchBatch(stack_raw(pixels, modality), names, meta_table(self._meta_columns(names, modality, centres)), skipped)
 
     # --- convenience
+    def describe(self) -> dict:
+        """Where patches are read from, for the store's provenance."""
+        return {"source": self.source, "layout": "release" if self.source == "tree" else "rico-hdl lmdb"}
+
     def read_patch(self, name: str, modality: Modality) -> RawPixels:
         """Raw pixels of one patch; DataError if it is bad."""
         if self.source == "tree":

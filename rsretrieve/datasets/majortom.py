@@ -5,8 +5,10 @@ itself holds shards, or a collection folder, is accepted too). One row per row g
 band cells are single-band GeoTIFF bytes (S2 `B02..B12` at native resolution; S1 `vv`, `vh` linear
 power, nodata -32768), decoded with `rasterio.io.MemoryFile`.
 
-Each tile is cut into floor(H/120) x floor(W/120) patches of 120 px at 10 m (1068 px -> 8 x 8),
-partial patches discarded (as the CSMoE paper). A patch with any invalid pixel is dropped and
+Each tile is cut into windows of 120 px at 10 m: by default with Major TOM's own fragmenting rule
+(whole coverage, ~10 % overlap: 10 x 10 windows at stride 105 in a 1068 px cell, the last row and
+column moved to the edge), or with `windows="grid"` the CSMoE paper's disjoint 8 x 8 grid, partial
+patches discarded. The window of each patch is in its metadata. A patch with any invalid pixel is dropped and
 reported in `PatchBatch.skipped`: S1 nodata (-32768), non-positive or non-finite linear power;
 S2 the declared nodata, or 0 (L2A no-data) when none is declared. S1 is converted to dB
 (10 log10). Pixels ship raw (`preprocess.RawPixels`: S2 uint16 digital numbers, the 20 m bands at
@@ -173,8 +175,35 @@ def tile_pixels(bands: dict[str, tuple], modality: Modality, where: str) -> Tile
     return TileRaster(fine, fine_names, coarse, coarse_names, invalid)
 
 
-def windows(h: int, w: int, size: int = PATCH) -> list[tuple[int, int, int, int]]:
-    return [(r * size, c * size, size, size) for r in range(h // size) for c in range(w // size)]
+WINDOW_RULES = ("majortom", "grid")
+FRAGMENT_OVERLAP = 0.1  # Major TOM's embedder: target overlap, a tenth of the fragment
+
+
+def fragment_offsets(length: int, size: int, overlap: float = FRAGMENT_OVERLAP) -> list[int]:
+    """Window origins along one axis by Major TOM's fragmenter (`embedder/grid_cell_fragment.py`):
+    n = round((L - F) / (F - overlap F)) segments, stride F - ceil(F - (L - F) / n), the last
+    window moved to the edge (L - F) so the whole cell is covered. 1068 / 120 -> 10 windows,
+    stride 105, the last at 948; 1068 / 224 -> 5 at 0, 211, ..., 844."""
+    if length < size:
+        return []
+    if length == size:
+        return [0]
+    n = max(1, int(np.round((length - size) / (size - overlap * size))))
+    stride = size - int(np.ceil(size - (length - size) / n))
+    offsets = [k * stride for k in range(n + 1)]
+    offsets[-1] = length - size
+    return offsets
+
+
+def windows(h: int, w: int, size: int = PATCH, rule: str = "majortom") -> list[tuple[int, int, int, int]]:
+    """(row, col, size, size) of every window cut from an h x w tile, row by row. "majortom": Major
+    TOM's fragmenter (whole coverage, about 10 % overlap; 100 windows of 120 px in a 1068 px cell);
+    "grid": the CSMoE paper's disjoint grid, partial windows dropped (8 x 8 = 64)."""
+    if rule == "grid":
+        return [(r * size, c * size, size, size) for r in range(h // size) for c in range(w // size)]
+    if rule == "majortom":
+        return [(r, c, size, size) for r in fragment_offsets(h, size) for c in fragment_offsets(w, size)]
+    raise RSRetrieveError(f"windows must be one of {', '.join(WINDOW_RULES)}, got {rule!r}")
 
 
 _KEYS_CACHE: dict[tuple, list[str]] = {}
@@ -210,13 +239,16 @@ class MajorTOMDataset:
     """Major TOM Core S2L2A / S1RTC shards, cut into 120 px patches."""
 
     def __init__(self, root: Path | str, *, dataset_name: str = "majortom", patch_size: int = PATCH,
-                 tile_size: int | None = None):
+                 tile_size: int | None = None, windows: str = "majortom"):
         self.root = Path(root)
         self.name = dataset_name
         if patch_size != PATCH:
             raise RSRetrieveError(f"patch_size must be {PATCH} (the model's BigEarthNet patch size)")
+        if windows not in WINDOW_RULES:
+            raise RSRetrieveError(f"windows must be one of {', '.join(WINDOW_RULES)}, got {windows!r}")
         self.patch_size = patch_size
         self.tile_size = tile_size
+        self.window_rule = windows
         if not self.root.exists():
             raise DataError(located(self.root, "dataset root not found"))
         self._cache: dict = {}
@@ -225,6 +257,11 @@ class MajorTOMDataset:
         state = dict(self.__dict__)
         state["_cache"] = {}
         return state
+
+    def describe(self) -> dict:
+        """How patches are cut, for the store's provenance."""
+        return {"windows": self.window_rule, "patch_size": self.patch_size,
+                "overlap": FRAGMENT_OVERLAP if self.window_rule == "majortom" else 0.0}
 
     def shards(self, modality: Modality) -> list[Path]:
         shards = find_shards(self.root, modality)
@@ -309,7 +346,7 @@ class MajorTOMDataset:
             except DataError as e:
                 skipped.append((f"{product}/{key}", str(e)))
                 continue
-            wins = windows(h, w, self.patch_size)
+            wins = windows(h, w, self.patch_size, self.window_rule)
             if not wins:
                 skipped.append((f"{product}/{key}", located(where, f"tile {h}x{w} px is smaller than {self.patch_size} px")))
                 continue

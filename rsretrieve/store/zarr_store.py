@@ -85,6 +85,25 @@ class EmbeddingStore:
         spans, done = self.ledger(modality)
         return {span.key for span, flag in zip(spans, done) if flag}
 
+    def valid_count(self, modality: Modality) -> int:
+        """Patches of a modality with an embedding."""
+        return int(np.count_nonzero(self._group(modality, "r")["valid"][:]))
+
+    def skipped(self, modality: Modality) -> dict:
+        """What encoding runs skipped: {"count", "by_reason", "examples"} ({} if nothing)."""
+        return dict(self._group(modality, "r").attrs.get("skipped", {}))
+
+    def record_skipped(self, modality: Modality, by_reason: dict[str, int], examples: list[str]) -> None:
+        """Add a run's skipped patches (counted by reason) to the group's attributes."""
+        group = self._group(modality, "r+")
+        recorded = dict(group.attrs.get("skipped", {}))
+        reasons = dict(recorded.get("by_reason", {}))
+        for reason, n in by_reason.items():
+            reasons[reason] = reasons.get(reason, 0) + int(n)
+        group.attrs["skipped"] = {"count": sum(reasons.values()), "by_reason": reasons,
+                                  "examples": (list(recorded.get("examples", [])) + list(examples))[:5]}
+        _consolidate(self.path)
+
     def summary(self) -> dict:
         """Counts per modality, for `rsretrieve info`."""
         out: dict = {"path": str(self.path), "modalities": {}}
@@ -104,6 +123,7 @@ class EmbeddingStore:
                 "random_init": is_random_init(prov),
                 "source": prov.get("source") or {},
                 "preprocessing": prov.get("preprocessing") or {},
+                "skipped": int(dict(group.attrs.get("skipped", {})).get("count", 0)),
             }
         return out
 
