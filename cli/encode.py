@@ -10,12 +10,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rsretrieve.cli._app import (
     BatchOpt,
     CheckpointOpt,
+    CompileOpt,
     DatasetOpt,
     DeviceChoice,
     DeviceOpt,
     IndexKind,
     ModalityOrBoth,
     ModelOpt,
+    ReadersOpt,
     RootOpt,
     SchedulerOpt,
     State,
@@ -102,9 +104,12 @@ def encode(
     store: StoreOpt = None,
     float16: Annotated[bool, typer.Option("--float16", help="Store embeddings as float16 (half the disk).")] = False,
     windows: WindowsOpt = None,
+    compile: CompileOpt = False,
+    readers: ReadersOpt = None,
 ) -> None:
     """Compute the model's embeddings for every patch not yet in the store (resumable)."""
-    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else None, windows)
+    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else None,
+                   windows, compile, readers)
     subset_note = f" / {job.selection.subset}" if job.selection.subset else ""
     console.print(f"dataset [cyan]{job.selection.dataset}[/]{subset_note} → store {job.store_path}")
     encode_all(job, modalities_of(modality))
@@ -126,11 +131,13 @@ def index(
     store: StoreOpt = None,
     gpu_search: Annotated[bool, typer.Option("--gpu-search", help="Build/search through faiss on a GPU when it has one.")] = False,
     windows: WindowsOpt = None,
+    compile: CompileOpt = False,
+    readers: ReadersOpt = None,
 ) -> None:
     """Encode what is missing for a modality, then build its FAISS index (only what is missing)."""
     from rsretrieve.indexer.jobs import ensure_index
 
-    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, None, windows)
+    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, None, windows, compile, readers)
     encode_all(job, modalities_of(modality))
     for m in modalities_of(modality):
         outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search)

@@ -28,6 +28,8 @@ class Job:
     scheduler: str | None = None
     dtype: str | None = None  # float32/float16 for a new store; None: an existing store's
     windows: str | None = None  # Major TOM: "majortom" (its fragmenter, the default) or "grid" (the paper's 8 x 8)
+    compile: bool = False  # torch.compile the model on the encoder workers
+    readers: int | None = None  # reader processes of the local cluster (default: one per core)
 
     @property
     def store_path(self) -> Path:
@@ -44,12 +46,12 @@ class Job:
 
     @property
     def encoder_spec(self) -> EncoderSpec:
-        return EncoderSpec(self.selection.model_spec, self.device, self.batch_size, self.selection.config)
+        return EncoderSpec(self.selection.model_spec, self.device, self.batch_size, self.selection.config, compile=self.compile)
 
 
 def job_cluster(job: Job) -> cluster:
     """One Dask client for all of a job's encoding: `with job_cluster(job) as client: ...`."""
-    return cluster(None, job.scheduler, job.device)
+    return cluster(None, job.scheduler, job.device, job.readers)
 
 
 def ensure_embeddings(job: Job, modality: Modality, client=None, **progress) -> EncodeSummary:

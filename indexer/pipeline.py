@@ -1,38 +1,40 @@
-"""The encoder stage: data chunks -> CSMoE [CLS] embeddings -> Zarr store, over a Dask cluster.
+"""The encoder stage: data chunks -> embeddings -> Zarr store, over a Dask cluster.
 
-Each data chunk becomes two tasks: `read` (GeoTIFF/LMDB/parquet decoding to raw values, runs on
-any worker thread) and `encode` (one batch through the model). Encode tasks claim the worker's single
-`encoder` resource, so a worker runs one encode at a time on its CPU cores or GPU while its other
-threads read the next chunks: reading overlaps encoding. Each worker process loads the model once.
+Each data chunk is read by a `read` task on a reader worker (`indexer.readers`: decoding to raw
+values, on every core of every node), and groups of chunks adding up to a GPU-sized batch are
+encoded by one `encode` task on an encoder worker (`indexer.encoder`: the model's preprocessing
+and forward pass on its device). Dask moves the raw batches from readers to encoders; groups in
+flight follow the cluster's read slots and a memory budget (`indexer.batching`). The cluster's
+layout is `indexer.cluster`.
 
 The driver writes each finished chunk into its region of the store and only then marks it done, so
-an interrupted run resumes where it stopped and a finished run does nothing.
+an interrupted run resumes where it stopped and a finished run does nothing. A reader or encoder
+worker that dies takes its tasks with it; Dask reruns them elsewhere and the run completes.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import re
-import threading
 import time
 import uuid
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from rsretrieve.bands import Modality
-from rsretrieve.datasets import Chunk, PatchBatch, open_dataset
-from rsretrieve.models.inference import embed_raw
+from rsretrieve.datasets import Chunk
 from rsretrieve.errors import RSRetrieveError
+from rsretrieve.indexer.batching import groups, groups_in_flight
+from rsretrieve.indexer.cluster import ENCODER_RESOURCE, READER_RESOURCE, cluster, local_cluster, slots, task_resources
+from rsretrieve.indexer.encoder import EncoderSpec, encode_group
+from rsretrieve.indexer.readers import DatasetSpec, read_chunk
 from rsretrieve.provenance import MODEL_KEYS, describe, differences
 from rsretrieve.store import ChunkSpan, EmbeddingStore
 
-ENCODER_RESOURCE = "encoder"
+__all__ = ["ENCODER_RESOURCE", "READER_RESOURCE", "DatasetSpec", "EncodeInterrupted", "EncodeSummary", "EncoderSpec",
+           "TooManySkipped", "cluster", "encode", "local_cluster"]
+
 MAX_FAILED_SHARE = 0.05  # unreadable inputs tolerated before a run fails (nodata windows are not failures)
 DATA_GAP = "invalid pixel(s)"  # a window with nodata: the data has a gap, nothing is broken
 
@@ -49,49 +51,6 @@ def skip_reason(message: str) -> str:
 
 def skip_counts(skipped: list[tuple[str, str]]) -> Counter:
     return Counter(skip_reason(message) for _, message in skipped)
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """How a worker opens the dataset: picklable, reopened once per process."""
-
-    name: str
-    root: str | None = None
-    subset: str | None = None
-    options: tuple[tuple[str, object], ...] = ()  # reader options, e.g. (("chunk_size", 64),)
-
-    def open(self):
-        key = (self.name, self.root, self.subset, self.options)
-        with _CACHE_LOCK:
-            if key not in _DATASETS:
-                _DATASETS[key] = open_dataset(self.name, Path(self.root) if self.root else None, self.subset, **dict(self.options))
-            return _DATASETS[key]
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "root": self.root, "subset": self.subset, "options": dict(self.options)}
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """Which model to run where: a config name or checkpoint path (with, for plain weights, the
-    registered config they fit), a device, a batch size."""
-
-    model: str = "csmoe-p16"
-    device: str = "auto"  # auto | cpu | cuda
-    batch_size: int | None = None  # default: 32 on CPU, 256 on a GPU
-    config: str | None = None
-
-    def resolved_device(self) -> str:
-        import torch
-
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise RSRetrieveError("--device cuda: no CUDA device is available on this machine")
-        return self.device
-
-    def resolved_batch_size(self) -> int:
-        return self.batch_size or (256 if self.resolved_device().startswith("cuda") else 32)
 
 
 @dataclass
@@ -141,95 +100,7 @@ class EncodeInterrupted(RSRetrieveError):
         self.summary = summary
 
 
-# -- worker side --------------------------------------------------------------------------------
-_CACHE_LOCK = threading.Lock()
-_DATASETS: dict = {}
-_MODELS: dict = {}
-
-
-def _worker_model(spec: EncoderSpec, device: str):
-    """The process's one copy of the model, loaded on first use."""
-    from rsretrieve.models.checkpoint import load_model
-
-    path = Path(spec.model)
-    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
-    key = (spec.model, spec.config, device, stamp)
-    with _CACHE_LOCK:
-        if key not in _MODELS:
-            _MODELS.clear()  # one model per worker process
-            if device == "cpu":
-                _use_worker_cores()
-            with warnings.catch_warnings():
-                # random-init is stamped in the store's provenance and said by the client, once
-                warnings.simplefilter("ignore", UserWarning)
-                logging.getLogger("rsretrieve").setLevel(logging.ERROR)
-                _MODELS[key] = load_model(spec.model, device=device, config=spec.config)
-        return _MODELS[key]
-
-
-def _use_worker_cores() -> None:
-    """dask's nanny starts workers with OMP_NUM_THREADS=1, which would leave torch on one core:
-    the encoder is the worker's main job, so it gets as many threads as the worker has."""
-    import torch
-
-    try:
-        from distributed import get_worker
-
-        threads = get_worker().state.nthreads
-    except ValueError:  # not inside a dask worker
-        threads = os.cpu_count() or 1
-    torch.set_num_threads(max(1, threads))
-
-
-def _worker_device(spec: EncoderSpec) -> str:
-    device = spec.resolved_device()
-    if device != "cuda":
-        return device
-    import torch
-
-    try:  # one GPU per worker: LocalCluster names its workers 0, 1, ...
-        from distributed import get_worker
-
-        return f"cuda:{int(get_worker().name) % torch.cuda.device_count()}"
-    except (ValueError, TypeError):
-        return "cuda"
-
-
-def read_chunk(dataset: DatasetSpec, chunk: Chunk) -> PatchBatch:
-    return dataset.open().read_chunk(chunk)
-
-
-def encode_batch(batch: PatchBatch, spec: EncoderSpec, chunk_hook: Callable | None = None, chunk: Chunk | None = None) -> tuple[list[str], np.ndarray, list, dict]:
-    """Embed one chunk's pixels. Returns (patch_ids, embeddings float32 (n, D), skipped, the
-    provenance of the model that ran)."""
-    if chunk_hook is not None:
-        chunk_hook(chunk)
-    device = _worker_device(spec)
-    model = _worker_model(spec, device)
-    embeddings = embed_raw(model, batch.pixels, chunk.modality, device, spec.resolved_batch_size())
-    return list(batch.patch_ids), embeddings, list(batch.skipped), model.provenance
-
-
 # -- driver side --------------------------------------------------------------------------------
-def local_cluster_kwargs(device: str) -> dict:
-    """A local cluster sized to this machine: one worker per GPU, else one worker using all cores."""
-    cores = os.cpu_count() or 1
-    n_gpus = 0
-    if device in ("auto", "cuda"):
-        import torch
-
-        n_gpus = torch.cuda.device_count()
-    workers = max(1, n_gpus)
-    return {
-        "n_workers": workers,
-        "threads_per_worker": max(2, cores // workers),
-        "resources": {ENCODER_RESOURCE: 1},
-        "processes": True,
-        "dashboard_address": None,
-        "silence_logs": logging.ERROR,
-    }
-
-
 def chunk_spans(chunks: list[Chunk], n_rows: int | None = None) -> list[ChunkSpan]:
     """Each chunk's row range in the store, in chunk order (the order the metadata lists patches)."""
     spans, start = [], 0
@@ -254,6 +125,7 @@ def encode(
     on_start: Callable[[int, int], None] | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     chunk_hook: Callable[[Chunk], None] | None = None,
+    read_hook: Callable[[Chunk], None] | None = None,
     max_failed_share: float = MAX_FAILED_SHARE,
 ) -> EncodeSummary:
     """Encode every patch of `modality` not yet in the store.
@@ -264,11 +136,11 @@ def encode(
     the data rather than a failure, do not count).
 
     `client`: an existing dask.distributed Client; else `scheduler` (an address) is connected to;
-    else a LocalCluster sized to the machine is started for this call (`cluster()` shares one
-    across calls). `dtype`: float32 or float16 for a new store; None takes an existing store's.
+    else a local cluster sized to the machine (`indexer.cluster.local_layout`) is started for this
+    call (`cluster()` shares one across calls). `dtype`: float32 or float16 for a new store; None takes an existing store's.
     `on_start(total_patches, patches_to_do)` and `on_chunk(patches_written, patches_skipped)` drive
-    a progress bar. `chunk_hook(chunk)` runs in the worker before each chunk is encoded (tests
-    inject faults with it).
+    a progress bar. `chunk_hook(chunk)` runs on the encoder worker before each chunk is encoded,
+    `read_hook(chunk)` on the reader before each chunk is read (tests inject faults with them).
     """
     from rsretrieve import __version__
     from rsretrieve.models.inference import describe_model
@@ -287,7 +159,8 @@ def encode(
         spans = chunk_spans(chunks)
         dtype = store.check(modality, provenance, spans, dtype)
     else:
-        meta = ds.metadata(modality)  # one row per patch: read only to create the store
+        # one row per patch, to create the store; the readers find each patch's lat/lon as they read it
+        meta = ds.metadata(modality, locations=False)
         spans = chunk_spans(chunks, meta.num_rows)
         if not spans or spans[-1].stop == 0:
             raise RSRetrieveError(f"{dataset.name}{' / ' + dataset.subset if dataset.subset else ''}: the selection holds no {modality.upper()} patches")
@@ -305,7 +178,7 @@ def encode(
         on_start(spans[-1].stop, sum(span.stop - span.start for _, span in todo))
     if todo:
         with workers:
-            _run(workers.get(), dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook)
+            _run(workers.get(), dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook)
         if summary.skipped:
             store.record_skipped(modality, skip_counts(summary.skipped), [m for _, m in summary.skipped[:5]])
     summary.seconds = time.perf_counter() - started
@@ -328,78 +201,24 @@ def _check_skipped(store: EmbeddingStore, modality: Modality, summary: EncodeSum
                              f"the {max_share:.0%} allowed; the others are in the store: {summary.skip_summary()}", summary)
 
 
-class cluster:
-    """The Dask client of an encode: a given client (or `cluster`), a connection to a scheduler, or
-    a LocalCluster sized to the machine. Nothing starts before `get()`, and `with` closes what this
-    object started, so a command that encodes both modalities enters one `cluster(...)`, passes it
-    as `client` to each `encode`, and a run with nothing to encode starts nothing."""
-
-    def __init__(self, client=None, scheduler: str | None = None, device: str = "auto"):
-        self.given, self.scheduler, self.device = client, scheduler, device
-        self.owned: list = []
-        self._client = None
-
-    @property
-    def local(self) -> bool:
-        """Whether the workers run on this machine (then its devices are theirs)."""
-        if isinstance(self.given, cluster):
-            return self.given.local
-        return self.given is None and self.scheduler is None
-
-    def __enter__(self) -> "cluster":
-        return self
-
-    def get(self):
-        """The dask client, connected or started now if it was not yet."""
-        from distributed import Client, LocalCluster
-
-        if isinstance(self.given, cluster):
-            return self.given.get()
-        if self.given is not None:
-            return self.given
-        if self._client is None:
-            if self.scheduler:
-                try:
-                    self._client = Client(self.scheduler, timeout="20s")
-                except (OSError, ValueError, TimeoutError) as exc:
-                    raise RSRetrieveError(f"--scheduler {self.scheduler}: cannot connect ({' '.join(str(exc).split())[:200]})") from None
-            else:
-                local = LocalCluster(**local_cluster_kwargs(self.device))
-                self.owned.append(local)
-                self._client = Client(local)
-            self.owned.insert(0, self._client)
-        return self._client
-
-    def __exit__(self, *exc) -> None:
-        for thing in self.owned:
-            thing.close()
-        self.owned.clear()
-        self._client = None
-
-
-def _encoder_resources(client) -> dict | None:
-    """Claim the encoder resource only where every worker declares it (external clusters may not)."""
-    workers = client.scheduler_info().get("workers", {}).values()
-    if workers and all(ENCODER_RESOURCE in w.get("resources", {}) for w in workers):
-        return {ENCODER_RESOURCE: 1}
-    return None
-
-
-def _run(client, dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook) -> None:
+def _run(client, dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook) -> None:
     from distributed import as_completed
 
-    resources = _encoder_resources(client)
-    workers = max(1, len(client.scheduler_info().get("workers", {})))
-    window = 3 * workers  # chunks in flight: enough to overlap reads with encoding, bounded memory
-    pending = list(reversed(todo))
-    span_of = {}
+    read_resources, encode_resources = task_resources(client)
+    read_slots, encoder_slots = slots(client)
+    work = groups(todo, [span.stop - span.start for _, span in todo], encoder.resolved_batch_size())
+    window = groups_in_flight(read_slots, encoder_slots, len(todo) / len(work), sum(s.stop - s.start for _, s in todo) / len(work))
+    pending = list(reversed(work))
+    spans_of: dict[str, dict[str, ChunkSpan]] = {}
     run = uuid.uuid4().hex[:8]  # task keys unique per run: a resumed run must not reuse failed tasks
 
     def submit_next(tracker):
-        chunk, span = pending.pop()
-        batch = client.submit(read_chunk, dataset, chunk, key=f"read-{modality}-{chunk.key}-{run}", pure=False)
-        future = client.submit(encode_batch, batch, encoder, chunk_hook, chunk, resources=resources, key=f"encode-{modality}-{chunk.key}-{run}", pure=False)
-        span_of[future.key] = span
+        group = pending.pop()
+        reads = [client.submit(read_chunk, dataset, chunk, read_hook, key=f"read-{modality}-{chunk.key}-{run}",
+                               resources=read_resources, pure=False) for chunk, _ in group]
+        future = client.submit(encode_group, reads, [chunk for chunk, _ in group], encoder, chunk_hook,
+                               key=f"encode-{modality}-{group[0][0].key}-{run}", resources=encode_resources, pure=False)
+        spans_of[future.key] = {chunk.key: span for chunk, span in group}
         tracker.add(future)
 
     tracker = as_completed()
@@ -407,30 +226,32 @@ def _run(client, dataset, encoder, store, modality, todo, summary, dtype, on_chu
         submit_next(tracker)
     try:
         for future in tracker:
+            spans = spans_of.pop(future.key)
             if future.status == "error":
                 cause = future.exception()
                 _cancel(client, tracker)
                 raise EncodeInterrupted(
-                    f"encoding stopped at chunk {span_of[future.key].key}: {type(cause).__name__}: {cause}. "
+                    f"encoding stopped at chunk {next(iter(spans))}: {type(cause).__name__}: {cause}. "
                     f"{summary.chunks_encoded} chunks written this run are kept; run the same command again to resume",
                     summary,
                 ) from cause
-            patch_ids, embeddings, skipped, ran = future.result()
-            span = span_of.pop(future.key)
+            results, ran = future.result()
             wrong = differences(ran, summary.provenance, MODEL_KEYS)
             if wrong:
                 _cancel(client, tracker)
                 raise EncodeInterrupted(
                     f"a worker ran {describe(ran)}, but the store holds {describe(summary.provenance)} (differs in "
-                    f"{', '.join(wrong)}): workers must see the same checkpoint file; chunk {span.key} was not written",
+                    f"{', '.join(wrong)}): workers must see the same checkpoint file; chunk {next(iter(spans))} was not written",
                     summary,
                 )
-            store.write_chunk(modality, span, patch_ids, embeddings.astype(dtype, copy=False))
-            summary.chunks_encoded += 1
-            summary.patches_encoded += len(patch_ids)
-            summary.skipped.extend(skipped)
-            if on_chunk:
-                on_chunk(span.stop - span.start, len(skipped))
+            for result in results:
+                span = spans[result.key]
+                store.write_chunk(modality, span, result.patch_ids, result.embeddings.astype(dtype, copy=False), result.locations)
+                summary.chunks_encoded += 1
+                summary.patches_encoded += len(result.patch_ids)
+                summary.skipped.extend(result.skipped)
+                if on_chunk:
+                    on_chunk(span.stop - span.start, len(result.skipped))
             future.release()
             if pending:
                 submit_next(tracker)

@@ -315,16 +315,18 @@ class BENv2Dataset:
             "product_id": [product_of(n, modality) for n in names],
         }
 
-    def metadata(self, modality: Modality) -> pa.Table:
+    def metadata(self, modality: Modality, locations: bool = True) -> pa.Table:
         """One row per selected patch, in chunk order, without reading pixels. lat/lon come from
-        the GeoTIFF headers when a tree is available, else they are null."""
-        key = ("metadata", modality)
+        the GeoTIFF headers when a tree is available, else they are null; `locations=False` leaves
+        them null without opening a file (the encoder stage fills them in from each chunk's read)."""
+        key = ("metadata", modality, locations)
         if key not in self._cache:
             names = self.names(modality)
             if self.tree_root is not None:
+                check_layout(self.tree_root, names, modality)
+            if self.tree_root is not None and locations:
                 import rasterio
 
-                check_layout(self.tree_root, names, modality)
                 with rasterio.Env(**GDAL_ENV):
                     centres = [tree_centre(self.tree_root, n, modality) for n in names]
             else:
@@ -340,10 +342,8 @@ class BENv2Dataset:
         pixels, names, centres, skipped = [], [], [], []
         index = self._index()
         with rasterio.Env(**GDAL_ENV):
-            txn = env = None
-            if chunk.source == "lmdb":
-                env = open_env(Path(chunk.path))
-                txn = env.begin(buffers=False)
+            # the process's one LMDB environment; a read transaction of this thread's own
+            txn = open_env(Path(chunk.path)).begin(buffers=False) if chunk.source == "lmdb" else None
             try:
                 for name in chunk.patch_ids:
                     if name not in index:
@@ -364,7 +364,6 @@ class BENv2Dataset:
             finally:
                 if txn is not None:
                     txn.abort()
-                    env.close()
         if not names:
             return empty_batch(modality, BATCH_COLUMNS, skipped)
         return PatchBatch(stack_raw(pixels, modality), names, meta_table(self._meta_columns(names, modality, centres)), skipped)

@@ -81,12 +81,25 @@ def parse_time(value) -> datetime | None:
     return datetime.strptime(m.group(1), "%Y%m%dT%H%M%S") if m else None
 
 
-def shard_columns(path: Path, modality: Modality) -> tuple[str, list[str]]:
-    """(time column name, all needed columns) of a shard; DataError if one is missing."""
+_SHARDS: dict[tuple[str, int, int], pq.FileMetaData] = {}
+
+
+def shard_metadata(path: Path) -> pq.FileMetaData:
+    """A shard's parquet footer (schema, row groups), read once per process and file version: a
+    real shard has thousands of row groups, and every chunk (one row group) needs it."""
     try:
-        names = pq.read_schema(path).names
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, os.getpid())
+        if key not in _SHARDS:
+            _SHARDS[key] = pq.read_metadata(path)
+        return _SHARDS[key]
     except (pa.ArrowException, OSError) as e:
         raise DataError(located(path, f"unreadable parquet ({_one_line(e)})")) from None
+
+
+def shard_columns(path: Path, modality: Modality) -> tuple[str, list[str]]:
+    """(time column name, all needed columns) of a shard; DataError if one is missing."""
+    names = shard_metadata(path).schema.names
     time_col = next((c for c in TIME_COLUMNS if c in names), None)
     if time_col is None:
         raise DataError(located(path, "missing column 'product_datetime' (or 'timestamp')"))
@@ -98,9 +111,30 @@ def shard_columns(path: Path, modality: Modality) -> tuple[str, list[str]]:
     return time_col, [*needed, time_col, *extra]
 
 
+def decode_pixels(data: bytes | None, where: str) -> tuple[np.ndarray, float | None]:
+    """(array, nodata) of a GeoTIFF band cell, decoded with tifffile (its TIFF parsing costs a
+    third of a GDAL open, which dominates small cells); GDAL (`decode_band`) when tifffile cannot."""
+    import io
+
+    import tifffile
+
+    if not data:
+        raise DataError(located(where, "empty band cell"))
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages[0]
+            if len(tif.pages) != 1 or page.samplesperpixel != 1:
+                raise ValueError("not a single-band GeoTIFF")
+            nodata = page.tags.get(42113)  # GDAL_NODATA, an ASCII number
+            return page.asarray(), (float(nodata.value.strip("\x00 ")) if nodata is not None else None)
+    except Exception:  # noqa: BLE001 - any codec or layout tifffile lacks: GDAL reads it, or says why not
+        array, _, _, nodata = decode_band(data, where)
+        return array, nodata
+
+
 def decode_band(data: bytes | None, where: str, *, header_only: bool = False):
-    """(array, transform, crs, nodata) of a GeoTIFF band cell. With `header_only`, the pixels are
-    not decoded: ((height, width), transform, crs, nodata) from the GeoTIFF header alone."""
+    """(array, transform, crs, nodata) of a GeoTIFF band cell, with GDAL. With `header_only`, the
+    pixels are not decoded: ((height, width), transform, crs, nodata) from the GeoTIFF header alone."""
     from rasterio.io import MemoryFile
 
     if not data:
@@ -147,7 +181,8 @@ def _invalid_s1(a: np.ndarray, nodata) -> np.ndarray:
 
 
 def tile_pixels(bands: dict[str, tuple], modality: Modality, where: str) -> TileRaster:
-    """The raw raster of a tile from its decoded band cells (S1 linear power converted to dB)."""
+    """The raw raster of a tile from its decoded band cells, {column: (array, nodata)} (S1 linear
+    power converted to dB)."""
     fine_names, coarse_names = band_groups(modality)
     cols = band_columns(modality)
     h, w = bands[cols[0]][0].shape
@@ -156,7 +191,7 @@ def tile_pixels(bands: dict[str, tuple], modality: Modality, where: str) -> Tile
     fine = np.empty((len(fine_names), h, w), dtype)
     coarse = np.empty((len(coarse_names), h // 2, w // 2), dtype) if coarse_names else None
     for name, col in zip((*fine_names, *coarse_names), (*band_columns(modality, fine_names), *band_columns(modality, coarse_names))):
-        arr, _, _, nodata = bands[col]
+        arr, nodata = bands[col]
         if modality == "s1":
             a = arr.astype(np.float64)
             bad = _invalid_s1(a, nodata)
@@ -227,11 +262,11 @@ def tile_keys(path: Path) -> list[str]:
     return _KEYS_CACHE[key]
 
 
-def _row_offsets(pf: pq.ParquetFile) -> list[int]:
+def _row_offsets(meta: pq.FileMetaData) -> list[int]:
     offs, n = [], 0
-    for i in range(pf.metadata.num_row_groups):
+    for i in range(meta.num_row_groups):
         offs.append(n)
-        n += pf.metadata.row_group(i).num_rows
+        n += meta.row_group(i).num_rows
     return offs
 
 
@@ -273,11 +308,7 @@ class MajorTOMDataset:
         out = []
         for shard in self.shards(modality):
             shard_columns(shard, modality)
-            try:
-                pf = pq.ParquetFile(shard)
-                n_rg = pf.metadata.num_row_groups
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(located(shard, f"unreadable parquet ({_one_line(e)})")) from None
+            n_rg = shard_metadata(shard).num_row_groups
             if n_rg == 0:
                 raise DataError(located(shard, "empty parquet shard (no row groups)"))
             rel = shard.relative_to(self.root) if shard.is_relative_to(self.root) else shard
@@ -300,9 +331,9 @@ class MajorTOMDataset:
     def _read_rows(self, chunk: Chunk, columns: list[str]) -> tuple[pa.Table, int]:
         path = Path(chunk.path)
         try:
-            pf = pq.ParquetFile(path)
-            table = pf.read_row_group(chunk.row_group, columns=columns)
-            first = _row_offsets(pf)[chunk.row_group]
+            meta = shard_metadata(path)
+            table = pq.ParquetFile(path, metadata=meta).read_row_group(chunk.row_group, columns=columns)
+            first = _row_offsets(meta)[chunk.row_group]
         except (pa.ArrowException, OSError) as e:
             raise DataError(located(path, f"unreadable row group {chunk.row_group} ({_one_line(e)})")) from None
         return table, first
@@ -339,9 +370,10 @@ class MajorTOMDataset:
                     ref = decode_band(data[first_col][i], f"{where}:{first_col}", header_only=True)
                     h, w = (self.tile_size, self.tile_size) if self.tile_size else ref[0]
                 else:
-                    decoded = {col: decode_band(data[col][i], f"{where}:{col}") for col in band_columns(modality)}
-                    ref = decoded[band_columns(modality)[0]]
-                    h, w = ref[0].shape
+                    first_col = band_columns(modality)[0]
+                    ref = decode_band(data[first_col][i], f"{where}:{first_col}", header_only=True)  # georeference
+                    decoded = {col: decode_pixels(data[col][i], f"{where}:{col}") for col in band_columns(modality)}
+                    h, w = decoded[first_col][0].shape
                     raster = tile_pixels(decoded, modality, where)
             except DataError as e:
                 skipped.append((f"{product}/{key}", str(e)))
@@ -381,11 +413,11 @@ class MajorTOMDataset:
         pixels = RawPixels.concat(parts) if parts else RawPixels.empty(modality, self.patch_size)
         return PatchBatch(pixels, ids, meta_table(meta), skipped)
 
-    def metadata(self, modality: Modality) -> pa.Table:
+    def metadata(self, modality: Modality, locations: bool = True) -> pa.Table:
         """All candidate patches (every full 120 px window of every tile), in chunk order. Reads
         the GeoTIFF header of one band cell per tile for its size and georeference, never its
-        pixels (`tile_size` fixes the size; the header still gives lat/lon); patches dropped at
-        read time for invalid pixels are still listed here."""
+        pixels (`tile_size` fixes the size; the header still gives lat/lon, whatever `locations`
+        says); patches dropped at read time for invalid pixels are still listed here."""
         key = ("metadata", modality)
         if key not in self._cache:
             tables = [self._candidates(ch) for ch in self.chunks(modality)]

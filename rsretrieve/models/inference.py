@@ -15,21 +15,41 @@ def embed_raw(model, raw: RawPixels, modality: Modality, device: str | None = No
     """Raw pixels of N patches -> retrieval vectors (N, D) float32, `batch_size` at a time.
 
     Each batch goes to the device as raw values (uint16 S2 digital numbers, float32 S1 dB), where
-    `models.preprocessing.prepare` applies the model's preprocessing; then `csmoe.encode` runs it
-    (inference mode; bf16 autocast on CUDA)."""
+    `models.preprocessing` applies the model's preprocessing; then `csmoe.encode` runs it
+    (inference mode; bf16 on CUDA). On a GPU the next batch is copied (pinned, on a side stream)
+    while the model works on this one, and the vectors come back once, at the end."""
     import torch
 
     from rsretrieve.models.csmoe import encode
-    from rsretrieve.models.preprocessing import prepare
+    from rsretrieve.models.preprocessing import finish, upload
 
-    device = device or str(next(model.parameters()).device)
+    device = torch.device(device or next(model.parameters()).device)
     config = model.config
-    out = []
-    for start in range(0, len(raw), batch_size):
+    starts = list(range(0, len(raw), batch_size))
+    if not starts:
+        return np.zeros((0, config.embed_dim), np.float32)
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def send(start: int):
+        part = raw.take(slice(start, start + batch_size))
+        if side is None:
+            return upload(part, device)
+        with torch.cuda.stream(side):
+            return upload(part, device)
+
+    out, pending = [], send(starts[0])
+    for k in range(len(starts)):
+        current = pending
+        if side is not None:  # the copy must be done; and its memory kept until this stream used it
+            torch.cuda.current_stream(device).wait_stream(side)
+            for tensor in (current.fine, current.coarse):
+                if tensor is not None:
+                    tensor.record_stream(torch.cuda.current_stream(device))
+        pending = send(starts[k + 1]) if k + 1 < len(starts) else None
         with torch.inference_mode():
-            x = prepare(raw.take(slice(start, start + batch_size)), modality, config.preprocessing, config.img_size, device)
-        out.append(encode(model, x, modality, device).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, config.embed_dim), np.float32)
+            x = finish(current, modality, config.preprocessing, config.img_size)
+            out.append(encode(model, x, modality, device))
+    return torch.cat(out).cpu().numpy()
 
 
 def describe_model(spec: str, config: str | None = None) -> tuple[dict, int]:

@@ -17,25 +17,45 @@ import torch.nn.functional as F
 
 from rsretrieve.preprocess import Preprocessing, RawPixels
 
-__all__ = ["prepare", "resize_batch", "to_device", "upsample"]
+__all__ = ["Uploaded", "finish", "prepare", "resize_batch", "to_device", "upload", "upsample"]
+
+
+def _send(array: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    """The raw bytes of an array on `device`, still raw (uint16 as its 16 bits in an int16 tensor:
+    half the bytes of float32, and no reliance on uint16 kernels). Pinned and asynchronous to a GPU."""
+    if array is None:
+        return None
+    array = np.ascontiguousarray(array)
+    x = torch.from_numpy(array.view(np.int16) if array.dtype == np.uint16 else array)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def _widen(x: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
+    if dtype == np.uint16:
+        return (x.to(torch.int32) & 0xFFFF).to(torch.float32)
+    return x.to(torch.float32)
 
 
 def to_device(array: np.ndarray, device: str | torch.device) -> torch.Tensor:
-    """A raw numpy batch as float32 on `device`. uint16 (S2 digital numbers) travels as its 16 bits
-    and is widened on the device: half the bytes of float32, and no reliance on uint16 kernels."""
-    device = torch.device(device)
-    array = np.ascontiguousarray(array)
-    if array.dtype == np.uint16:
-        x = torch.from_numpy(array.view(np.int16))
-    else:
-        x = torch.from_numpy(array)
-    if device.type == "cuda":
-        x = x.pin_memory().to(device, non_blocking=True)
-    else:
-        x = x.to(device)
-    if array.dtype == np.uint16:
-        return (x.to(torch.int32) & 0xFFFF).to(torch.float32)
-    return x.to(torch.float32)
+    """A raw numpy batch as float32 on `device` (sent raw, widened there)."""
+    return _widen(_send(array, torch.device(device)), np.asarray(array).dtype)
+
+
+class Uploaded:
+    """Raw pixels already on the device (`upload`), waiting for `finish`."""
+
+    def __init__(self, raw: RawPixels, device: torch.device):
+        self.raw = raw
+        self.fine = _send(raw.fine, device)
+        self.coarse = _send(raw.coarse, device)
+
+
+def upload(raw: RawPixels, device: str | torch.device = "cpu") -> Uploaded:
+    """Start the copy of a raw batch to the device (asynchronous on a GPU: call it on a side
+    stream to overlap the copy of the next batch with the model's work on this one)."""
+    return Uploaded(raw, torch.device(device))
 
 
 def upsample(x: torch.Tensor, size: int, method: str) -> torch.Tensor:
@@ -60,15 +80,21 @@ def resize_batch(x: torch.Tensor, size: int, method: str = "bilinear") -> torch.
 def prepare(raw: RawPixels, modality: str, preprocessing: Preprocessing, img_size: int,
             device: str | torch.device = "cpu") -> torch.Tensor:
     """Raw pixels of one modality -> the model's normalised input (B, C, img_size, img_size)."""
+    return finish(upload(raw, device), modality, preprocessing, img_size)
+
+
+def finish(uploaded: Uploaded, modality: str, preprocessing: Preprocessing, img_size: int) -> torch.Tensor:
+    """The model's preprocessing of a batch already on the device."""
+    raw = uploaded.raw
     wanted = preprocessing.bands(modality)
     missing = [b for b in wanted if b not in raw.bands]
     if missing:
         raise ValueError(f"{preprocessing.name}: the batch lacks band(s) {', '.join(missing)} (it has {', '.join(raw.bands)})")
-    fine = to_device(raw.fine, device)
+    fine = _widen(uploaded.fine, raw.fine.dtype)
     size = fine.shape[-1]
     channels = {name: fine[:, i] for i, name in enumerate(raw.fine_bands)}
-    if raw.coarse is not None and any(b in wanted for b in raw.coarse_bands):
-        coarse = upsample(to_device(raw.coarse, device), size, preprocessing.upsample)
+    if uploaded.coarse is not None and any(b in wanted for b in raw.coarse_bands):
+        coarse = upsample(_widen(uploaded.coarse, raw.coarse.dtype), size, preprocessing.upsample)
         channels.update({name: coarse[:, i] for i, name in enumerate(raw.coarse_bands)})
     x = torch.stack([channels[b] for b in wanted], dim=1)
     if preprocessing.transpose:

@@ -176,8 +176,10 @@ class EmbeddingStore:
         _consolidate(self.path)
         self._chunk_indexes.pop(modality, None)
 
-    def write_chunk(self, modality: Modality, span: ChunkSpan, patch_ids: Sequence[str], embeddings: np.ndarray) -> None:
-        """Write one chunk's embeddings into its region, then mark the chunk done."""
+    def write_chunk(self, modality: Modality, span: ChunkSpan, patch_ids: Sequence[str], embeddings: np.ndarray,
+                    locations: tuple[Sequence, Sequence] | None = None) -> None:
+        """Write one chunk's embeddings into its region (and the patches' lat, lon where the reader
+        found them and the store has none yet), then mark the chunk done."""
         group = self._group(modality, "r+")
         region_ids = [str(p) for p in group["patch_id"][span.start : span.stop]]
         position = {pid: i for i, pid in enumerate(region_ids)}
@@ -191,9 +193,23 @@ class EmbeddingStore:
             valid[position[pid]] = True
         group["embedding"][span.start : span.stop] = block
         group["valid"][span.start : span.stop] = valid
+        if locations is not None and "lat" in group and "lon" in group:
+            self._write_locations(group, span, position, patch_ids, locations)
         group["chunk_done"][self._chunk_index(modality, group, span.key)] = True  # only after the data is in place
 
     # -- internals -------------------------------------------------------------------------------
+    @staticmethod
+    def _write_locations(group: zarr.Group, span: ChunkSpan, position: dict, patch_ids: Sequence[str], locations) -> None:
+        lat = np.asarray(group["lat"][span.start : span.stop], dtype="float64")
+        lon = np.asarray(group["lon"][span.start : span.stop], dtype="float64")
+        if np.isfinite(lat).all():
+            return  # planned with locations already
+        for pid, la, lo in zip(patch_ids, *locations):
+            if la is not None and lo is not None:
+                lat[position[pid]], lon[position[pid]] = la, lo
+        group["lat"][span.start : span.stop] = lat
+        group["lon"][span.start : span.stop] = lon
+
     def _group(self, modality: Modality, mode: str) -> zarr.Group:
         try:
             return zarr.open_group(self.path / modality, mode=mode, zarr_format=3)

@@ -1,0 +1,134 @@
+"""The Dask cluster of an encode: its layout, and the handle a command holds.
+
+Two kinds of slots, told apart by resources: `reader` slots (single-threaded processes: GeoTIFF,
+LMDB and parquet decoding is Python and GDAL work that threads of one process would serialise)
+and `encoder` slots (the model). Read tasks go to reader slots and encode tasks to encoder slots
+wherever the cluster declares them; on a cluster that declares neither (any `dask worker` started
+without `--resources`) every task may run anywhere.
+
+The local cluster: with GPUs, one encoder worker per GPU (pinned with CUDA_VISIBLE_DEVICES) and a
+reader process per remaining core, so that reading never competes with feeding a GPU. Without a
+GPU, one worker per core holding both slots: it reads a chunk and encodes it where it lies (the
+model on one thread), so no pixels cross processes and no core waits for another - on a CPU,
+moving raw pixels to a separate encoder process costs more than the encoder itself for small
+models (BENCHMARKS.md).
+
+On a real cluster, start workers with `--resources "reader=1"` on CPU-only nodes (they read for
+the GPU nodes) and `--resources "encoder=1"` once per GPU (`README.md`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from rsretrieve.errors import RSRetrieveError
+
+ENCODER_RESOURCE = "encoder"
+READER_RESOURCE = "reader"
+
+
+def local_layout(device: str = "auto", readers: int | None = None) -> dict:
+    """{worker name: spec} of the local cluster (module docstring). `readers`: reader processes
+    (default: one per core, less one per GPU)."""
+    from distributed import Nanny
+
+    cores = os.cpu_count() or 1
+    gpus = 0
+    if device in ("auto", "cuda"):
+        import torch
+
+        gpus = torch.cuda.device_count()
+    readers = readers if readers is not None else max(1, cores - gpus)
+
+    def worker(resources: dict, env: dict) -> dict:
+        # OMP_WAIT_POLICY: a model's idle threads sleep rather than spin on cores others read on
+        env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MALLOC_TRIM_THRESHOLD_": str(1 << 28), **env}
+        return {"cls": Nanny, "options": {"nthreads": 1, "resources": resources, "env": env, "silence_logs": logging.ERROR}}
+
+    if not gpus:
+        both = {READER_RESOURCE: 1, ENCODER_RESOURCE: 1}
+        return {f"worker-{j}": worker(both, {"RSRETRIEVE_ENCODER_THREADS": "1"}) for j in range(readers)}
+    workers = {f"encoder-{i}": worker({ENCODER_RESOURCE: 1}, {"CUDA_VISIBLE_DEVICES": str(i), "RSRETRIEVE_ENCODER_THREADS": "1"})
+               for i in range(gpus)}
+    workers.update({f"reader-{j}": worker({READER_RESOURCE: 1}, {}) for j in range(readers)})
+    return workers
+
+
+def local_cluster(device: str = "auto", readers: int | None = None):
+    """A SpecCluster of `local_layout` on 127.0.0.1, with no dashboard (it binds no fixed port)."""
+    from distributed import Scheduler, SpecCluster
+
+    # no dashboard; its HTTP routes on an ephemeral port of 127.0.0.1 (None would bind :8787)
+    scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"}}
+    workers = local_layout(device, readers)
+    for spec in workers.values():
+        spec["options"]["host"] = "127.0.0.1"
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR, name="rsretrieve")
+
+
+def task_resources(client) -> tuple[dict | None, dict | None]:
+    """(resources of a read task, of an encode task): each slot kind is claimed only if some worker
+    declares it, so a cluster of plain workers runs everything anywhere."""
+    declared = [w.get("resources", {}) for w in client.scheduler_info().get("workers", {}).values()]
+    read = {READER_RESOURCE: 1} if any(READER_RESOURCE in r for r in declared) else None
+    encode = {ENCODER_RESOURCE: 1} if any(ENCODER_RESOURCE in r for r in declared) else None
+    return read, encode
+
+
+def slots(client) -> tuple[int, int]:
+    """(read slots, encoder slots) of the cluster now."""
+    workers = list(client.scheduler_info().get("workers", {}).values())
+    readers = sum(int(w.get("resources", {}).get(READER_RESOURCE, 0)) for w in workers)
+    encoders = sum(int(w.get("resources", {}).get(ENCODER_RESOURCE, 0)) for w in workers)
+    threads = sum(int(w.get("nthreads", 1)) for w in workers)
+    return readers or threads, encoders or max(1, len(workers))
+
+
+class cluster:
+    """The Dask client of an encode: a given client (or `cluster`), a connection to a scheduler, or
+    a local cluster sized to the machine. Nothing starts before `get()`, and `with` closes what this
+    object started, so a command that encodes both modalities enters one `cluster(...)`, passes it
+    as `client` to each `encode`, and a run with nothing to encode starts nothing."""
+
+    def __init__(self, client=None, scheduler: str | None = None, device: str = "auto", readers: int | None = None):
+        self.given, self.scheduler, self.device, self.readers = client, scheduler, device, readers
+        self.owned: list = []
+        self._client = None
+
+    @property
+    def local(self) -> bool:
+        """Whether the workers run on this machine (then its devices are theirs)."""
+        if isinstance(self.given, cluster):
+            return self.given.local
+        return self.given is None and self.scheduler is None
+
+    def __enter__(self) -> "cluster":
+        return self
+
+    def get(self):
+        """The dask client, connected or started now if it was not yet."""
+        from distributed import Client
+
+        if isinstance(self.given, cluster):
+            return self.given.get()
+        if self.given is not None:
+            return self.given
+        if self._client is None:
+            if self.scheduler:
+                try:
+                    self._client = Client(self.scheduler, timeout="20s")
+                except (OSError, ValueError, TimeoutError) as exc:
+                    raise RSRetrieveError(f"--scheduler {self.scheduler}: cannot connect ({' '.join(str(exc).split())[:200]})") from None
+            else:
+                local = local_cluster(self.device, self.readers)
+                self.owned.append(local)
+                self._client = Client(local)
+            self.owned.insert(0, self._client)
+        return self._client
+
+    def __exit__(self, *exc) -> None:
+        for thing in self.owned:
+            thing.close()
+        self.owned.clear()
+        self._client = None

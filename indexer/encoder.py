@@ -1,0 +1,127 @@
+"""Encode tasks: the raw batches of a group of chunks -> embeddings, on an encoder worker.
+
+An encoder worker holds one copy of the model (loaded on first use, per process), on its device:
+its GPU (bf16 weights, optionally `torch.compile`d) or the CPU (float32, on all the worker's
+cores). A group of chunks is encoded as one stream of GPU-sized batches (`embed_raw` copies the
+next batch while the model runs on this one), then split back per chunk for the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rsretrieve.datasets import Chunk, PatchBatch
+from rsretrieve.errors import RSRetrieveError
+from rsretrieve.models.inference import embed_raw
+from rsretrieve.preprocess import RawPixels
+
+_LOCK = threading.Lock()
+_MODELS: dict = {}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which model to run where: a config name or checkpoint path (with, for plain weights, the
+    registered config they fit), a device, a batch size, the weights' precision, torch.compile."""
+
+    model: str = "csmoe-p16"
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int | None = None  # default: 32 on CPU, 512 on a GPU
+    config: str | None = None
+    precision: str = "auto"  # auto (bf16 weights on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile the model (on CUDA: ~15 % faster after ~20 s)
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise RSRetrieveError("--device cuda: no CUDA device is available on this machine")
+        return self.device
+
+    def resolved_batch_size(self) -> int:
+        return self.batch_size or (512 if self.resolved_device().startswith("cuda") else 32)
+
+
+@dataclass
+class ChunkResult:
+    key: str
+    patch_ids: list[str]
+    embeddings: np.ndarray  # (n, D) float32
+    skipped: list[tuple[str, str]]
+    locations: tuple[list, list] | None = None  # the patches' lat, lon as the reader found them
+
+
+def encode_group(batches: list[PatchBatch], chunks: list[Chunk], spec: EncoderSpec,
+                 chunk_hook: Callable[[Chunk], None] | None = None) -> tuple[list[ChunkResult], dict]:
+    """The task an encoder worker runs: the chunks' raw batches as one stream of model batches.
+    Returns a result per chunk and the provenance of the model that ran."""
+    if chunk_hook is not None:
+        for chunk in chunks:
+            chunk_hook(chunk)
+    device = worker_device(spec)
+    model = worker_model(spec, device)
+    filled = [b for b in batches if len(b)]
+    embeddings = (embed_raw(model, RawPixels.concat([b.pixels for b in filled]), chunks[0].modality, device,
+                            spec.resolved_batch_size()) if filled else np.zeros((0, model.config.embed_dim), np.float32))
+    results, start = [], 0
+    for chunk, batch in zip(chunks, batches):
+        names = batch.meta.column_names
+        locations = (batch.meta["lat"].to_pylist(), batch.meta["lon"].to_pylist()) if "lat" in names and "lon" in names else None
+        results.append(ChunkResult(chunk.key, list(batch.patch_ids), embeddings[start : start + len(batch)], list(batch.skipped), locations))
+        start += len(batch)
+    return results, model.provenance
+
+
+def worker_model(spec: EncoderSpec, device: str):
+    """The process's one copy of the model, loaded on first use."""
+    from rsretrieve.models.checkpoint import load_model
+    from rsretrieve.models.csmoe import to_inference_dtype
+
+    path = Path(spec.model)
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
+    key = (spec.model, spec.config, spec.precision, spec.compile, device, stamp)
+    with _LOCK:
+        if key not in _MODELS:
+            _MODELS.clear()  # one model per worker process
+            if device == "cpu":
+                _use_worker_cores()
+            with warnings.catch_warnings():
+                # random-init is stamped in the store's provenance and said by the client, once
+                warnings.simplefilter("ignore", UserWarning)
+                logging.getLogger("rsretrieve").setLevel(logging.ERROR)
+                model = to_inference_dtype(load_model(spec.model, device=device, config=spec.config), spec.precision, device)
+            _MODELS[key] = _compiled(model) if spec.compile else model
+        return _MODELS[key]
+
+
+def _compiled(model):
+    """torch.compile the forward pass; the wrapper keeps the model's config and provenance."""
+    import torch
+
+    model.forward_features = torch.compile(model.forward_features, dynamic=False)
+    return model
+
+
+def _use_worker_cores() -> None:
+    """dask's nanny starts workers with OMP_NUM_THREADS=1, which would leave torch on one core: the
+    encoder worker's cores are its model's (`local_cluster` gives it the machine's cores)."""
+    import torch
+
+    threads = int(os.environ.get("RSRETRIEVE_ENCODER_THREADS", 0)) or os.cpu_count() or 1
+    torch.set_num_threads(max(1, threads))
+
+
+def worker_device(spec: EncoderSpec) -> str:
+    """The worker's device: its GPU (the local cluster pins one per encoder worker with
+    CUDA_VISIBLE_DEVICES), or the CPU."""
+    return spec.resolved_device()
