@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from rsretrieve.datasets import sample_root
 from rsretrieve.datasets.benv2 import product_of
 from rsretrieve.indexer.cluster import cluster
+from rsretrieve.indexer.jobs import is_small_model
 from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, encode
 from rsretrieve.models.checkpoint import load_model
 from rsretrieve.models.inference import embed_raw
@@ -159,7 +160,7 @@ def encoder_alone(spec: DatasetSpec, model_name: str, device: str, batch_size: i
 def end_to_end(spec: DatasetSpec, model_name: str, device: str, batch_size: int, readers: int, workdir: Path) -> tuple[float, int]:
     encoder = EncoderSpec(model_name, device, batch_size)
     warm = DatasetSpec("sample", options=(("include_snow_cloud", True),))
-    with cluster(device=device, readers=readers) as workers:
+    with cluster(device=device, readers=readers, small_model=is_small_model(model_name)) as workers:
         encode(warm, "s2", workdir / f"warm-{model_name}.zarr", encoder, client=workers)  # start, load the model
         start = time.perf_counter()
         summary = encode(spec, "s2", workdir / f"{model_name}-{time.monotonic_ns()}.zarr", encoder, client=workers)

@@ -8,10 +8,11 @@ without `--resources`) every task may run anywhere.
 
 The local cluster: with GPUs, one encoder worker per GPU (pinned with CUDA_VISIBLE_DEVICES) and a
 reader process per remaining core, so that reading never competes with feeding a GPU. Without a
-GPU, one worker per core holding both slots: it reads a chunk and encodes it where it lies (the
-model on one thread), so no pixels cross processes and no core waits for another - on a CPU,
-moving raw pixels to a separate encoder process costs more than the encoder itself for small
-models (BENCHMARKS.md).
+GPU it depends on the model (BENCHMARKS.md): for a small one (csmoe-tiny), one worker per core
+holding both slots, reading a chunk and encoding it where it lies (no pixels cross processes: for
+a small model that transfer costs more than the model); for a large one (csmoe-p16, CSMAE), one
+worker whose model uses every core while its other threads read (reading releases the GIL in
+GDAL, and one model on all cores beats one per core).
 
 On a real cluster, start workers with `--resources "reader=1"` on CPU-only nodes (they read for
 the GPU nodes) and `--resources "encoder=1"` once per GPU (`README.md`).
@@ -28,9 +29,17 @@ ENCODER_RESOURCE = "encoder"
 READER_RESOURCE = "reader"
 
 
-def local_layout(device: str = "auto", readers: int | None = None) -> dict:
+SMALL_MODEL = 10e6  # `model_cost` below which a CPU encodes in every core's process
+
+
+def model_cost(config) -> float:
+    """A rough per-patch cost of a model's dense layers (d^2 x tokens x layers), to pick a layout."""
+    return config.embed_dim ** 2 * config.num_tokens * (config.depth_modality + config.depth_cross)
+
+
+def local_layout(device: str = "auto", readers: int | None = None, small_model: bool = False) -> dict:
     """{worker name: spec} of the local cluster (module docstring). `readers`: reader processes
-    (default: one per core, less one per GPU)."""
+    (default: one per core, less one per GPU); `small_model` picks the CPU layout."""
     from distributed import Nanny
 
     cores = os.cpu_count() or 1
@@ -46,22 +55,26 @@ def local_layout(device: str = "auto", readers: int | None = None) -> dict:
         env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MALLOC_TRIM_THRESHOLD_": str(1 << 28), **env}
         return {"cls": Nanny, "options": {"nthreads": 1, "resources": resources, "env": env, "silence_logs": logging.ERROR}}
 
-    if not gpus:
+    if not gpus and small_model:
         both = {READER_RESOURCE: 1, ENCODER_RESOURCE: 1}
         return {f"worker-{j}": worker(both, {"RSRETRIEVE_ENCODER_THREADS": "1"}) for j in range(readers)}
+    if not gpus:  # OpenMP's default spin-wait here: the model owns the cores, reads are short
+        spec = worker({READER_RESOURCE: readers, ENCODER_RESOURCE: 1}, {"RSRETRIEVE_ENCODER_THREADS": str(cores), "OMP_WAIT_POLICY": "ACTIVE"})
+        spec["options"]["nthreads"] = readers + 1  # an encode and `readers` reads at once
+        return {"worker-0": spec}
     workers = {f"encoder-{i}": worker({ENCODER_RESOURCE: 1}, {"CUDA_VISIBLE_DEVICES": str(i), "RSRETRIEVE_ENCODER_THREADS": "1"})
                for i in range(gpus)}
     workers.update({f"reader-{j}": worker({READER_RESOURCE: 1}, {}) for j in range(readers)})
     return workers
 
 
-def local_cluster(device: str = "auto", readers: int | None = None):
+def local_cluster(device: str = "auto", readers: int | None = None, small_model: bool = False):
     """A SpecCluster of `local_layout` on 127.0.0.1, with no dashboard (it binds no fixed port)."""
     from distributed import Scheduler, SpecCluster
 
     # no dashboard; its HTTP routes on an ephemeral port of 127.0.0.1 (None would bind :8787)
     scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"}}
-    workers = local_layout(device, readers)
+    workers = local_layout(device, readers, small_model)
     for spec in workers.values():
         spec["options"]["host"] = "127.0.0.1"
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR, name="rsretrieve")
@@ -91,8 +104,10 @@ class cluster:
     object started, so a command that encodes both modalities enters one `cluster(...)`, passes it
     as `client` to each `encode`, and a run with nothing to encode starts nothing."""
 
-    def __init__(self, client=None, scheduler: str | None = None, device: str = "auto", readers: int | None = None):
+    def __init__(self, client=None, scheduler: str | None = None, device: str = "auto", readers: int | None = None,
+                 small_model: bool = False):
         self.given, self.scheduler, self.device, self.readers = client, scheduler, device, readers
+        self.small_model = small_model
         self.owned: list = []
         self._client = None
 
@@ -121,7 +136,7 @@ class cluster:
                 except (OSError, ValueError, TimeoutError) as exc:
                     raise RSRetrieveError(f"--scheduler {self.scheduler}: cannot connect ({' '.join(str(exc).split())[:200]})") from None
             else:
-                local = local_cluster(self.device, self.readers)
+                local = local_cluster(self.device, self.readers, self.small_model)
                 self.owned.append(local)
                 self._client = Client(local)
             self.owned.insert(0, self._client)

@@ -51,7 +51,17 @@ class Job:
 
 def job_cluster(job: Job) -> cluster:
     """One Dask client for all of a job's encoding: `with job_cluster(job) as client: ...`."""
-    return cluster(None, job.scheduler, job.device, job.readers)
+    return cluster(None, job.scheduler, job.device, job.readers, small_model=is_small_model(job.selection.model_spec, job.selection.config))
+
+
+def is_small_model(spec: str, config: str | None = None) -> bool:
+    """Whether a registered config (or the one a checkpoint names) is cheap next to reading; a
+    checkpoint of unknown size counts as large, as every published model is."""
+    from rsretrieve.indexer.cluster import SMALL_MODEL, model_cost
+    from rsretrieve.models.registry import REGISTRY
+
+    name = config or (spec if spec in REGISTRY and not Path(spec).exists() else None)
+    return name in REGISTRY and model_cost(REGISTRY[name]) < SMALL_MODEL
 
 
 def ensure_embeddings(job: Job, modality: Modality, client=None, **progress) -> EncodeSummary:

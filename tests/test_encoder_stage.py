@@ -125,12 +125,18 @@ def test_chunks_are_grouped_to_a_full_batch_and_in_flight_follows_the_read_slots
     assert groups_in_flight(14, 1, 4, 1024, budget=2 * 1024 * 300_000) == 2
 
 
-def test_local_layout_without_a_gpu_reads_and_encodes_on_every_core():
-    layout = local_layout("cpu", readers=3)
-    assert len(layout) == 3
-    for spec in layout.values():
+def test_local_layout_without_a_gpu_follows_the_models_cost():
+    from rsretrieve.indexer.jobs import is_small_model
+
+    assert is_small_model("csmoe-tiny") and not is_small_model("csmoe-p16") and not is_small_model("csmae-p15")
+    assert not is_small_model("/no/such/checkpoint.ckpt")
+    small = local_layout("cpu", readers=3, small_model=True)  # each core reads and encodes
+    assert len(small) == 3
+    for spec in small.values():
         assert spec["options"]["resources"] == {READER_RESOURCE: 1, ENCODER_RESOURCE: 1}
         assert spec["options"]["nthreads"] == 1 and spec["options"]["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    (large,) = local_layout("cpu", readers=3).values()  # one model on every core, reads in its threads
+    assert large["options"]["resources"] == {READER_RESOURCE: 3, ENCODER_RESOURCE: 1} and large["options"]["nthreads"] == 4
 
 
 def test_bf16_weights_agree_with_float32():
@@ -146,3 +152,18 @@ def test_bf16_weights_agree_with_float32():
     bf16 = embed_raw(bf16_model, raw, "s2", "cpu")
     cos = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
     assert cos.min() > 0.98 and not np.array_equal(fp32, bf16)
+
+
+def test_an_lmdb_opened_in_a_parent_is_read_by_forked_children(lmdb_root):
+    """A process pool forked after its parent read the LMDB (the children inherit the open
+    environment, which LMDB forbids them to use and py-lmdb to open again)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from rsretrieve.datasets import open_dataset
+
+    ds = open_dataset("benv2", lmdb_root, include_snow_cloud=True, chunk_size=6)
+    chunks = ds.chunks("s1")
+    expect = [len(ds.read_chunk(c)) for c in chunks]  # the parent opens the environment
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        assert list(pool.map(ds.read_chunk, chunks)) and [len(b) for b in pool.map(ds.read_chunk, chunks)] == expect

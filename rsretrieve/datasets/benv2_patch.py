@@ -83,13 +83,14 @@ def read_band_tif(path: Path):
 def read_band_pixels(path: Path) -> np.ndarray:
     """The pixels of a single-band GeoTIFF, decoded with tifffile: a BigEarthNet band file is 7-29 KB,
     and GDAL's open costs more than its decoding (2.5x the whole read). Anything tifffile does not
-    read as one plain band (or at all) goes through `read_band_tif`, which reads it or says why not."""
+    read as one plain band (or at all), and floating-point predictors (S1 dB, which tifffile undoes
+    slower than GDAL), go through `read_band_tif`, which reads it or says why not."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            if len(tif.pages) == 1 and page.samplesperpixel == 1:
+            if len(tif.pages) == 1 and page.samplesperpixel == 1 and page.predictor != 3:
                 return page.asarray()
     except Exception:  # noqa: BLE001 - missing, truncated, another codec: GDAL's turn, with its message
         pass

@@ -123,8 +123,8 @@ def decode_pixels(data: bytes | None, where: str) -> tuple[np.ndarray, float | N
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
-            if len(tif.pages) != 1 or page.samplesperpixel != 1:
-                raise ValueError("not a single-band GeoTIFF")
+            if len(tif.pages) != 1 or page.samplesperpixel != 1 or page.predictor == 3:
+                raise ValueError("not a plain single band (or a floating-point predictor, which GDAL undoes faster)")
             nodata = page.tags.get(42113)  # GDAL_NODATA, an ASCII number
             return page.asarray(), (float(nodata.value.strip("\x00 ")) if nodata is not None else None)
     except Exception:  # noqa: BLE001 - any codec or layout tifffile lacks: GDAL reads it, or says why not

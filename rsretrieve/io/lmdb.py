@@ -2,8 +2,9 @@
 
 LMDB refuses to open one environment twice in a process ("already open in this process"), so every
 reader thread of a worker shares the process's one environment, opened on first use and kept; each
-thread reads in a transaction of its own. The cache is keyed by process id, so a forked worker
-opens its own instead of using its parent's.
+thread reads in a transaction of its own. A forked child must not use its parent's environment
+(LMDB's rule) and could not open its own while the inherited one is open, so the child closes
+what it inherited, at the fork, and opens its own on first use.
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ from rsretrieve.errors import DataError, located
 
 _LOCK = threading.Lock()
 _ENVS: dict[tuple[str, int], object] = {}
+
+
+def _close_inherited() -> None:
+    global _LOCK
+    _LOCK = threading.Lock()  # a lock held by another thread at the fork would never be released
+    for key in [k for k in _ENVS if k[1] != os.getpid()]:
+        _ENVS.pop(key).close()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
 
 
 def open_env(path: Path):
