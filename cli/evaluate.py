@@ -77,5 +77,9 @@ def _print_eval(result, name: str, k: int) -> None:
     for row in rows:
         table.add_row(*row, style="bold red" if row[0].startswith("!!") else None)
     console.print(table)
+    trivial = [t.upper() for t, r in result.tasks.items() if r.map_uninformative]
+    if trivial:
+        console.print(f"[yellow]note:[/] in {', '.join(trivial)} every archive patch shares a label with every query, "
+                      f"so mAP@{k} is 100 % for any ranking there: it says nothing about the model.", highlight=False)
     if result.random_init:
         console.print(Panel(RANDOM_INIT_WARNING + "\nThese F1 values only show that the pipeline runs; they are not the model's quality.", border_style="red"))

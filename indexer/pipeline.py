@@ -83,21 +83,21 @@ class EncodeSummary:
         return self.chunks_already_done == self.chunks_total
 
 
-class TooManySkipped(RSRetrieveError):
+class EncodeFailed(RSRetrieveError):
+    """An encode that did not end well, with the summary of what it did."""
+
+    def __init__(self, message: str, summary: EncodeSummary):
+        super().__init__(message)
+        self.summary = summary
+
+
+class TooManySkipped(EncodeFailed):
     """Every patch of a modality, or more than the allowed share of them, could not be read. What
     was encoded stays in the store; the message says what was skipped and why."""
 
-    def __init__(self, message: str, summary: EncodeSummary):
-        super().__init__(message)
-        self.summary = summary
 
-
-class EncodeInterrupted(RSRetrieveError):
+class EncodeInterrupted(EncodeFailed):
     """The run stopped (a task failed, or Ctrl-C); what was written stays valid and resumable."""
-
-    def __init__(self, message: str, summary: EncodeSummary):
-        super().__init__(message)
-        self.summary = summary
 
 
 # -- driver side --------------------------------------------------------------------------------

@@ -124,6 +124,10 @@ def test_eval_sample_reports_all_tasks_stamped_random(workspace, tmp_path):
         assert t["n_queries"] == 6 and t["n_archive"] == 6  # validation / test of the 18 clear pairs
         p, r = t["precision"], t["recall"]
         assert t["f1"] == pytest.approx(2 * p * r / (p + r))
+        assert 0 < t["f1_macro"] <= 1 and "f1_macro" in data["protocol"]  # both F1s, labelled
+    # on this sample every archive patch shares a label with every query: mAP says so, not 100 % alone
+    assert all(data["tasks"][t]["map_uninformative"] for t in ("s1s1", "s2s2", "s1s2", "s2s1"))
+    assert "macro" in proc.stdout and "mAP@3 is 100 % for any ranking" in " ".join(proc.stdout.split())
 
 
 # -- bad input: one line, exit 1, no traceback ----------------------------------------------------

@@ -92,6 +92,7 @@ def test_evaluate_matches_brute_force_all_tasks(tmp_path):
             assert getattr(got, key) == pytest.approx(ref[key], abs=1e-9), (task, key)
     # cross-modal tasks really differ from uni-modal ones (different archives are searched)
     assert result.tasks["s1s2"].f1 != result.tasks["s1s1"].f1
+    assert not any(r.map_uninformative for r in result.tasks.values())  # some archive items share no label
     out = result.to_dict()
     json.dumps(out)
     assert out["random_init"] is False and "warning" not in out

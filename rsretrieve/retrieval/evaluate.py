@@ -36,6 +36,7 @@ class TaskResult:
     k: int
     f1_pairwise: float = float("nan")
     f1_macro: float = float("nan")
+    map_uninformative: bool = False  # every archive item is relevant to every query: mAP is 1 for any ranking
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,9 +175,11 @@ def evaluate(
             q_parts.append(query_labels[rows])
             r_parts.append(archive_labels[found])
         queries = np.concatenate(q_parts)
-        scores = retrieval_scores(queries, np.concatenate(r_parts), relevant_counts(queries, archive_labels[index.rows]))
+        relevant = relevant_counts(queries, archive_labels[index.rows])
+        scores = retrieval_scores(queries, np.concatenate(r_parts), relevant)
         results[task] = TaskResult(task, scores["precision"], scores["recall"], scores["f1"], scores["map"],
-                                   scores["n_queries"], index.ntotal, k, scores["f1_pairwise"], scores["f1_macro"])
+                                   scores["n_queries"], index.ntotal, k, scores["f1_pairwise"], scores["f1_macro"],
+                                   bool((relevant == index.ntotal).all()))
     return EvalResult(results, k, query_split, archive_split, index_kind, provenance,
                       None if pair_list is None else len(pair_list))
 
