@@ -3,7 +3,8 @@
 Layout: `<root>/Core-S2L2A/images/*.parquet`, `<root>/Core-S1RTC/images/*.parquet` (a folder that
 itself holds shards, or a collection folder, is accepted too). One row per row group = one tile;
 band cells are single-band GeoTIFF bytes (S2 `B02..B12` at native resolution; S1 `vv`, `vh` linear
-power, nodata -32768), decoded with `rasterio.io.MemoryFile`.
+power, nodata -32768), decoded with tifffile (GDAL, through `rasterio.io.MemoryFile`, reads the
+first band's georeference and anything tifffile cannot decode).
 
 Each tile is cut into windows of 120 px at 10 m: by default with Major TOM's own fragmenting rule
 (whole coverage, ~10 % overlap: 10 x 10 windows at stride 105 in a 1068 px cell, the last row and

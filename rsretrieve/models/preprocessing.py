@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from rsretrieve.preprocess import Preprocessing, RawPixels
 
-__all__ = ["Uploaded", "finish", "prepare", "resize_batch", "to_device", "upload", "upsample"]
+__all__ = ["Uploaded", "finish", "prepare", "resize_batch", "upload", "upsample"]
 
 
 def _send(array: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
@@ -36,11 +36,6 @@ def _widen(x: torch.Tensor, dtype: np.dtype) -> torch.Tensor:
     if dtype == np.uint16:
         return (x.to(torch.int32) & 0xFFFF).to(torch.float32)
     return x.to(torch.float32)
-
-
-def to_device(array: np.ndarray, device: str | torch.device) -> torch.Tensor:
-    """A raw numpy batch as float32 on `device` (sent raw, widened there)."""
-    return _widen(_send(array, torch.device(device)), np.asarray(array).dtype)
 
 
 class Uploaded:
