@@ -68,7 +68,7 @@ def encode_group(batches: list[PatchBatch], chunks: list[Chunk], spec: EncoderSp
     if chunk_hook is not None:
         for chunk in chunks:
             chunk_hook(chunk)
-    device = worker_device(spec)
+    device = spec.resolved_device()  # the local cluster pins one GPU per encoder worker (CUDA_VISIBLE_DEVICES)
     model = worker_model(spec, device)
     filled = [b for b in batches if len(b)]
     embeddings = (embed_raw(model, RawPixels.concat([b.pixels for b in filled]), chunks[0].modality, device,
@@ -119,9 +119,3 @@ def _use_worker_cores() -> None:
 
     threads = int(os.environ.get("RSRETRIEVE_ENCODER_THREADS", 0)) or os.cpu_count() or 1
     torch.set_num_threads(max(1, threads))
-
-
-def worker_device(spec: EncoderSpec) -> str:
-    """The worker's device: its GPU (the local cluster pins one per encoder worker with
-    CUDA_VISIBLE_DEVICES), or the CPU."""
-    return spec.resolved_device()

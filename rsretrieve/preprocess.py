@@ -49,7 +49,6 @@ BENV2_STATS: dict[str, tuple[float, float]] = {
     "VH": (-19.3526, 5.5905),
     "VV": (-12.6439, 5.1335),
 }
-BAND_STATS = BENV2_STATS  # the default statistics (CSMoE)
 
 # (mean, std) per band, BigEarthNet v1 (bigearthnet_common 2.8.0 `BAND_STATS_S1/S2`), as CSMAE uses.
 BEN1_STATS: dict[str, tuple[float, float]] = {
@@ -95,10 +94,6 @@ class RawPixels:
     @property
     def bands(self) -> tuple[str, ...]:
         return self.fine_bands + self.coarse_bands
-
-    @property
-    def nbytes(self) -> int:
-        return self.fine.nbytes + (self.coarse.nbytes if self.coarse is not None else 0)
 
     def take(self, rows) -> "RawPixels":
         coarse = self.coarse[rows] if self.coarse is not None else None
@@ -198,14 +193,6 @@ class Preprocessing:
         if unknown:
             raise ValueError(f"unknown preprocessing fields {unknown}")
         return cls(**d)
-
-    def normalise(self, pixels: np.ndarray, modality: Modality) -> np.ndarray:
-        """NumPy reference of the normalisation: (..., C, H, W) raw values in the model's channel
-        order -> float32 standardised (the encoder does the same in torch, on its device)."""
-        mean, std = self.mean_std(modality)
-        if pixels.shape[-3] != len(mean):
-            raise ValueError(f"{modality} expects {len(mean)} bands, got {pixels.shape[-3]}")
-        return ((pixels.astype(np.float32) - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
 
 
 PREPROCESSINGS: dict[str, Preprocessing] = {}

@@ -7,6 +7,7 @@ a wrong shape or dtype, NaN) is a one-line `DataError` naming the file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,11 @@ def _check_values(arr: np.ndarray, where: object, modality: Modality) -> None:
         raise DataError(located(where, f"S2 values {arr.min()}..{arr.max()} outside the uint16 range of digital numbers"))
 
 
-def assemble(bands: dict[str, np.ndarray], modality: Modality, where: object) -> tuple[np.ndarray, np.ndarray | None]:
+def assemble(bands: dict[str, np.ndarray], modality: Modality, where: object,
+             band_where: Callable[[str], object] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Band dict (native sizes) -> raw (10 m bands (C, 120, 120), 20 m bands (C', 60, 60) or None),
-    in `bands.band_groups(modality)` order: S2 as uint16 digital numbers, S1 as float32 dB."""
+    in `bands.band_groups(modality)` order: S2 as uint16 digital numbers, S1 as float32 dB. Each
+    band's values are checked; a bad one is named `band_where(band)` (default "<where> <band>")."""
     dtype = np.float32 if modality == "s1" else np.uint16
     groups = []
     for names in band_groups(modality):
@@ -48,7 +51,7 @@ def assemble(bands: dict[str, np.ndarray], modality: Modality, where: object) ->
             arr = np.asarray(bands[band])
             if arr.shape != (size, size):
                 raise DataError(located(where, f"band {band} is {arr.shape}, expected ({size}, {size})"))
-            _check_values(arr, f"{where} {band}" if not str(where).endswith(".tif") else where, modality)
+            _check_values(arr, band_where(band) if band_where else f"{where} {band}", modality)
             out[i] = arr
         groups.append(out)
     return groups[0], groups[1]
@@ -114,10 +117,9 @@ def read_patch_folder(folder: Path, modality: Modality, name: str | None = None)
                 geo = (transform, crs)
         else:
             arr = read_band_pixels(path)
-        _check_values(arr, path, modality)
         bands[band] = arr
     transform, crs = geo if geo is not None else (None, None)
-    return assemble(bands, modality, folder), transform, crs
+    return assemble(bands, modality, folder, lambda band: folder / f"{name}_{band}.tif"), transform, crs
 
 
 def read_lmdb_patch(path: Path, name: str, modality: Modality, txn=None) -> tuple[np.ndarray, np.ndarray | None]:

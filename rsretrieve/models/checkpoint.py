@@ -198,7 +198,8 @@ def _torch_load(path: Path) -> Any:
 
 
 def load_csmae_lightning(path: str | os.PathLike, device: str = "cpu", config: CSMoEConfig | str | None = None) -> CSMoE:
-    """Import a CSMAE Lightning checkpoint (dict with `state_dict`, or a bare state_dict)."""
+    """Import a CSMAE Lightning checkpoint (dict with `state_dict`, or a bare state_dict; without
+    `backbone.` keys, plain weights of the named `config`)."""
     from rsretrieve.models.csmae import load_csmae
 
     path = Path(path)
@@ -207,10 +208,12 @@ def load_csmae_lightning(path: str | os.PathLike, device: str = "cpu", config: C
     config = get_config(config) if isinstance(config, str) else config
     obj = _torch_load(path)
     state = obj["state_dict"] if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) else obj
-    if config is not None and isinstance(state, Mapping) and not any(str(k).startswith("backbone.") for k in state):
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(located(path, "not a state_dict (expected a mapping of names to tensors)"))
+    if config is not None and not any(str(k).startswith("backbone.") for k in state):
         return _model_from_state(config, state, path, device, {"format": "state-dict"})  # plain weights, named config
-    config, state, source = load_csmae(obj, path, config)
-    return _model_from_state(config, state, path, device, source)
+    config, backbone, source = load_csmae(state, path, config)
+    return _model_from_state(config, backbone, path, device, source)
 
 
 CONVERT_HINT = ("save its state dict as safetensors in Python (`safetensors.torch.save_file(state_dict, "

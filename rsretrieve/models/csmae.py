@@ -136,14 +136,10 @@ def csmae_variant(config: CSMoEConfig, decoding: str | None) -> str | None:
     return f"csmae_{encoder}{decoder}"
 
 
-def load_csmae(obj: Any, path: Path, config: CSMoEConfig | None = None):
-    """(config, backbone state, provenance `source`) of a loaded CSMAE Lightning checkpoint object
-    (a dict with `state_dict`, or a bare state dict with `backbone.` keys)."""
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(located(path, "not a state_dict (expected a mapping of names to tensors)"))
-    state, decoding = strip_backbone(obj)
+def load_csmae(full_state: Mapping[str, torch.Tensor], path: Path, config: CSMoEConfig | None = None):
+    """(config, backbone state, provenance `source`) of a CSMAE checkpoint's state dict (its
+    Lightning `state_dict`: the backbone under `backbone.`, the decoders beside it)."""
+    state, decoding = strip_backbone(full_state)
     if not state:
         raise CheckpointError(located(path, "no keys under 'backbone.': not a CSMAE checkpoint (a plain state dict "
                                             "loads with --model NAME naming the config its weights fit)"))
