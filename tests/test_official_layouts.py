@@ -122,6 +122,26 @@ def test_all_skipped_ends_non_zero_with_counts_and_a_partial_skip_is_recorded(tr
     assert EmbeddingStore(tmp_path / "p.zarr").skipped("s1")["by_reason"] == {"unreadable GeoTIFF": 1}
 
 
+def test_unreadable_patches_over_the_share_fail_and_nodata_windows_do_not_count(tmp_path):
+    from distributed import Client, LocalCluster
+    from test_readers import write_synthetic_tiles
+
+    from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, TooManySkipped, encode
+
+    root = tmp_path / "two-bad"
+    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns("majortom"))
+    for path in sorted(root.glob("BigEarthNet-S1/*/*/*_VV.tif"))[:2]:
+        path.write_bytes(b"not a tiff")  # 2 of 24 = 8 %, over the 5 % allowed
+    write_synthetic_tiles(tmp_path / "mt")  # one S1 window of 100 holds a nodata pixel
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0") as c, Client(c) as client:
+        with pytest.raises(TooManySkipped, match=r"2 of 24 patches \(8%\) could not be read"):
+            encode(DatasetSpec("benv2", str(root), options=(("include_snow_cloud", True),)), "s1", tmp_path / "a.zarr",
+                   EncoderSpec("csmoe-tiny", "cpu", 8), client=client)
+        summary = encode(DatasetSpec("majortom", str(tmp_path / "mt")), "s1", tmp_path / "b.zarr",
+                         EncoderSpec("csmoe-tiny", "cpu", 8), client=client, max_failed_share=0.0)
+    assert len(summary.skipped) == 1 and "invalid pixel(s)" in summary.skip_summary()  # a gap, not a failure
+
+
 def test_lmdb_with_a_release_tree_gives_s1_centres(lmdb_root, tree_copy):
     """lat/lon of S1 patches from the tree's headers beside an LMDB (they were silently null when
     the tree's S1 layout was not the release's); a tree in another layout is an error, not nulls."""
