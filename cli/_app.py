@@ -110,10 +110,21 @@ def modalities_of(choice: ModalityOrBoth) -> list[str]:
 
 def check_writable(path: Path) -> None:
     """Fail before the work, not after it, when an output file cannot be written."""
+    from rsretrieve.io.files import probe_writable
+
     if path.is_dir():
         raise RSRetrieveError(f"{path}: is a folder; give a file name")
     if not path.parent.exists():
         raise RSRetrieveError(f"{path}: folder {path.parent} does not exist")
+    try:
+        probe_writable(path)
+    except OSError as exc:
+        raise RSRetrieveError(f"{path}: cannot be written ({exc.strerror or exc})") from None
+
+
+def waiting(who: str) -> None:
+    """What a command says while another process holds the store it must write."""
+    err.print(f"[yellow]waiting:[/] the store is being written by {who}; this command continues when it is done", highlight=False)
 
 
 # -- options shared by the commands that encode ---------------------------------------------------

@@ -29,11 +29,12 @@ from rsretrieve.cli._app import (
     err,
     make_job,
     modalities_of,
+    waiting,
     warn_if_random,
 )
 
 
-def _encode_with_progress(job, modality: str, client=None):
+def _encode_with_progress(job, modality: str, client=None, retry_skipped: bool = False):
     from rsretrieve.indexer.jobs import ensure_embeddings
 
     columns = (
@@ -57,18 +58,19 @@ def _encode_with_progress(job, modality: str, client=None):
             done = progress.tasks[task].completed
             progress.update(task, rate=f"{done / elapsed:.1f}" if elapsed else "-")
 
-        summary = ensure_embeddings(job, modality, client=client, on_start=on_start, on_chunk=on_chunk)
+        summary = ensure_embeddings(job, modality, client=client, on_start=on_start, on_chunk=on_chunk, on_wait=waiting,
+                                    retry_skipped=retry_skipped)
     _print_encode_summary(summary)
     return summary
 
 
-def encode_all(job, modalities) -> None:
-    """Encode what is missing for each modality, on one cluster started only if there is work."""
+def encode_all(job, modalities, retry_skipped: bool = False) -> None:
+    """Encode what is missing or damaged for each modality, on one cluster started only if there is work."""
     from rsretrieve.indexer.jobs import job_cluster
 
     with job_cluster(job) as client:
         for m in modalities:
-            _encode_with_progress(job, m, client)
+            _encode_with_progress(job, m, client, retry_skipped)
 
 
 def _print_encode_summary(summary) -> None:
@@ -106,13 +108,15 @@ def encode(
     windows: WindowsOpt = None,
     compile: CompileOpt = False,
     readers: ReadersOpt = None,
+    retry_skipped: Annotated[bool, typer.Option("--retry-skipped", help="Read again the patches earlier runs skipped (a file fixed since).")] = False,
 ) -> None:
-    """Compute the model's embeddings for every patch not yet in the store (resumable)."""
+    """Compute the model's embeddings for every patch not yet in the store (resumable); chunks that
+    `rsretrieve verify` finds damaged are encoded again."""
     job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else None,
                    windows, compile, readers)
     subset_note = f" / {job.selection.subset}" if job.selection.subset else ""
     console.print(f"dataset [cyan]{job.selection.dataset}[/]{subset_note} → store {job.store_path}")
-    encode_all(job, modalities_of(modality))
+    encode_all(job, modalities_of(modality), retry_skipped)
     State.workspace.remember(job.selection)
 
 
@@ -140,7 +144,7 @@ def index(
     job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, None, windows, compile, readers)
     encode_all(job, modalities_of(modality))
     for m in modalities_of(modality):
-        outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search)
+        outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search, on_wait=waiting)
         verb = "built" if outcome.built else "up to date:"
         console.print(f"{m.upper()}: index {verb} {outcome.kind} over {outcome.vectors} vectors → {outcome.path}")
     State.workspace.remember(job.selection)

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from rsretrieve.cli._app import State, app, console, print_json
-from rsretrieve.provenance import describe_preprocessing, describe_weights
+from rsretrieve.provenance import describe_dataset, describe_preprocessing, describe_weights
 
 
 @app.command()
@@ -40,14 +40,24 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
         table.add_column(column)
     for store in stores:
         for modality, row in store["modalities"].items():
+            if "error" in row:
+                table.add_row(Path(store["path"]).name, modality, "-", "[red]damaged[/]", "-", "-")
+                continue
             weights = "[red]random-init[/]" if row["random_init"] else str(row["checkpoint_sha256"])[:12]
-            table.add_row(Path(store["path"]).name, modality, f"{row['encoded']} / {row['patches']}", "yes" if row["complete"] else "no", str(row["model"]), weights)
+            complete = "yes" if row["complete"] else f"[red]no: {row['damaged_chunks']} damaged chunks[/]" if row["damaged_chunks"] else "no"
+            table.add_row(Path(store["path"]).name, modality, f"{row['encoded']} / {row['patches']}", complete, str(row["model"]), weights)
     console.print(table)
     for store in stores:
         console.print(f"[bold]{Path(store['path']).name}[/]", highlight=False)
         for modality, row in store["modalities"].items():
+            if "error" in row:
+                console.print(f"  {modality}: [red]{row['error']}[/]", highlight=False)
+                continue
             console.print(f"  {modality}: {describe_weights(row['model'], row['source'])}; "
-                          f"preprocessing {describe_preprocessing(row['preprocessing'])}", highlight=False)
+                          f"preprocessing {describe_preprocessing(row['preprocessing'])}; made from {describe_dataset(row['dataset'])}",
+                          highlight=False)
+    if any(row.get("error") or row.get("damaged_chunks") for store in stores for row in store["modalities"].values()):
+        console.print("[yellow]some stores are damaged:[/] `rsretrieve verify` names what is wrong; `rsretrieve encode` repairs chunks")
 
 
 @app.command()

@@ -10,9 +10,12 @@ from pathlib import Path
 
 from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, EncodeSummary, cluster, encode
 from rsretrieve.bands import Modality
+from rsretrieve.errors import StoreError, located
+from rsretrieve.io.locks import exclusive
 from rsretrieve.retrieval.faiss_index import EmbeddingIndex
 from rsretrieve.retrieval.index_meta import index_is_current, read_meta
 from rsretrieve.store import EmbeddingStore
+from rsretrieve.store.integrity import damaged_chunks
 from rsretrieve.workspace import Selection, Workspace
 
 
@@ -64,8 +67,9 @@ def is_small_model(spec: str, config: str | None = None) -> bool:
     return name in REGISTRY and model_cost(REGISTRY[name]) < SMALL_MODEL
 
 
-def ensure_embeddings(job: Job, modality: Modality, client=None, **progress) -> EncodeSummary:
-    """Encode the patches of `modality` that the store lacks (nothing, if it is complete)."""
+def ensure_embeddings(job: Job, modality: Modality, client=None, **options) -> EncodeSummary:
+    """Encode the patches of `modality` that the store lacks or holds damaged (nothing, if it is
+    complete and intact). `options`: progress callbacks, `on_wait`, `retry_skipped` (`encode`)."""
     return encode(
         job.dataset_spec,
         modality,
@@ -74,7 +78,7 @@ def ensure_embeddings(job: Job, modality: Modality, client=None, **progress) -> 
         client=client,
         scheduler=job.scheduler,
         dtype=job.dtype,
-        **progress,
+        **options,
     )
 
 
@@ -86,22 +90,40 @@ class IndexOutcome:
     vectors: int
 
 
-def ensure_index(job: Job, modality: Modality, kind: str = "auto", use_gpu: bool = False) -> IndexOutcome:
-    """Build the modality's index from the store unless an index of the same store is current."""
+def ensure_index(job: Job, modality: Modality, kind: str = "auto", use_gpu: bool = False, on_wait=None) -> IndexOutcome:
+    """Build the modality's index from the store unless an intact index of this store is current.
+
+    Checking is read-only; building holds the store's lock (a second `index` waits, then finds the
+    index current) and refuses a store whose data disagrees with its ledger (`rsretrieve verify`)."""
     store = EmbeddingStore(job.store_path)
-    group = store.open(modality)
-    provenance = store.provenance(modality)
     directory = job.workspace.index_dir(job.store_path, modality)
-    # an index is current when it was built from this store's embeddings, all of them (a resumed
-    # encode adds rows), and with the kind asked for
-    n_valid = int(group["valid"].sum())
-    if index_is_current(directory, provenance, group.sizes["patch"], selection={"n_selected": n_valid}):
-        meta = read_meta(directory)  # its kind and size, without loading the index itself
-        if kind in ("auto", meta["kind"]):
-            return IndexOutcome(directory, False, meta["kind"], int(meta["ntotal"]))
-    index = EmbeddingIndex.build(group, modality, kind=kind, use_gpu=use_gpu)
-    index.save(directory)
+    current = _current_index(store, modality, directory, kind)
+    if current:
+        return current
+    with exclusive(store.path, on_wait):
+        current = _current_index(store, modality, directory, kind)  # another process may have built it meanwhile
+        if current:
+            return current
+        damaged = damaged_chunks(store, modality)
+        if damaged:
+            key, why = next(iter(damaged.items()))
+            raise StoreError(located(store.path, f"{len(damaged)} {modality.upper()} chunk(s) disagree with the ledger (first: {key}: {why}); "
+                                                 f"run `rsretrieve encode --modality {modality}` to encode them again"))
+        index = EmbeddingIndex.build(store.open(modality), modality, kind=kind, use_gpu=use_gpu)
+        index.save(directory, store_id=store.store_id)
     return IndexOutcome(directory, True, index.kind, index.ntotal)
+
+
+def _current_index(store: EmbeddingStore, modality: Modality, directory: Path, kind: str) -> IndexOutcome | None:
+    """The outcome of an index that is current for this store (intact, built from this store's
+    embeddings, all of them (a resumed encode adds rows), of the kind asked for), else None."""
+    group = store.open(modality)
+    n_valid = int(group["valid"].sum())
+    if not index_is_current(directory, store.provenance(modality), group.sizes["patch"], selection={"n_selected": n_valid},
+                            store_id=store.store_id):
+        return None
+    meta = read_meta(directory)  # its kind and size, without loading the index itself
+    return IndexOutcome(directory, False, meta["kind"], int(meta["ntotal"])) if kind in ("auto", meta["kind"]) else None
 
 
 def needed_modalities(tasks) -> list[Modality]:

@@ -23,14 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rsretrieve.bands import Modality
-from rsretrieve.datasets import Chunk
+from rsretrieve.datasets import Chunk, patches_fingerprint
 from rsretrieve.errors import RSRetrieveError
 from rsretrieve.indexer.batching import groups, groups_in_flight
 from rsretrieve.indexer.cluster import ENCODER_RESOURCE, READER_RESOURCE, cluster, local_cluster, slots, task_resources
 from rsretrieve.indexer.encoder import EncoderSpec, encode_group
 from rsretrieve.indexer.readers import DatasetSpec, read_chunk
 from rsretrieve.provenance import MODEL_KEYS, describe, differences
+from rsretrieve.io.locks import exclusive
 from rsretrieve.store import ChunkSpan, EmbeddingStore
+from rsretrieve.store.integrity import chunks_with_skips, damaged_chunks
 
 __all__ = ["ENCODER_RESOURCE", "READER_RESOURCE", "DatasetSpec", "EncodeInterrupted", "EncodeSummary", "EncoderSpec",
            "TooManySkipped", "cluster", "encode", "local_cluster"]
@@ -127,6 +129,8 @@ def encode(
     chunk_hook: Callable[[Chunk], None] | None = None,
     read_hook: Callable[[Chunk], None] | None = None,
     max_failed_share: float = MAX_FAILED_SHARE,
+    retry_skipped: bool = False,
+    on_wait: Callable[[str], None] | None = None,
 ) -> EncodeSummary:
     """Encode every patch of `modality` not yet in the store.
 
@@ -141,48 +145,104 @@ def encode(
     `on_start(total_patches, patches_to_do)` and `on_chunk(patches_written, patches_skipped)` drive
     a progress bar. `chunk_hook(chunk)` runs on the encoder worker before each chunk is encoded,
     `read_hook(chunk)` on the reader before each chunk is read (tests inject faults with them).
-    """
-    from rsretrieve import __version__
-    from rsretrieve.models.inference import describe_model
 
+    A store group that is complete and intact is only read (no lock, no write). Otherwise the run
+    holds the store's lock (`on_wait(who)` is called if another process holds it, then it waits),
+    encodes again what `store.integrity` finds damaged and, with `retry_skipped`, the chunks whose
+    patches were skipped (a file fixed since)."""
     started = time.perf_counter()
     workers = cluster(client, scheduler, encoder.device)
     if workers.local:
         encoder.resolved_device()  # --device cuda without a GPU fails here, before anything is written
     ds = dataset.open()
     chunks = ds.chunks(modality)
+    spans = chunk_spans(chunks)
     store = EmbeddingStore(store_path)
+    provenance, dim = _provenance(dataset, ds, chunks, encoder)
+    if store.has(modality):
+        store.check(modality, provenance, spans, dtype)  # another model or other data is refused here
+        if not _work_left(store, modality, retry_skipped):  # read-only: nothing is written, no lock taken
+            summary = _finish(EncodeSummary(modality, Path(store_path), len(chunks), len(chunks), provenance=store.provenance(modality),
+                                            patches_total=spans[-1].stop), ds, on_start, started)
+            _check_skipped(store, modality, summary, 0, max_failed_share)
+            return summary
+    with exclusive(store.path, on_wait):  # one writer per store; a second run waits, then finds the work done
+        dtype, notes = _prepare(store, ds, modality, provenance, spans, dim, dtype, retry_skipped)
+        done = store.done_chunks(modality)
+        todo = [(chunk, span) for chunk, span in zip(chunks, spans) if chunk.key not in done]
+        summary = EncodeSummary(modality, Path(store_path), len(chunks), len(chunks) - len(todo), provenance=store.provenance(modality),
+                                patches_total=spans[-1].stop, notes=notes)
+        _finish(summary, ds, on_start, None, sum(span.stop - span.start for _, span in todo))
+        if todo:
+            with workers:
+                _run(workers.get(), dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook)
+            if summary.skipped:
+                store.record_skipped(modality, skip_counts(summary.skipped), [m for _, m in summary.skipped[:5]])
+        summary.seconds = time.perf_counter() - started
+        _check_skipped(store, modality, summary, sum(span.stop - span.start for _, span in todo), max_failed_share)
+    return summary
+
+
+def _provenance(dataset: DatasetSpec, ds, chunks: list[Chunk], encoder: EncoderSpec) -> tuple[dict, int]:
+    """(provenance of the embeddings this run would write, their dimension): the model, and the data
+    they are made from (dataset, root, subset, options and a fingerprint of the patch list)."""
+    from rsretrieve import __version__
+    from rsretrieve.models.inference import describe_model
+
     provenance, dim = describe_model(encoder.model, encoder.config)
     reader = ds.describe() if hasattr(ds, "describe") else {}
-    provenance = {**provenance, "rsretrieve_version": __version__, "dataset": {**dataset.to_dict(), "reader": reader}}
-    if store.has(modality):
-        spans = chunk_spans(chunks)
-        dtype = store.check(modality, provenance, spans, dtype)
-    else:
+    made_from = {**dataset.to_dict(), "reader": reader, "patches_sha256": patches_fingerprint(chunks),
+                 "patches": sum(chunk.n_patches for chunk in chunks)}
+    return {**provenance, "rsretrieve_version": __version__, "dataset": made_from}, dim
+
+
+def _work_left(store: EmbeddingStore, modality: Modality, retry_skipped: bool) -> bool:
+    """Whether a store group lacks chunks, holds damaged ones, or (asked to retry) skipped patches, or
+    its metadata was never consolidated (a crash right after creating it)."""
+    _, done = store.ledger(modality)
+    return (not done.all() or store.needs_consolidation(modality) or bool(damaged_chunks(store, modality))
+            or (retry_skipped and bool(chunks_with_skips(store, modality))))
+
+
+def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, spans: list[ChunkSpan], dim: int, dtype: str | None,
+             retry_skipped: bool) -> tuple[str, list[str]]:
+    """Under the store's lock: create the group, or check it again and mark what must be encoded
+    again (damaged chunks; with `retry_skipped`, chunks with skipped patches). Returns (the group's
+    dtype, notes for the user)."""
+    if not store.has(modality):
         # one row per patch, to create the store; the readers find each patch's lat/lon as they read it
         meta = ds.metadata(modality, locations=False)
-        spans = chunk_spans(chunks, meta.num_rows)
         if not spans or spans[-1].stop == 0:
-            raise RSRetrieveError(f"{dataset.name}{' / ' + dataset.subset if dataset.subset else ''}: the selection holds no {modality.upper()} patches")
-        dtype = dtype or "float32"
-        store.create(modality, meta, spans, dim, provenance, dtype)
+            raise RSRetrieveError(f"{provenance['dataset']['name']}: the selection holds no {modality.upper()} patches")
+        if spans[-1].stop != meta.num_rows:
+            raise RSRetrieveError(f"chunks list {spans[-1].stop} patches but the metadata has {meta.num_rows}")
+        store.create(modality, meta, spans, dim, provenance, dtype or "float32")
+        return dtype or "float32", []
+    dtype = store.check(modality, provenance, spans, dtype)
+    store.consolidate_if_needed(modality)
+    notes = []
+    damaged = damaged_chunks(store, modality)
+    if damaged:
+        store.reset_chunks(modality, damaged)
+        key, why = next(iter(damaged.items()))
+        notes.append(f"{len(damaged)} damaged chunk(s) are encoded again (first: {key}: {why})")
+    if retry_skipped:
+        retried = chunks_with_skips(store, modality)
+        store.reset_chunks(modality, retried)
+        store.clear_skipped(modality)
+        notes.append(f"{len(retried)} chunk(s) with skipped patches are read again")
+    return dtype, notes
 
-    done = store.done_chunks(modality)
-    todo = [(chunk, span) for chunk, span in zip(chunks, spans) if chunk.key not in done]
-    summary = EncodeSummary(modality, Path(store_path), len(chunks), len(chunks) - len(todo), provenance=store.provenance(modality),
-                            patches_total=spans[-1].stop)
+
+def _finish(summary: EncodeSummary, ds, on_start, started: float | None, todo_patches: int = 0) -> EncodeSummary:
+    """Add the dataset's note on its count, report the start, and (given `started`) the time."""
     count_message = getattr(ds, "count_message", None)
     if count_message and count_message():
         summary.notes.append(count_message())
     if on_start:
-        on_start(spans[-1].stop, sum(span.stop - span.start for _, span in todo))
-    if todo:
-        with workers:
-            _run(workers.get(), dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook)
-        if summary.skipped:
-            store.record_skipped(modality, skip_counts(summary.skipped), [m for _, m in summary.skipped[:5]])
-    summary.seconds = time.perf_counter() - started
-    _check_skipped(store, modality, summary, sum(span.stop - span.start for _, span in todo), max_failed_share)
+        on_start(summary.patches_total, todo_patches)
+    if started is not None:
+        summary.seconds = time.perf_counter() - started
     return summary
 
 

@@ -12,6 +12,8 @@ RANDOM_INIT = "random-init"  # the checkpoint_sha256 of a model with untrained w
 # provenance keys that must agree before embeddings may share a store or an index
 IDENTITY_KEYS = ("model", "config", "checkpoint_sha256", "dtype", "preprocessing")
 MODEL_KEYS = ("model", "config", "checkpoint_sha256", "preprocessing")  # what a store's S1 and S2 share
+# what a store group was made from (its provenance["dataset"]): it serves that data and no other
+DATASET_KEYS = ("name", "root", "subset", "options", "patches_sha256")
 
 
 def is_random_init(provenance: dict | None) -> bool:
@@ -28,6 +30,21 @@ def identity(provenance: dict | None, keys: Sequence[str] = IDENTITY_KEYS) -> di
 def differences(a: dict | None, b: dict | None, keys: Sequence[str] = IDENTITY_KEYS) -> list[str]:
     ia, ib = identity(a, keys), identity(b, keys)
     return [key for key in keys if ia[key] != ib[key]]
+
+
+def dataset_differences(made_from: dict | None, asked: dict | None) -> list[str]:
+    """The keys in which two datasets (provenance["dataset"]) differ: another root, subset, window
+    rule or list of patches is other data."""
+    return differences(made_from, asked, DATASET_KEYS)
+
+
+def describe_dataset(dataset: dict | None) -> str:
+    """'benv2 / BENv2-14k at /data/benv2 (options {...})' from provenance["dataset"]."""
+    dataset = dataset or {}
+    subset = f" / {dataset['subset']}" if dataset.get("subset") else ""
+    root = f" at {dataset['root']}" if dataset.get("root") else ""
+    options = f" (options {dataset['options']})" if dataset.get("options") else ""
+    return f"{dataset.get('name')}{subset}{root}{options}"
 
 
 def describe(provenance: dict | None) -> str:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rsretrieve.errors import RSRetrieveError, located
+from rsretrieve.io.files import atomic_write
+from rsretrieve.io.locks import exclusive
 
 DEFAULT_WORKSPACE = "rsretrieve-workspace"
 DEFAULT_MODEL = "csmoe-p16"
@@ -66,9 +68,12 @@ class Workspace:
         return self.store_path(selection.dataset + (f"-{selection.subset}" if selection.subset else ""), selection.model)
 
     def index_dir(self, store_path: Path, modality: str) -> Path:
+        """Where the index of one store's group lives: named after the store's identity, not only
+        its file name (two stores called `my.zarr` in two folders never share an index)."""
         from rsretrieve.retrieval.index_meta import index_dir
+        from rsretrieve.store import EmbeddingStore
 
-        return index_dir(self.indexes_dir, store_path, modality)
+        return index_dir(self.indexes_dir, store_path, EmbeddingStore(store_path).store_id, modality)
 
     def stores(self) -> list[Path]:
         return sorted(self.stores_dir.glob("*.zarr")) if self.stores_dir.exists() else []
@@ -78,15 +83,21 @@ class Workspace:
         if not self.config_path.exists():
             return {}
         try:
-            return json.loads(self.config_path.read_text())
+            config = json.loads(self.config_path.read_text())
         except json.JSONDecodeError as exc:
             raise RSRetrieveError(located(self.config_path, f"not valid JSON ({exc.msg}); fix or delete it")) from None
+        except UnicodeDecodeError:
+            raise RSRetrieveError(located(self.config_path, "not a text file; fix or delete it")) from None
+        _check_config_shape(config, self.config_path)
+        return config
 
     def save_config(self, config: dict) -> None:
+        """Write config.json atomically, through a temporary file of its own (a second process
+        writing at the same moment never shares it), and only if it changes."""
+        if self.config_path.exists() and self.load_config() == config:
+            return  # a read-only workspace stays usable; nothing is rewritten for nothing
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.config_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-        tmp.replace(self.config_path)  # atomic: a crash never leaves half a config
+        atomic_write(self.config_path, json.dumps(config, indent=2, sort_keys=True))
 
     def dataset_root(self, dataset: str) -> str | None:
         """Root of a dataset: the environment variable wins, then the remembered root."""
@@ -129,13 +140,39 @@ class Workspace:
         return selection
 
     def remember(self, selection: Selection) -> None:
-        """Make a selection current (after a command using it succeeded) and keep its root."""
-        config = self.load_config()
-        if selection.root and selection.dataset != "sample":
-            config.setdefault("datasets", {}).setdefault(selection.dataset, {})["root"] = selection.root
-        config["current"] = {"dataset": selection.dataset, "subset": selection.subset, "model": selection.model,
-                             "checkpoint": selection.checkpoint, "config": selection.config}
-        self.save_config(config)
+        """Make a selection current (after a command using it succeeded) and keep its root.
+
+        Read, change and write happen under the config's lock, so two commands ending together
+        both land (the last one's selection is current) and neither corrupts the file."""
+        current = {"dataset": selection.dataset, "subset": selection.subset, "model": selection.model,
+                   "checkpoint": selection.checkpoint, "config": selection.config}
+        if self._remembered(self.load_config(), selection, current):
+            return  # nothing changes: no lock, no write (a read-only workspace stays usable)
+        with exclusive(self.config_path):
+            config = self.load_config()
+            if selection.root and selection.dataset != "sample":
+                config.setdefault("datasets", {}).setdefault(selection.dataset, {})["root"] = selection.root
+            config["current"] = current
+            self.save_config(config)
+
+    @staticmethod
+    def _remembered(config: dict, selection: Selection, current: dict) -> bool:
+        root_known = not selection.root or selection.dataset == "sample" or \
+            config.get("datasets", {}).get(selection.dataset, {}).get("root") == selection.root
+        return root_known and config.get("current") == current
+
+
+def _check_config_shape(config, path: Path) -> None:
+    """config.json must be {"current": {...}, "datasets": {name: {"root": str}}} (both optional)."""
+    problem = None
+    if not isinstance(config, dict):
+        problem = f"expected a JSON object, found {type(config).__name__}"
+    elif not isinstance(config.get("current", {}), dict):
+        problem = '"current" is not an object'
+    elif not isinstance(config.get("datasets", {}), dict) or not all(isinstance(v, dict) for v in config.get("datasets", {}).values()):
+        problem = '"datasets" is not an object of objects'
+    if problem:
+        raise RSRetrieveError(located(path, f"not an rsretrieve workspace config ({problem}); fix or delete it"))
 
 
 def _slug(name: str) -> str:

@@ -15,7 +15,7 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rsretrieve.datasets.base import META_TYPES, PATCH, Chunk, PatchBatch, PatchDataset, empty_batch, label_matrix, meta_table
+from rsretrieve.datasets.base import META_TYPES, PATCH, Chunk, PatchBatch, PatchDataset, empty_batch, label_matrix, meta_table, patches_fingerprint
 from rsretrieve.errors import RSRetrieveError
 
 
@@ -91,5 +91,6 @@ __all__ = [
     "list_datasets",
     "meta_table",
     "open_dataset",
+    "patches_fingerprint",
     "sample_root",
 ]

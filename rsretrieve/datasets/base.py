@@ -7,7 +7,9 @@ never the registry in `rsretrieve.datasets`.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -68,6 +70,17 @@ class PatchDataset(Protocol):
     def read_chunk(self, chunk: Chunk) -> PatchBatch: ...
 
     def metadata(self, modality: Modality, locations: bool = True) -> pa.Table: ...
+
+
+def patches_fingerprint(chunks: list[Chunk]) -> str:
+    """SHA-256 of the patches a list of chunks yields, in order: their names where chunks list them
+    (BigEarthNet), else the file name, row group and count they come from (Major TOM). A store
+    records it, so that other data of the same size is never taken for the data it holds."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        parts = chunk.patch_ids or (Path(chunk.path).name, str(chunk.row_group), str(chunk.n_patches))
+        digest.update("\x1f".join(parts).encode() + b"\x1e")
+    return digest.hexdigest()
 
 
 def meta_table(columns: dict[str, list]) -> pa.Table:

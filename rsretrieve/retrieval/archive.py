@@ -98,11 +98,12 @@ class Archive:
         from rsretrieve.retrieval.faiss_index import EmbeddingIndex
 
         if modality not in self._indexes:
-            directory = index_dir(self.indexes_dir, self.store.path, modality)
+            store_id = self.store.store_id
+            directory = index_dir(self.indexes_dir, self.store.path, store_id, modality)
             if not (directory.exists() and any(directory.iterdir())):
                 raise StoreError(located(self.store.path, f"no {modality.upper()} index yet; run `rsretrieve index --modality {modality}` first"))
             provenance = self.store.provenance(modality)
-            self._indexes[modality] = EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=self.use_gpu)
+            self._indexes[modality] = EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=self.use_gpu, store_id=store_id)
         return self._indexes[modality]
 
     def search(self, vector: np.ndarray, target: Modality, k: int, exclude_row: int | None = None) -> list[Hit]:

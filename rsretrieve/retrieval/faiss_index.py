@@ -23,7 +23,8 @@ The store is never loaded whole: `ds.embedding` is read in slices of `batch_size
 from __future__ import annotations
 
 import json
-import math
+import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +32,9 @@ import numpy as np
 
 from rsretrieve.errors import StoreError, located
 from rsretrieve.provenance import describe, differences, is_random_init
-from rsretrieve.retrieval.index_meta import FORMAT_VERSION, IDS_FILE, INDEX_FILE, META_FILE, json_default, read_meta
+from rsretrieve.io.files import file_record
+from rsretrieve.retrieval.index_meta import DATA_FILES, FORMAT_VERSION, IDS_FILE, INDEX_FILE, META_FILE, damage, json_default, read_meta
+from rsretrieve.retrieval.ivfpq import build_ivfpq, default_nlist, default_pq_m, ivfpq_min_vectors  # noqa: F401  (public here)
 from rsretrieve.store.read import DEFAULT_BATCH, as_strings, coord_values, iter_embeddings, normalise_rows, open_group, provenance_of, selection_mask
 
 AUTO_FLAT_MAX = 1_000_000
@@ -49,36 +52,6 @@ def _faiss():
 
 def auto_kind(n: int) -> str:
     return "flat" if n < AUTO_FLAT_MAX else "ivfpq"
-
-
-def default_nlist(n: int) -> int:
-    """~4*sqrt(N), at least 1 and at most N/39 (faiss wants >= 39 training points per centroid)."""
-    return int(max(1, min(round(4 * math.sqrt(n)), n // 39 if n >= 39 else 1)))
-
-
-def default_pq_m(dim: int, dims_per_code: int = 8) -> int:
-    """The largest divisor of `dim` giving at least `dims_per_code` dims per sub-quantiser
-    (768 -> 96, 384 -> 48, 192 -> 24)."""
-    target = max(1, dim // dims_per_code)
-    for m in range(target, 0, -1):
-        if dim % m == 0:
-            return m
-    return 1
-
-
-def _sample_rows(mask_rows: np.ndarray, size: int, seed: int) -> np.ndarray:
-    if size >= mask_rows.size:
-        return mask_rows
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(mask_rows, size=size, replace=False))
-
-
-def _read_sample(ds, rows: np.ndarray, batch_size: int) -> np.ndarray:
-    """Normalised vectors of the (sorted) `rows`, read slab by slab."""
-    chosen = np.zeros(int(ds.sizes["patch"]), dtype=bool)
-    chosen[rows] = True
-    parts = [vectors for _, vectors in iter_embeddings(ds, chosen, batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, int(ds.sizes["dim"])), np.float32)
 
 
 # -- the index -------------------------------------------------------------------------------------
@@ -133,7 +106,7 @@ class EmbeddingIndex:
                       "ef_search": int(params.get("ef_search", 64))}
             index.hnsw.efSearch = chosen["ef_search"]
         else:  # ivfpq
-            index, chosen = _ivfpq(ds, selected, dim, n, batch_size, seed, params)
+            index, chosen = build_ivfpq(ds, selected, dim, n, batch_size, seed, params)
         rows_parts = []
         for batch_rows, vectors in iter_embeddings(ds, mask, batch_size):
             index.add(vectors)
@@ -294,57 +267,79 @@ class EmbeddingIndex:
         return normalise_rows(vectors + noise)
 
     # -- persistence -------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write index.faiss, ids.parquet (faiss id -> store row, patch_id) and index.json."""
+    def save(self, directory: str | Path, store_id: str | None = None) -> Path:
+        """Write index.faiss, ids.parquet (faiss id -> store row, patch_id) and index.json (with the
+        files' sizes and SHA-256, and the id of the store the index belongs to).
+
+        The files are written to a folder beside `directory` and swapped in by renames, so a crash
+        or a full disk leaves the previous index (or none), never a mix of two."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         faiss = _faiss()
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.cpu_index, str(directory / INDEX_FILE))
-        pq.write_table(pa.table({"row": pa.array(self.rows, pa.int64()), "patch_id": pa.array(self.patch_ids.tolist(), pa.string())}),
-                       directory / IDS_FILE)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "modality": self.modality,
-            "kind": self.kind,
-            "params": self.params,
-            "ntotal": self.ntotal,
-            "dim": self.dim,
-            "n_store_rows": self.n_store_rows,
-            "selection": self.selection,
-            "provenance": self.provenance,
-            "random_init": is_random_init(self.provenance),
-        }
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=json_default))
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.partial")
+        staging.mkdir()
+        try:
+            faiss.write_index(self.cpu_index, str(staging / INDEX_FILE))
+            pq.write_table(pa.table({"row": pa.array(self.rows, pa.int64()), "patch_id": pa.array(self.patch_ids.tolist(), pa.string())}),
+                           staging / IDS_FILE)
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "store_id": store_id,
+                "modality": self.modality,
+                "kind": self.kind,
+                "params": self.params,
+                "ntotal": self.ntotal,
+                "dim": self.dim,
+                "n_store_rows": self.n_store_rows,
+                "selection": self.selection,
+                "provenance": self.provenance,
+                "random_init": is_random_init(self.provenance),
+                "files": {name: file_record(staging / name) for name in DATA_FILES},
+            }
+            (staging / META_FILE).write_text(json.dumps(meta, indent=2, default=json_default))
+            _swap_in(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, expected_provenance: dict | None = None, use_gpu: bool = True) -> "EmbeddingIndex":
-        """Read an index written by `save`. With `expected_provenance` (the store's), an index built
-        from other embeddings is refused with a one-line StoreError."""
+    def load(cls, directory: str | Path, expected_provenance: dict | None = None, use_gpu: bool = True,
+             store_id: str | None = None) -> "EmbeddingIndex":
+        """Read an index written by `save`, after checking its files against their sizes and
+        SHA-256. With `expected_provenance` (the store's) and `store_id`, an index built from other
+        embeddings or for another store is refused; every refusal is a one-line StoreError."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         faiss = _faiss()
         directory = Path(directory)
         meta = read_meta(directory)
+        modality = meta.get("modality") or directory.name
+        rebuild = f"run `rsretrieve index --modality {modality}` to rebuild it"
+        if store_id is not None and meta.get("store_id") != store_id:
+            raise StoreError(located(directory, f"index belongs to another store (id {meta.get('store_id')}, not {store_id}); {rebuild}"))
         if expected_provenance is not None:
             diff = differences(meta.get("provenance"), expected_provenance)
             if diff:
                 raise StoreError(located(
                     directory,
                     f"index was built from embeddings of {describe(meta.get('provenance'))}, but the store holds "
-                    f"{describe(expected_provenance)} (differs in {', '.join(diff)}); rebuild the index",
+                    f"{describe(expected_provenance)} (differs in {', '.join(diff)}); {rebuild}",
                 ))
-        for name in (INDEX_FILE, IDS_FILE):
-            if not (directory / name).exists():
-                raise StoreError(located(directory, f"incomplete index: {name} is missing; rebuild the index"))
-        index = faiss.read_index(str(directory / INDEX_FILE))
-        ids = pq.read_table(directory / IDS_FILE)
-        rows = ids["row"].to_numpy()
+        problem = damage(directory, meta)
+        if problem:
+            raise StoreError(located(directory, f"damaged index: {problem}; {rebuild}"))
+        try:
+            index = faiss.read_index(str(directory / INDEX_FILE))
+            ids = pq.read_table(directory / IDS_FILE)
+            rows = ids["row"].to_numpy()
+        except (RuntimeError, OSError, KeyError, pa.ArrowException) as exc:
+            raise StoreError(located(directory, f"unreadable index ({' '.join(str(exc).split())[:160]}); {rebuild}")) from None
         if rows.size != index.ntotal:
-            raise StoreError(located(directory, f"index holds {index.ntotal} vectors but its id map {rows.size}; rebuild the index"))
+            raise StoreError(located(directory, f"index holds {index.ntotal} vectors but its id map {rows.size}; {rebuild}"))
         return cls(index, rows, np.asarray(ids["patch_id"].to_pylist(), dtype=object), meta["kind"], meta.get("params", {}),
                    meta.get("provenance"), meta.get("selection"), meta.get("n_store_rows"), meta.get("modality"), use_gpu=use_gpu)
 
@@ -386,51 +381,13 @@ def _explicit_search_params(kind: str, params: dict) -> bool:
     return "nprobe" in params and ("k_factor" in params or params.get("refine") == "none")
 
 
-def ivfpq_min_vectors(nlist: int, nbits: int) -> int:
-    """Fewest training vectors faiss accepts for an IVF-PQ index: one per coarse centroid and one
-    per PQ centroid (2**nbits); below that its k-means raises."""
-    return max(nlist, 2 ** nbits)
-
-
-def _ivfpq(ds, selected: np.ndarray, dim: int, n: int, batch_size: int, seed: int, params: dict):
-    faiss = _faiss()
-    nlist = int(params.get("nlist", default_nlist(n)))
-    m = int(params.get("m", default_pq_m(dim)))
-    if dim % m:
-        raise ValueError(f"PQ m={m} does not divide the dimension {dim}")
-    nbits = int(params.get("nbits", 8))
-    needed = ivfpq_min_vectors(nlist, nbits)
-    if n < needed:
-        raise StoreError(f"--index ivfpq needs at least {needed} vectors to train; this archive has {n}: use --index flat")
-    refine = params.get("refine", "flat")
-    # k-means wants >= 39 points per centroid; past ~64 per centroid more points barely help
-    train_size = int(params.get("train_size", min(n, max(64 * nlist, 2 ** nbits * 39, 65_536), 256 * nlist)))
-    train_size = min(train_size, n)
-    if train_size < needed:
-        raise ValueError(f"train_size={train_size} is below the {needed} vectors nlist={nlist}, nbits={nbits} need")
-    sample = _read_sample(ds, _sample_rows(selected, train_size, seed), batch_size)
-    quantizer = faiss.IndexFlatL2(dim)
-    base = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss.METRIC_L2)
-    base.cp.niter = int(params.get("niter", 10))
-    base.cp.seed = seed
-    base.own_fields = True
-    quantizer.this.disown()
-    if refine == "flat":
-        index = faiss.IndexRefineFlat(base)
-        base.this.disown()
-        index.own_fields = True
-    elif refine == "none":
-        index = base
-    else:
-        raise ValueError(f"unknown refine {refine!r}; expected 'flat' or 'none'")
-    index.train(sample)
-    base.nprobe = int(params.get("nprobe", min(nlist, 32)))
-    chosen = {"metric": "l2", "nlist": nlist, "m": m, "nbits": nbits, "refine": refine,
-              "train_size": int(sample.shape[0]), "nprobe": int(base.nprobe)}
-    if refine == "flat":
-        index.k_factor = float(params.get("k_factor", 8.0))
-        chosen["k_factor"] = float(index.k_factor)
-    return index, chosen
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Put the folder `staging` in place of `directory` by renames (the old one is removed after)."""
+    old = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.old")
+    if directory.exists():
+        directory.rename(old)
+    staging.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _to_gpu(index):

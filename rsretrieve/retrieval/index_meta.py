@@ -1,4 +1,9 @@
-"""An index's metadata file (`index.json`) and when an index is current for its store."""
+"""An index's metadata file (`index.json`), its integrity, and when an index is current for its store.
+
+An index belongs to one store: its folder is named after the store's identity (`store_id`, made
+when the store is created), and `index.json` records that id, the store's provenance, and the size
+and SHA-256 of `index.faiss` and `ids.parquet`. An index whose files do not match their record, or
+that belongs to another store, is never current and never loaded."""
 
 from __future__ import annotations
 
@@ -9,12 +14,14 @@ from typing import Any
 import numpy as np
 
 from rsretrieve.errors import StoreError, located
+from rsretrieve.io.files import sha256_of
 from rsretrieve.provenance import differences
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 META_FILE = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: store_id and file records
+DATA_FILES = (INDEX_FILE, IDS_FILE)
 
 
 def jsonable(value: Any) -> Any:
@@ -40,15 +47,37 @@ def read_meta(directory: str | Path) -> dict:
         raise StoreError(located(path, f"unreadable index metadata ({exc})")) from None
 
 
-def index_is_current(directory: str | Path, store_provenance: dict, n_rows: int, selection: dict | None = None) -> bool:
-    """True if `directory` holds a complete index built from embeddings with this provenance, from a
-    store group of `n_rows` rows (and, if given, with this selection, compared key by key)."""
+def damage(directory: str | Path, meta: dict, checksums: bool = True) -> str | None:
+    """What is wrong with an index's files against their record in `index.json` (None: nothing).
+    Sizes always; SHA-256 too unless `checksums=False`."""
     directory = Path(directory)
-    if not all((directory / name).exists() for name in (INDEX_FILE, IDS_FILE, META_FILE)):
-        return False
+    records = meta.get("files") or {}
+    for name in DATA_FILES:
+        path, record = directory / name, records.get(name)
+        if record is None:
+            return f"{name} has no size and checksum in {META_FILE} (written by an older rsretrieve)"
+        if not path.exists():
+            return f"{name} is missing"
+        if path.stat().st_size != record.get("bytes"):
+            return f"{name} is {path.stat().st_size} bytes, {META_FILE} says {record.get('bytes')}"
+        if checksums and sha256_of(path) != record.get("sha256"):
+            return f"{name} does not match its SHA-256 in {META_FILE}"
+    return None
+
+
+def index_is_current(directory: str | Path, store_provenance: dict, n_rows: int, selection: dict | None = None,
+                     store_id: str | None = None) -> bool:
+    """True if `directory` holds an intact index (files matching their record) built from this store
+    (`store_id`) and embeddings with this provenance, from a store group of `n_rows` rows (and, if
+    given, with this selection, compared key by key)."""
+    directory = Path(directory)
     try:
         meta = read_meta(directory)
     except StoreError:
+        return False
+    if store_id is not None and meta.get("store_id") != store_id:
+        return False
+    if damage(directory, meta) is not None:
         return False
     if differences(meta.get("provenance"), store_provenance):
         return False
@@ -61,6 +90,7 @@ def index_is_current(directory: str | Path, store_provenance: dict, n_rows: int,
     return True
 
 
-def index_dir(indexes_dir: str | Path, store_path: str | Path, modality: str) -> Path:
-    """Where the index of one store group lives, below a folder of indexes."""
-    return Path(indexes_dir) / Path(store_path).stem / modality
+def index_dir(indexes_dir: str | Path, store_path: str | Path, store_id: str, modality: str) -> Path:
+    """Where the index of one store group lives, below a folder of indexes: `<stem>-<id>/<modality>`
+    (the stem for people, the store's id so that two stores of one name never share an index)."""
+    return Path(indexes_dir) / f"{Path(store_path).stem}-{store_id[:12]}" / modality

@@ -6,9 +6,13 @@ Each group is a self-describing Dataset that opens with plain `xarray.open_zarr(
     valid     (patch)         bool: encoded and usable
     coords    patch_id, pair_id, split, country, labels (patch, label) bool, label, lat, lon,
               grid_cell, timestamp, product_id (those the source has)
-    chunk_key / chunk_start / chunk_stop / chunk_done (chunk)   the resumability ledger
+    chunk_key / chunk_start / chunk_stop / chunk_done / chunk_valid (chunk)   the resumability
+              ledger; chunk_valid: patches a done chunk encoded, to notice lost files (`store.integrity`)
     attrs     provenance: model, config, checkpoint_sha256 ("random-init" for untrained weights),
-              preprocessing (band order, statistics, resampling), rsretrieve version, creation time
+              preprocessing (band order, statistics, resampling), rsretrieve version, creation time,
+              and the data it was made from (dataset, root, subset, options, a fingerprint of its
+              patch list): a store serves that data and refuses any other
+    root attrs  store_id: made once, when the store is created; indexes belong to it
 
 Rows are allocated for every patch up front, in the dataset's chunk order, so each data chunk owns
 one fixed region. A chunk is written (embedding + valid) and only then marked done in the ledger;
@@ -19,6 +23,8 @@ never a duplicate or a hole.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -33,7 +39,7 @@ import zarr
 from rsretrieve.bands import MODALITIES, Modality
 from rsretrieve.errors import StoreError, located
 from rsretrieve.labels import CLASSES, multi_hot
-from rsretrieve.provenance import MODEL_KEYS, describe, differences, is_random_init
+from rsretrieve.provenance import MODEL_KEYS, dataset_differences, describe, describe_dataset, differences, is_random_init
 
 STRING_COORDS = ("patch_id", "pair_id", "split", "country", "grid_cell", "product_id")
 FLOAT_COORDS = ("lat", "lon")
@@ -66,7 +72,21 @@ class EmbeddingStore:
         try:
             return xr.open_zarr(self.path, group=modality, consolidated=True)
         except (KeyError, ValueError):  # created, but consolidation did not happen: read plainly
+            pass
+        try:
             return xr.open_zarr(self.path, group=modality, consolidated=False)
+        except (KeyError, ValueError, OSError) as exc:
+            raise StoreError(located(self.path / modality, f"unreadable store group ({_short(exc)}); run `rsretrieve verify`")) from None
+
+    @property
+    def store_id(self) -> str:
+        """The store's identity, made when it was created (indexes belong to it); a store without
+        one (none yet, or written by an older rsretrieve) is identified by its resolved path."""
+        try:
+            found = zarr.open_group(self.path, mode="r", zarr_format=3).attrs.get("store_id")
+        except Exception:  # noqa: BLE001 — no store yet, or damaged root metadata: `verify` names it
+            found = None
+        return str(found) if found else "path-" + hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:12]
 
     def provenance(self, modality: Modality) -> dict:
         return dict(self._group(modality, "r").attrs["provenance"])
@@ -80,6 +100,12 @@ class EmbeddingStore:
             raise StoreError(located(self.path / modality, f"not an rsretrieve store group (no {exc}); delete it or use another --store")) from None
         spans = [ChunkSpan(k, int(a), int(b)) for k, a, b in zip(keys, starts, stops)]
         return spans, np.asarray(group["chunk_done"][:], dtype=bool)
+
+    def chunk_valid(self, modality: Modality) -> np.ndarray | None:
+        """Per chunk, the patches it encoded when it was marked done (-1: not done); None for a store
+        written before the ledger kept them."""
+        group = self._group(modality, "r")
+        return np.asarray(group["chunk_valid"][:], dtype=np.int64) if "chunk_valid" in group else None
 
     def done_chunks(self, modality: Modality) -> set[str]:
         spans, done = self.ledger(modality)
@@ -106,26 +132,36 @@ class EmbeddingStore:
 
     def summary(self) -> dict:
         """Counts per modality, for `rsretrieve info`."""
+        from rsretrieve.store.integrity import damaged_chunks
+
         out: dict = {"path": str(self.path), "modalities": {}}
         for modality in self.modalities():
-            group = self._group(modality, "r")
-            spans, done = self.ledger(modality)
-            valid = np.asarray(group["valid"][:], dtype=bool)
-            prov = dict(group.attrs["provenance"])
-            out["modalities"][modality] = {
-                "patches": int(valid.size),
-                "encoded": int(valid.sum()),
-                "chunks_done": int(done.sum()),
-                "chunks": len(spans),
-                "complete": bool(done.all()),
-                "model": prov.get("model"),
-                "checkpoint_sha256": prov.get("checkpoint_sha256"),
-                "random_init": is_random_init(prov),
-                "source": prov.get("source") or {},
-                "preprocessing": prov.get("preprocessing") or {},
-                "skipped": int(dict(group.attrs.get("skipped", {})).get("count", 0)),
-            }
+            try:
+                out["modalities"][modality] = self._summary(modality, damaged_chunks(self, modality))
+            except StoreError as exc:
+                out["modalities"][modality] = {"error": str(exc)}
         return out
+
+    def _summary(self, modality: Modality, damaged: dict) -> dict:
+        group = self._group(modality, "r")
+        spans, done = self.ledger(modality)
+        valid = np.asarray(group["valid"][:], dtype=bool)
+        prov = dict(group.attrs["provenance"])
+        return {
+            "patches": int(valid.size),
+            "encoded": int(valid.sum()),
+            "chunks_done": int(done.sum()),
+            "chunks": len(spans),
+            "complete": bool(done.all()) and not damaged,
+            "damaged_chunks": len(damaged),
+            "model": prov.get("model"),
+            "checkpoint_sha256": prov.get("checkpoint_sha256"),
+            "random_init": is_random_init(prov),
+            "source": prov.get("source") or {},
+            "preprocessing": prov.get("preprocessing") or {},
+            "dataset": prov.get("dataset") or {},
+            "skipped": int(dict(group.attrs.get("skipped", {})).get("count", 0)),
+        }
 
     # -- writing ---------------------------------------------------------------------------------
     def check(self, modality: Modality, provenance: dict, spans: Sequence[ChunkSpan], dtype: str | None = None) -> str:
@@ -145,13 +181,56 @@ class EmbeddingStore:
                     "different models are never mixed — use another --store or delete this one",
                 )
             )
+        made_from, asked_from = existing.get("dataset"), provenance.get("dataset")
+        diff = dataset_differences(made_from, asked_from)
+        if asked_from is not None and diff:
+            raise StoreError(
+                located(
+                    self.path,
+                    f"its {modality.upper()} embeddings were made from {describe_dataset(made_from)}, not from "
+                    f"{describe_dataset(asked_from)} (they differ in {', '.join(diff)}); a store serves the data it was "
+                    "made from — use another --store or delete this one",
+                )
+            )
         stored, _ = self.ledger(modality)
         if list(stored) != list(spans):
             raise StoreError(
                 located(self.path, f"was created for a different set or chunking of {modality.upper()} patches; use another --store")
             )
-        _consolidate(self.path)  # in case a crash came between creating the group and consolidating
         return str(existing.get("dtype"))
+
+    def needs_consolidation(self, modality: Modality) -> bool:
+        """Whether the root's consolidated metadata lacks the group (a crash came between creating
+        the group and consolidating): plain xarray opens then fail until it is consolidated."""
+        try:
+            consolidated = json.loads((self.path / "zarr.json").read_text()).get("consolidated_metadata") or {}
+        except (OSError, ValueError, AttributeError):
+            return True
+        return f"{modality}/embedding" not in (consolidated.get("metadata") or {})
+
+    def consolidate_if_needed(self, modality: Modality) -> None:
+        """Consolidate the store's metadata if the group is missing from it; otherwise write nothing."""
+        if self.needs_consolidation(modality):
+            _consolidate(self.path)
+
+    def reset_chunks(self, modality: Modality, keys) -> None:
+        """Mark chunks not done, so that the next encode writes them again (damaged, or retried)."""
+        keys = set(keys)
+        if not keys:
+            return
+        group = self._group(modality, "r+")
+        spans, done = self.ledger(modality)
+        for i, span in enumerate(spans):
+            if span.key in keys:
+                done[i] = False
+        group["chunk_done"][:] = done
+
+    def clear_skipped(self, modality: Modality) -> None:
+        """Forget the recorded skips (their chunks are about to be read again)."""
+        group = self._group(modality, "r+")
+        if "skipped" in group.attrs:
+            del group.attrs["skipped"]
+            _consolidate(self.path)
 
     def create(self, modality: Modality, meta: pa.Table, spans: Sequence[ChunkSpan], dim: int, provenance: dict, dtype: str = "float32") -> None:
         """Allocate the group for these patches.
@@ -169,7 +248,9 @@ class EmbeddingStore:
         staging = self.path.parent / f".{self.path.name}.{modality}.{uuid.uuid4().hex[:8]}.partial"
         try:
             dataset.to_zarr(staging, group=modality, mode="w", compute=False, zarr_format=3, consolidated=False)
-            zarr.open_group(self.path, mode="a", zarr_format=3)  # the store's root group
+            root = zarr.open_group(self.path, mode="a", zarr_format=3)  # the store's root group
+            if "store_id" not in root.attrs:
+                root.attrs["store_id"] = uuid.uuid4().hex
             (staging / modality).rename(self.path / modality)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -195,7 +276,10 @@ class EmbeddingStore:
         group["valid"][span.start : span.stop] = valid
         if locations is not None and "lat" in group and "lon" in group:
             self._write_locations(group, span, position, patch_ids, locations)
-        group["chunk_done"][self._chunk_index(modality, group, span.key)] = True  # only after the data is in place
+        position_in_ledger = self._chunk_index(modality, group, span.key)
+        if "chunk_valid" in group:
+            group["chunk_valid"][position_in_ledger] = int(valid.sum())
+        group["chunk_done"][position_in_ledger] = True  # only after the data is in place
 
     # -- internals -------------------------------------------------------------------------------
     @staticmethod
@@ -210,11 +294,18 @@ class EmbeddingStore:
         group["lat"][span.start : span.stop] = lat
         group["lon"][span.start : span.stop] = lon
 
+    def zarr_group(self, modality: Modality, mode: str = "r") -> zarr.Group:
+        """The modality's Zarr group itself (its arrays read without xarray)."""
+        return self._group(modality, mode)
+
     def _group(self, modality: Modality, mode: str) -> zarr.Group:
         try:
             return zarr.open_group(self.path / modality, mode=mode, zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreError(located(self.path, f"no {modality} group ({exc})")) from None
+        except (ValueError, KeyError, TypeError) as exc:  # zarr.json that is not JSON, or not zarr's
+            raise StoreError(located(self.path / modality / "zarr.json", f"unreadable store metadata ({_short(exc)}); "
+                                     "run `rsretrieve verify`")) from None
 
     def _chunk_index(self, modality: Modality, group: zarr.Group, key: str) -> int:
         """Position of a chunk in the ledger; the keys are read once per store object."""
@@ -234,6 +325,10 @@ class EmbeddingStore:
                         f"{describe(provenance)} cannot join them (cross-modal search compares the two); use another --store",
                     )
                 )
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
 
 
 def _consolidate(path: Path) -> None:
@@ -275,6 +370,7 @@ def _skeleton(meta: pa.Table, spans: Sequence[ChunkSpan], dim: int, dtype: str) 
         "chunk_start": (("chunk",), np.array([s.start for s in spans], dtype="int64")),
         "chunk_stop": (("chunk",), np.array([s.stop for s in spans], dtype="int64")),
         "chunk_done": (("chunk",), np.zeros(len(spans), dtype=bool)),
+        "chunk_valid": (("chunk",), np.full(len(spans), -1, dtype="int64")),
     }
     return xr.Dataset(data, coords=coords)
 

@@ -1,0 +1,52 @@
+"""Writing files so that a crash, a full disk or a second process never leaves half of one.
+
+Every write goes to a temporary file with a unique name in the same folder (two processes writing
+the same file never share one) and is renamed over the target, which POSIX makes atomic: a reader
+sees the old file or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` to `path` through a uniquely named temporary file and an atomic rename."""
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def sha256_of(path: str | Path, block: int = 1 << 22) -> str:
+    """The SHA-256 of a file, read in blocks (index files reach gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_record(path: str | Path) -> dict:
+    """{"bytes", "sha256"} of a file: what a metadata file records to notice a damaged one."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_of(path)}
+
+
+def probe_writable(path: str | Path) -> None:
+    """Raise the OSError that writing `path` would raise (a missing or unwritable folder, a file
+    where a folder should be), without touching `path` itself."""
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".probe")
+    os.close(fd)
+    os.unlink(tmp)

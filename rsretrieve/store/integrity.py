@@ -1,0 +1,143 @@
+"""Does a store's ledger agree with its data? What `rsretrieve verify` checks, and `encode` repairs.
+
+The ledger says which chunks are done and how many patches each encoded (`chunk_valid`). The data
+can disagree when files are lost or damaged outside rsretrieve (a partial copy, a full disk, a
+hand-deleted file). Two depths of checking:
+
+- `damaged_chunks` (cheap: one read of `valid` and a listing of the embedding's chunk files), run by
+  `info`, `encode` and `index`: done chunks whose valid count differs from the ledger's, or whose
+  encoded rows lie in embedding chunk files that are gone.
+- `verify` (reads every embedding once): also the metadata files of every array, and rows marked
+  valid whose embeddings are not finite.
+
+A damaged chunk is repaired by encoding it again (`EmbeddingStore.reset_chunks`, then `encode`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rsretrieve.bands import Modality
+from rsretrieve.errors import StoreError
+
+# the arrays every store group needs (coordinates besides patch_id are optional)
+REQUIRED_ARRAYS = ("embedding", "valid", "patch_id", "chunk_key", "chunk_start", "chunk_stop", "chunk_done")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing wrong with a store: where (a path), what, and what to do about it."""
+
+    where: str
+    problem: str
+    remedy: str
+    chunks: tuple[str, ...] = ()  # the damaged chunks `encode` re-encodes
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.problem}; {self.remedy}"
+
+
+def damaged_chunks(store, modality: Modality) -> dict[str, str]:
+    """{chunk key: what is wrong} for done chunks whose data disagrees with the ledger (cheap)."""
+    group = store.zarr_group(modality)
+    try:
+        spans, done = store.ledger(modality)
+        valid = np.asarray(group["valid"][:], dtype=bool)
+        embedding = group["embedding"]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise StoreError(f"{store.path / modality}: unreadable array ({type(exc).__name__}: {exc}); run `rsretrieve verify`") from None
+    counts = store.chunk_valid(modality)
+    present = stored_chunk_rows(Path(store.path) / modality / "embedding", embedding)
+    rows_per_chunk = embedding.chunks[0]
+    damaged: dict[str, str] = {}
+    for i, (span, is_done) in enumerate(zip(spans, done)):
+        if not is_done:
+            continue
+        marked = valid[span.start : span.stop]
+        if counts is not None and counts[i] >= 0 and int(marked.sum()) != int(counts[i]):
+            damaged[span.key] = f"{counts[i]} patches were encoded, {int(marked.sum())} are marked valid (lost `valid` data)"
+            continue
+        needed = set((np.flatnonzero(marked) + span.start) // rows_per_chunk)
+        if needed - present:
+            damaged[span.key] = f"embedding chunk file(s) of rows {span.start}-{span.stop - 1} are missing"
+    return damaged
+
+
+def chunks_with_skips(store, modality: Modality) -> list[str]:
+    """Done chunks in which some patch is not valid (skipped: unreadable, or a gap in the data)."""
+    spans, done = store.ledger(modality)
+    valid = np.asarray(store.zarr_group(modality)["valid"][:], dtype=bool)
+    return [span.key for span, is_done in zip(spans, done) if is_done and not valid[span.start : span.stop].all()]
+
+
+def stored_chunk_rows(array_dir: Path, array) -> set[int]:
+    """Row-chunk numbers of a 2-D (rows, dim) array whose chunk files exist on disk (one listing)."""
+    encoding = array.metadata.chunk_key_encoding
+    files = {p.relative_to(array_dir).as_posix() for p in array_dir.rglob("*") if p.is_file() and p.name != "zarr.json"}
+    n_chunks = -(-array.shape[0] // array.chunks[0]) if array.shape[0] else 0
+    return {i for i in range(n_chunks) if encoding.encode_chunk_key((i, 0)) in files}
+
+
+def verify(store) -> list[Finding]:
+    """Everything wrong with a store, each a `Finding` naming the file or chunks and the remedy."""
+    path = Path(store.path)
+    root_meta = _metadata_problem(path / "zarr.json")
+    if root_meta:
+        return [Finding(str(path / "zarr.json"), root_meta, "the store's root metadata is lost; delete the store and encode again")]
+    findings: list[Finding] = []
+    for modality in store.modalities():
+        findings += verify_group(store, modality)
+    return findings
+
+
+def verify_group(store, modality: Modality) -> list[Finding]:
+    group_dir = Path(store.path) / modality
+    rebuild = f"delete {group_dir} and run `rsretrieve encode --modality {modality}`"
+    for name in ("zarr.json", *(f"{a}/zarr.json" for a in REQUIRED_ARRAYS)):
+        problem = _metadata_problem(group_dir / name)
+        if problem:
+            return [Finding(str(group_dir / name), problem, rebuild)]
+    try:
+        damaged = damaged_chunks(store, modality)
+        damaged.update(_non_finite_chunks(store, modality, exclude=damaged))
+    except StoreError as exc:
+        return [Finding(str(group_dir), str(exc), rebuild)]
+    if not damaged:
+        return []
+    examples = "; ".join(f"{key}: {why}" for key, why in list(damaged.items())[:3])
+    return [Finding(str(group_dir), f"{len(damaged)} chunk(s) marked done disagree with the data ({examples})",
+                    f"run `rsretrieve encode --modality {modality}` to encode them again", tuple(damaged))]
+
+
+def _non_finite_chunks(store, modality: Modality, exclude: dict) -> dict[str, str]:
+    """Done chunks with a row marked valid whose embedding is not finite (reads every embedding)."""
+    group = store.zarr_group(modality)
+    spans, done = store.ledger(modality)
+    embedding, valid = group["embedding"], group["valid"]
+    found = {}
+    for span, is_done in zip(spans, done):
+        if not is_done or span.key in exclude or span.stop == span.start:
+            continue
+        marked = np.asarray(valid[span.start : span.stop], dtype=bool)
+        block = np.asarray(embedding[span.start : span.stop])[marked]
+        bad = int((~np.isfinite(block).all(axis=1)).sum()) if block.size else 0
+        if bad:
+            found[span.key] = f"{bad} row(s) marked valid are not finite"
+    return found
+
+
+def _metadata_problem(path: Path) -> str | None:
+    """Why a zarr.json cannot serve (missing, not JSON, not a zarr node), or None."""
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        return "metadata file is missing"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"metadata is unreadable ({' '.join(str(exc).split())[:120]})"
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or meta.get("node_type") not in ("group", "array"):
+        return "metadata is not a Zarr v3 node"
+    return None
