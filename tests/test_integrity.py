@@ -88,18 +88,22 @@ def test_the_patch_fingerprint_tells_other_patches_apart():
 
 
 # -- 3. a damaged index is rebuilt, and a query says so in one line --------------------------------
-@pytest.mark.parametrize("damage", ["truncate-index", "flip-ids"])
-def test_a_damaged_index_is_named_by_query_and_rebuilt_by_index(ws, damage):
+@pytest.mark.parametrize("damage, named", [("truncate-index", "damaged index: index.faiss is 100 bytes"),
+                                           ("flip-ids", "damaged index: ids.parquet does not match its SHA-256"),
+                                           ("meta-shape", "index.json: not an rsretrieve index metadata file")])
+def test_a_damaged_index_is_named_by_query_and_rebuilt_by_index(ws, damage, named):
     directory = the_index(ws, "s2")
     if damage == "truncate-index":
         path = directory / "index.faiss"
         path.write_bytes(path.read_bytes()[:100])
+    elif damage == "meta-shape":
+        (directory / "index.json").write_text("[]")
     else:  # same size, other bytes: only the checksum notices
         path = directory / "ids.parquet"
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
-    assert_clean_error(run(["query", "--id", S2_ID, "--target", "s2"], ws, check=False), "damaged index", "rsretrieve index --modality s2")
+    assert_clean_error(run(["query", "--id", S2_ID, "--target", "s2"], ws, check=False), named, "rsretrieve index --modality s2")
     assert "index built" in run(["index", "--modality", "s2"], ws).stdout
     hits = json.loads(run(["query", "--id", S2_ID, "--target", "s2", "-k", "3", "--format", "json"], ws).stdout)
     assert len(hits["results"]) == 3
@@ -249,17 +253,20 @@ def test_read_only_commands_on_a_complete_store_write_nothing(ws, tmp_path):
 
 
 # -- 7. output paths are checked before any work ---------------------------------------------------
-@pytest.mark.parametrize("args", [["eval", "sample", "--json", "/sys/f1.json"],
-                                  ["eval", "sample", "--json", "{file}/f1.json"],
-                                  ["query", "--id", S2_ID, "--target", "s2", "--mosaic", "/sys/mosaic.png"]])
-def test_unwritable_outputs_fail_before_the_work(tmp_path, args):
+@pytest.mark.parametrize("where", ["/sys/f1.json", "{file}/f1.json"])
+def test_an_unwritable_eval_output_fails_before_encoding(tmp_path, where):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    args = [a.replace("{file}", str(a_file)) for a in args]
-    proc = run(args, tmp_path / "ws", check=False)
-    assert_clean_error(proc, "cannot be written")
+    proc = run(["eval", "sample", "--json", where.replace("{file}", str(a_file))], tmp_path / "ws", check=False)
     assert not (tmp_path / "ws" / "stores").exists()  # nothing was encoded
-    assert "F1" not in proc.stdout and "rank" not in proc.stdout
+    assert "F1" not in proc.stdout
+    assert_clean_error(proc, "f1.json: cannot be written")
+
+
+def test_an_unwritable_mosaic_fails_before_the_query(ws):
+    proc = run(["query", "--id", S2_ID, "--target", "s2", "--mosaic", "/sys/mosaic.png"], ws, check=False)
+    assert "rank" not in proc.stdout  # no results were printed before the failure
+    assert_clean_error(proc, "/sys/mosaic.png: cannot be written")
 
 
 # -- 9. a workspace config of the wrong shape ------------------------------------------------------

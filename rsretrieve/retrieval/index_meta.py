@@ -39,12 +39,16 @@ def json_default(value: Any):
 
 def read_meta(directory: str | Path) -> dict:
     path = Path(directory) / META_FILE
+    rebuild = f"run `rsretrieve index --modality {Path(directory).name}` to rebuild the index"
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise StoreError(located(directory, f"no index here ({META_FILE} is missing)")) from None
-    except json.JSONDecodeError as exc:
-        raise StoreError(located(path, f"unreadable index metadata ({exc})")) from None
+        raise StoreError(located(directory, f"no index here ({META_FILE} is missing); {rebuild}")) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise StoreError(located(path, f"unreadable index metadata ({' '.join(str(exc).split())[:120]}); {rebuild}")) from None
+    if not isinstance(meta, dict):
+        raise StoreError(located(path, f"not an rsretrieve index metadata file (a JSON {type(meta).__name__}); {rebuild}"))
+    return meta
 
 
 def damage(directory: str | Path, meta: dict, checksums: bool = True) -> str | None:
