@@ -19,13 +19,25 @@ Rules (GeoTIFF):
   patch is embedded; a query uses the mean of its patch embeddings.
 - Invalid pixels (NaN/inf, the declared nodata; S1 non-positive linear power): patches with any are
   dropped (listed in `skipped`); if none is left, DataError.
+
+Reading (so memory stays near one 120 px row of patches, not the tile: a full 10,980 px S2 tile is
+2.4 GB raw): `open_tile` reads the header only; `TileReader.iter_patches` reads a GeoTIFF of at
+least 120 px one strip of 120 rows at a time (rasterio windows) and yields that row's valid patches.
+S1 `s1_units="auto"` needs one more pass first, over every row of the tile (partial edges too, as
+the rule says "no value"), to see whether any finite value is negative. A tile smaller than 120 px
+is read whole (it is resized as a whole); a patch folder holds one patch. `read_tile` gathers the
+strips into one `QueryTile`.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -87,42 +99,250 @@ def _order(descs: list[str], modality: Modality, n: int, where: str) -> list[int
     return [S2_12.index(b) for b in S2_BANDS]
 
 
-def _read_geotiff(path: Path, modality: Modality | None, where: str):
-    """(data (C, H, W) in `S1_BANDS` / `S2_BANDS` order, modality, nodata, transform, crs) of a
-    multi-band GeoTIFF."""
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+WindowBox = tuple[int, int, int, int]  # (row, col, h, w) of a patch in the source tile
+
+
+class PatchStrip(NamedTuple):
+    """One row of 120 px patches of a tile (a whole small or folder tile is one strip)."""
+
+    pixels: RawPixels  # the row's valid patches (none when every one was dropped)
+    windows: list[WindowBox]  # theirs, in order
+    skipped: list[tuple[str, str]]  # (name, one-line reason) of the row's dropped patches
+    latlon: list[tuple[float, float]] | None  # WGS84 centres of `windows`, when georeferenced
+
+
+@contextmanager
+def _unreadable(where: str):
+    """Rasterio's and GDAL's read errors as one-line DataErrors."""
+    from rasterio.errors import RasterioError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            ds = rasterio.open(path)
-        with ds:
-            n = ds.count
-            descs = list(ds.descriptions)
-            dtypes = set(ds.dtypes)
-            nodata = ds.nodata
-            transform, crs = ds.transform, ds.crs
-            detected = _detect(n)
-            if detected is None:
-                raise DataError(located(where, f"has {n} band(s); expected 2 (Sentinel-1 VV, VH) or 10/12 (Sentinel-2)"))
-            if modality is not None and modality != detected:
-                raise DataError(located(where, f"has {n} bands ({_NAMES[detected]}) but --modality {modality} was given"))
-            modality = detected
-            dtype = np.dtype(dtypes.pop()) if len(dtypes) == 1 else None
-            if dtype is None:
-                raise DataError(located(where, f"mixed band dtypes {sorted(set(ds.dtypes))}"))
-            if modality == "s1" and dtype.kind != "f":
-                raise DataError(located(where, f"Sentinel-1 tile has dtype {dtype}; expected float32 (dB or linear power)"))
-            if modality == "s2" and (dtype.kind not in "uif" or dtype.itemsize < 2):
-                raise DataError(located(where, f"Sentinel-2 tile has dtype {dtype}; expected uint16 reflectance DN"))
-            idx = _order(descs, modality, n, where)
-            data = ds.read([i + 1 for i in idx])  # native dtype: integer S2 digital numbers stay integers
-    except DataError:
-        raise
+        yield
     except (RasterioError, OSError, ValueError) as e:
         raise DataError(located(where, f"unreadable GeoTIFF ({' '.join(str(e).split())})")) from None
-    return data, modality, nodata, transform, crs
+
+
+def _open_dataset(path: Path, where: str):
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with _unreadable(where), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
+def _block_cache(ds) -> dict:
+    """GDAL options that cap its block cache near what one strip needs: the rows of blocks a
+    120-row window touches, and one strip more. GDAL keeps every decoded block up to its default
+    cap (5 % of RAM), which on a 2.4 GB tile is most of the memory a strip-wise read saves; one
+    row of blocks is all that sequential strips reuse. A GDAL_CACHEMAX the user set is kept."""
+    from rasterio.env import getenv, hasenv
+
+    if "GDAL_CACHEMAX" in os.environ or (hasenv() and "GDAL_CACHEMAX" in getenv()):
+        return {}
+    block_rows = ds.block_shapes[0][0] if ds.block_shapes else 1
+    row_bytes = ds.width * ds.count * max(np.dtype(t).itemsize for t in ds.dtypes)
+    # at least 16 MiB: GDAL reads a value below 100,000 as megabytes
+    return {"GDAL_CACHEMAX": max((block_rows + PATCH) * row_bytes, 16 << 20)}
+
+
+def _read_window(ds, indexes: list[int], row: int, height: int, where: str) -> np.ndarray:
+    """(C, height, W) of the bands `indexes` (1-based), rows row .. row + height, native dtype."""
+    import rasterio
+    from rasterio.windows import Window
+
+    # the cap holds for this read only: a generator must not leave an Env open across its yields
+    with _unreadable(where), rasterio.Env(**_block_cache(ds)):
+        return ds.read(indexes, window=Window(0, row, ds.width, height))
+
+
+def _check_header(ds, modality: Modality | None, where: str) -> tuple[Modality, np.dtype, list[int]]:
+    """(modality, dtype, 1-based band indexes in `S1_BANDS` / `S2_BANDS` order) of a multi-band GeoTIFF."""
+    n = ds.count
+    detected = _detect(n)
+    if detected is None:
+        raise DataError(located(where, f"has {n} band(s); expected 2 (Sentinel-1 VV, VH) or 10/12 (Sentinel-2)"))
+    if modality is not None and modality != detected:
+        raise DataError(located(where, f"has {n} bands ({_NAMES[detected]}) but --modality {modality} was given"))
+    dtypes = set(ds.dtypes)
+    if len(dtypes) != 1:
+        raise DataError(located(where, f"mixed band dtypes {sorted(dtypes)}"))
+    dtype = np.dtype(dtypes.pop())
+    if detected == "s1" and dtype.kind != "f":
+        raise DataError(located(where, f"Sentinel-1 tile has dtype {dtype}; expected float32 (dB or linear power)"))
+    if detected == "s2" and (dtype.kind not in "uif" or dtype.itemsize < 2):
+        raise DataError(located(where, f"Sentinel-2 tile has dtype {dtype}; expected uint16 reflectance DN"))
+    return detected, dtype, [i + 1 for i in _order(list(ds.descriptions), detected, n, where)]
+
+
+def _wgs84(transform, crs, points: list[tuple[float, float]]) -> list[tuple[float, float]] | None:
+    """(lat, lon) of pixel positions (col, row); None when the CRS cannot be projected."""
+    from rsretrieve.geo import pixel_to_xy, to_wgs84
+
+    if crs is None or not points:
+        return None if crs is None else []
+    xs, ys = zip(*[pixel_to_xy(transform, *p) for p in points])
+    try:
+        lat, lon = to_wgs84(crs, list(xs), list(ys))
+    except Exception:  # a CRS PROJ cannot take to WGS84: the tile simply has no coordinates
+        return None
+    return list(zip(lat.tolist(), lon.tolist()))
+
+
+def _invalid(raw: np.ndarray, work: type, nodata, linear: bool) -> np.ndarray:
+    """(H, W) True where any band is NaN/inf, the nodata value, or (S1 linear) not positive. Band
+    by band in the working dtype the whole-tile reader compared in (float32 S2, float64 S1), so
+    the same pixels are invalid and only one band's copy is alive."""
+    invalid = np.zeros(raw.shape[1:], bool)
+    for band in raw:
+        values = band.astype(work)
+        invalid |= ~np.isfinite(values)
+        if nodata is not None and np.isfinite(nodata):
+            invalid |= values == nodata
+        if linear:
+            invalid |= values <= 0
+    return invalid
+
+
+class TileReader:
+    """A query tile opened for reading: header facts now, pixels strip by strip (`iter_patches`).
+
+    Attributes: path, modality, height, width, crs (string or None), lat/lon of the centre (WGS84,
+    or None), resized (smaller than 120 px: one patch, resized), n_patches (patches the grid holds,
+    before invalid ones are dropped)."""
+
+    def __init__(self, path: Path, modality: Modality, height: int, width: int, transform, crs, *,
+                 indexes: list[int] | None = None, dtype: np.dtype | None = None, nodata=None,
+                 s1_units: str = "auto", folder_pixels: RawPixels | None = None):
+        self.path, self._where = path, str(path)
+        self.modality: Modality = modality
+        self.height, self.width = height, width
+        self.transform, self._crs = transform, crs
+        self.crs: str | None = crs.to_string() if crs is not None else None
+        self._indexes, self._dtype, self._nodata = indexes, dtype, nodata
+        self._s1_units = s1_units
+        self._is_linear: bool | None = None
+        self._folder_pixels = folder_pixels
+        centre = _wgs84(transform, crs, [(width / 2.0, height / 2.0)])
+        self.lat, self.lon = centre[0] if centre else (None, None)
+
+    @property
+    def resized(self) -> bool:
+        return self._folder_pixels is None and (self.height < PATCH or self.width < PATCH)
+
+    @property
+    def n_patches(self) -> int:
+        return 1 if self.resized else (self.height // PATCH) * (self.width // PATCH)
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        return S1_BANDS if self.modality == "s1" else S2_BANDS
+
+    def iter_patches(self) -> Iterator[PatchStrip]:
+        """The tile's valid patches, one row of 120 px patches at a time (a GeoTIFF of at least
+        120 px is read one 120-row window at a time). DataError at the end if none was valid."""
+        if self._folder_pixels is not None:
+            wins = [(0, 0, PATCH, PATCH)]
+            yield PatchStrip(self._folder_pixels, wins, [], self._latlon(wins))
+            return
+        if self.resized:
+            yield self._small()
+            return
+        self._linear()  # S1 "auto": the pre-pass over the whole tile, before the strips
+        valid = dropped = 0
+        with _open_dataset(self.path, self._where) as ds:
+            for row in range(0, self.height - PATCH + 1, PATCH):
+                strip = self._cut_strip(_read_window(ds, self._indexes, row, PATCH, self._where), row)
+                valid += len(strip.windows)
+                dropped += len(strip.skipped)
+                yield strip
+        if not valid:
+            raise DataError(located(self._where, f"every 120 px patch has invalid pixels (NaN, inf or nodata); {dropped} dropped"))
+
+    # -- internals --------------------------------------------------------------------------------
+    def _work(self) -> type:
+        return np.float64 if self.modality == "s1" else np.float32
+
+    def _scan_linear(self) -> bool:
+        """Whether S1 values are linear power (to convert to dB): told so, or ("auto") when the
+        tile has a finite value and none is negative. The auto check reads every row of the tile,
+        one 120-row window at a time, and stops at the first negative value."""
+        if self.modality != "s1" or self._s1_units != "auto":
+            return self.modality == "s1" and self._s1_units == "linear"
+        any_finite = False
+        with _open_dataset(self.path, self._where) as ds:
+            for row in range(0, self.height, PATCH):
+                raw = _read_window(ds, self._indexes, row, min(PATCH, self.height - row), self._where)
+                for band in raw:
+                    values = band.astype(np.float64)
+                    finite = np.isfinite(values)
+                    if (finite & (values < 0)).any():
+                        return False
+                    any_finite = any_finite or bool(finite.any())
+        return any_finite
+
+    def _latlon(self, wins: list[WindowBox]) -> list[tuple[float, float]] | None:
+        return _wgs84(self.transform, self._crs, [(c + w / 2.0, r + h / 2.0) for r, c, h, w in wins])
+
+    def _cut_strip(self, raw: np.ndarray, row: int) -> PatchStrip:
+        """The valid 120 px patches of one strip (C, 120, W) starting at tile row `row`."""
+        linear = self._linear()
+        invalid = _invalid(raw, self._work(), self._nodata, linear)
+        integer_dn = self.modality == "s2" and self._dtype.kind in "ui"
+        wins, skipped = [], []
+        for c in range(0, self.width - PATCH + 1, PATCH):
+            bad = int(invalid[:, c : c + PATCH].sum())
+            if bad:
+                reason = located(self._where, f"window {row},{c}: {bad} invalid pixel(s) (NaN, inf or nodata)")
+                skipped.append((f"{self.path.name}:{row}_{c}", reason))
+            else:
+                wins.append((row, c, PATCH, PATCH))
+        out = np.empty((len(wins), raw.shape[0], PATCH, PATCH), np.uint16 if integer_dn else np.float32)
+        for i, (_, c, _, _) in enumerate(wins):
+            patch = raw[:, :, c : c + PATCH]
+            if integer_dn:  # through float32 to uint16, as the whole-tile reader cast other integer DN
+                out[i] = patch.astype(np.float32)
+            elif linear:  # linear power -> dB in float64, then float32
+                out[i] = 10.0 * np.log10(patch.astype(np.float64))
+            else:
+                out[i] = patch
+        return PatchStrip(RawPixels(out, self.bands), wins, skipped, self._latlon(wins))
+
+    def _linear(self) -> bool:
+        if self._is_linear is None:  # one pre-pass per reader, however often it is iterated
+            self._is_linear = self._scan_linear()
+        return self._is_linear
+
+    def _small(self) -> PatchStrip:
+        """A tile smaller than 120 px on a side: read whole (it is resized as a whole), one patch."""
+        linear = self._linear()
+        with _open_dataset(self.path, self._where) as ds:
+            raw = _read_window(ds, self._indexes, 0, self.height, self._where)
+        invalid = _invalid(raw, self._work(), self._nodata, linear)
+        if invalid.any():
+            raise DataError(located(self._where, f"{int(invalid.sum())} invalid pixel(s) (NaN, inf or nodata)"))
+        data = raw.astype(self._work())
+        if linear:
+            data = 10.0 * np.log10(data)
+        wins = [(0, 0, self.height, self.width)]
+        return PatchStrip(RawPixels(bilinear_resize(data.astype(np.float32), PATCH)[None], self.bands), wins, [], self._latlon(wins))
+
+
+def open_tile(path: Path | str, modality: Modality | None = None, s1_units: str = "auto") -> TileReader:
+    """A query tile (a multi-band GeoTIFF, or a BigEarthNet patch folder) opened for reading: its
+    header is checked now (band count, modality, dtype: DataError), its pixels are read by
+    `TileReader.iter_patches`. A patch folder's one 120 px patch is read now (it is small)."""
+    path = Path(path)
+    where = str(path)
+    if path.is_dir():
+        pixels, modality, transform, crs = _read_patch_folder(path, modality, where)
+        return TileReader(path, modality, PATCH, PATCH, transform, crs, folder_pixels=pixels)
+    if not path.is_file():
+        raise DataError(located(where, "file not found"))
+    with _open_dataset(path, where) as ds, _unreadable(where):
+        detected, dtype, indexes = _check_header(ds, modality, where)
+        return TileReader(path, detected, ds.height, ds.width, ds.transform, ds.crs,
+                          indexes=indexes, dtype=dtype, nodata=ds.nodata, s1_units=s1_units)
 
 
 def _read_patch_folder(path: Path, modality: Modality | None, where: str):
@@ -152,71 +372,20 @@ def _read_patch_folder(path: Path, modality: Modality | None, where: str):
 
 def read_tile(path: Path | str, modality: Modality | None = None, *, s1_units: str = "auto") -> QueryTile:
     """A query tile: a multi-band GeoTIFF, or a BigEarthNet patch folder (its single-band GeoTIFFs,
-    S1 in dB as in the release) read like the 120 px GeoTIFF stacked from it."""
-    path = Path(path)
-    where = str(path)
-    if path.is_dir():
-        pixels, modality, transform, crs = _read_patch_folder(path, modality, where)
-        wins, resized, skipped = [(0, 0, PATCH, PATCH)], False, []
-        h = w = PATCH
-    elif not path.is_file():
-        raise DataError(located(where, "file not found"))
-    else:
-        data, modality, nodata, transform, crs = _read_geotiff(path, modality, where)
-        pixels, wins, resized, skipped = _cut(data, modality, nodata, s1_units, path, where)
-        h, w = data.shape[1:]
-
-    lat = lon = None
+    S1 in dB as in the release) read like the 120 px GeoTIFF stacked from it. Every valid patch in
+    memory at once: a large tile's queries go through `open_tile(...).iter_patches()` instead."""
+    reader = open_tile(path, modality, s1_units)
+    strips = list(reader.iter_patches())
+    kept = [s for s in strips if len(s.pixels)]
+    pixels = RawPixels.concat([s.pixels for s in kept])
+    wins = [w for s in strips for w in s.windows]
+    skipped = [x for s in strips for x in s.skipped]
+    lat, lon = reader.lat, reader.lon
     patch_latlon = None
-    crs_s = crs.to_string() if crs is not None else None
-    if crs is not None:
-        from rsretrieve.geo import pixel_to_xy, to_wgs84
-
-        pts = [(w / 2.0, h / 2.0)] + [(c + ww / 2.0, r + hh / 2.0) for r, c, hh, ww in wins]
-        xs, ys = zip(*[pixel_to_xy(transform, *p) for p in pts])
-        try:
-            la, lo = to_wgs84(crs, list(xs), list(ys))
-            lat, lon = float(la[0]), float(lo[0])
-            patch_latlon = list(zip(la[1:].tolist(), lo[1:].tolist()))
-        except Exception:
-            pass
-    return QueryTile(pixels, modality, str(path), wins, resized, crs_s, lat, lon, patch_latlon, skipped)
-
-
-def _cut(data: np.ndarray, modality: Modality, nodata, s1_units: str, path: Path, where: str):
-    """Raw 120 px patches of a tile (C, H, W): (RawPixels, windows, resized, skipped). S1 linear
-    power becomes dB; S2 integer digital numbers stay uint16."""
-    integer_dn = modality == "s2" and data.dtype.kind in "ui"
-    data = data.astype(np.float64 if modality == "s1" else np.float32)
-    invalid = ~np.isfinite(data).all(axis=0)
-    if nodata is not None and np.isfinite(nodata):
-        invalid |= (data == nodata).any(axis=0)
-    if modality == "s1":
-        finite = data[np.isfinite(data)]
-        linear = s1_units == "linear" or (s1_units == "auto" and finite.size and finite.min() >= 0)
-        if linear:
-            invalid |= (data <= 0).any(axis=0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                data = 10.0 * np.log10(np.where(data > 0, data, 1.0))
-    data = np.where(invalid[None], 0, data).astype(np.float32)
-
-    h, w = data.shape[1:]
-    bands = S1_BANDS if modality == "s1" else S2_BANDS
-    skipped: list[tuple[str, str]] = []
-    if h < PATCH or w < PATCH:
-        if invalid.any():
-            raise DataError(located(where, f"{int(invalid.sum())} invalid pixel(s) (NaN, inf or nodata)"))
-        return RawPixels(bilinear_resize(data, PATCH)[None], bands), [(0, 0, h, w)], True, skipped
-    patches, wins = [], []
-    for r in range(0, h - PATCH + 1, PATCH):
-        for c in range(0, w - PATCH + 1, PATCH):
-            bad = int(invalid[r : r + PATCH, c : c + PATCH].sum())
-            if bad:
-                skipped.append((f"{path.name}:{r}_{c}", located(where, f"window {r},{c}: {bad} invalid pixel(s) (NaN, inf or nodata)")))
-                continue
-            patches.append(data[:, r : r + PATCH, c : c + PATCH])
-            wins.append((r, c, PATCH, PATCH))
-    if not patches:
-        raise DataError(located(where, f"every 120 px patch has invalid pixels (NaN, inf or nodata); {len(skipped)} dropped"))
-    stacked = np.stack(patches)
-    return RawPixels(stacked.astype(np.uint16) if integer_dn else stacked, bands), wins, False, skipped
+    if reader.crs is not None:
+        parts = [s.latlon for s in strips]
+        if lat is None or any(p is None for p in parts):
+            lat = lon = None  # as before: a tile whose points cannot all be projected has none
+        else:
+            patch_latlon = [p for part in parts for p in part]
+    return QueryTile(pixels, reader.modality, str(reader.path), wins, reader.resized, reader.crs, lat, lon, patch_latlon, skipped)

@@ -121,15 +121,33 @@ class Archive:
         return QueryResult(label, source, target, self.search(vector, target, k, exclude_row), self.store.provenance(target), pixels)
 
     def query_tile(self, path: str | Path, target: Modality, k: int = 10, modality: Modality | None = None) -> QueryResult:
-        from rsretrieve.datasets.tile import read_tile
+        """Query with a tile: the mean of its valid patches' L2-normalised embeddings. The tile is
+        read and embedded one row of 120 px patches at a time, so a full Sentinel tile never sits in
+        memory whole."""
+        from rsretrieve.datasets.tile import open_tile
 
-        tile = read_tile(path, modality)
+        tile = open_tile(path, modality)
         self._check_target(target)
-        embeddings = self._embed(tile.pixels, tile.modality, target)
-        unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-        vector = unit.mean(axis=0)
-        label = f"{Path(path).name} ({tile.modality.upper()}, {len(tile.pixels)} patch{'es' if len(tile.pixels) > 1 else ''})"
-        return self.query_vector(vector, tile.modality, target, k, label, tile.pixels.take([0]))
+        total, count, first, skipped = self._embed_tile(tile, target)
+        n = f"{count} patch{'es' if count > 1 else ''}" + (f", {skipped} skipped" if skipped else "")
+        size = f"{tile.width} x {tile.height} px" + (", resized" if tile.resized else "")
+        label = f"{Path(path).name} ({tile.modality.upper()}, {size}, {n})"
+        return self.query_vector((total / count).astype(np.float32), tile.modality, target, k, label, first)
+
+    def _embed_tile(self, tile, target: Modality) -> tuple[np.ndarray, int, RawPixels, int]:
+        """(sum of the unit-length patch embeddings (float64), valid patches, the first valid
+        patch's raw pixels, dropped patches) of a `datasets.tile.TileReader`, strip by strip."""
+        total, count, first, skipped = None, 0, None, 0
+        for strip in tile.iter_patches():  # DataError at the end when no patch was valid
+            skipped += len(strip.skipped)
+            if not len(strip.pixels):
+                continue
+            embeddings = self._embed(strip.pixels, tile.modality, target).astype(np.float64)
+            unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+            total = unit.sum(axis=0) if total is None else total + unit.sum(axis=0)
+            count += len(unit)
+            first = strip.pixels.take([0]) if first is None else first
+        return total, count, first, skipped
 
     def query_id(self, patch_id: str, target: Modality, k: int = 10, modality: Modality | None = None) -> QueryResult:
         """Query with an archive patch's stored embedding (the patch itself is left out of the results)."""
