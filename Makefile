@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RSRETRIEVE_WORKSPACE ?= $(CURDIR)/rsretrieve-workspace
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench notebook clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+notebook: $(STAMP)
+	$(BIN)/python tools/run_notebook.py notebooks/explore.ipynb
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py

@@ -21,7 +21,8 @@ app = typer.Typer(
     help="Content-based retrieval of Sentinel-1 / Sentinel-2 patches with CSMoE embeddings.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console()
 err = Console(stderr=True)
@@ -57,6 +58,11 @@ class IndexKind(str, Enum):
     hnsw = "hnsw"
 
 
+class WindowRule(str, Enum):
+    majortom = "majortom"
+    grid = "grid"
+
+
 class OutputFormat(str, Enum):
     table = "table"
     json = "json"
@@ -65,6 +71,14 @@ class OutputFormat(str, Enum):
 
 class State:
     workspace: Workspace = Workspace()
+    quiet: bool = False  # no progress bars, spinners or notes: results, warnings and errors only
+    machine_output: bool = False  # stdout carries JSON (or another format): status lines go to stderr
+
+    @classmethod
+    def status_console(cls) -> Console:
+        """Where a command's status lines (encode summaries, notes) go: stdout, unless stdout
+        carries machine output."""
+        return err if cls.machine_output else console
 
 
 def _version(value: bool) -> None:
@@ -76,11 +90,44 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     workspace: Annotated[
-        Optional[Path], typer.Option("--workspace", "-w", help="Workspace folder [env: RSRETRIEVE_WORKSPACE; default ./rsretrieve-workspace]")
+        Optional[Path], typer.Option("--workspace", "-w", envvar="RSRETRIEVE_WORKSPACE", show_envvar=True,
+                                     show_default="./rsretrieve-workspace", help="Workspace folder: stores, indexes, remembered choices.")
     ] = None,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-v: info, -vv: debug, Dask's included).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, spinners or notes; results, warnings and errors only.")] = False,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     State.workspace = Workspace(workspace)
+    State.quiet = quiet
+    set_log_level(verbose)
+
+
+def set_log_level(verbose: int) -> None:
+    """rsretrieve's and Dask's loggers: errors only by default (Dask's own warnings about ports,
+    event loops and scratch space are not the user's business), more with -v/-vv."""
+    import logging
+
+    level = {0: logging.ERROR, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    if verbose:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    for name in ("rsretrieve", "distributed", "dask"):
+        logging.getLogger(name).setLevel(level)
+
+
+def status(message: str):
+    """A spinner on stderr while something slow and silent happens (model loading, cluster start);
+    nothing with --quiet or when stderr is not a terminal."""
+    from contextlib import nullcontext
+
+    return nullcontext() if State.quiet else err.status(message, spinner="dots")
+
+
+def require_faiss() -> None:
+    """Fail before any work when faiss is missing (it ships as an extra: cpu or gpu)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        raise RSRetrieveError("faiss is not installed: pip install 'rsretrieve[cpu]' (or 'rsretrieve[gpu]' on a CUDA machine)") from None
 
 
 def print_json(data) -> None:
@@ -128,27 +175,26 @@ def waiting(who: str) -> None:
 
 
 # -- options shared by the commands that encode ---------------------------------------------------
-DatasetOpt = Annotated[Optional[DatasetChoice], typer.Option("--dataset", help="sample | benv2 | majortom [default: the current one, else sample]")]
+DatasetOpt = Annotated[Optional[DatasetChoice], typer.Option("--dataset", help="Dataset to encode.", show_default="the current one, else sample")]
 RootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Dataset root; remembered in the workspace after first use.")]
 SubsetOpt = Annotated[Optional[str], typer.Option("--subset", help="Named subset, e.g. BENv2-14k or BENv2-243k.")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Config name [default: current, else csmoe-p16].")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Config name (`rsretrieve models`); with --checkpoint, the config its weights fit.",
+                                                 show_default="the current one, else csmoe-p16")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="rsretrieve .safetensors or CSMAE Lightning checkpoint.")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where the encoder runs.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Patches per model batch (default: 32 on CPU, 512 on a GPU).")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Patches per model batch.", show_default="32 on a CPU, 512 on a GPU")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model on the encoder workers (GPU: faster after a ~20 s compile).")]
-ReadersOpt = Annotated[Optional[int], typer.Option("--readers", min=1, help="Reader processes of the local cluster (default: one per core, less one per GPU).")]
-SchedulerOpt = Annotated[Optional[str], typer.Option("--scheduler", help="Address of a dask.distributed scheduler [default: a local cluster].")]
-class WindowRule(str, Enum):
-    majortom = "majortom"
-    grid = "grid"
-
-
-WindowsOpt = Annotated[Optional[WindowRule], typer.Option("--windows", help="Major TOM tiles: majortom = its fragmenter (whole cell, 10 x 10 of 120 px), grid = the CSMoE paper's 8 x 8; default majortom.")]
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store path [default: one per dataset, subset and model in the workspace].")]
+ReadersOpt = Annotated[Optional[int], typer.Option("--readers", min=1, help="Reader processes of the local cluster.", show_default="one per core, less one per GPU")]
+SchedulerOpt = Annotated[Optional[str], typer.Option("--scheduler", help="Address of a dask.distributed scheduler, e.g. tcp://10.0.0.5:8786.", show_default="a local cluster")]
+WindowsOpt = Annotated[Optional[WindowRule], typer.Option("--windows", help="Major TOM tiles: majortom = its fragmenter (whole cell, 10 x 10 of 120 px), grid = the CSMoE paper's 8 x 8.",
+                                                         show_default="majortom")]
+DashboardOpt = Annotated[Optional[str], typer.Option("--dashboard", help="Serve the local cluster's Dask dashboard at this address, e.g. :8787 (needs bokeh).",
+                                                      show_default="no dashboard")]
+StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Embedding store (Zarr) to use.", show_default="one per dataset, subset and model in the workspace")]
 
 
 def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto, batch_size=None, scheduler=None, store=None,
-             dtype=None, windows=None, compile=False, readers=None):
+             dtype=None, windows=None, compile=False, readers=None, dashboard=None):
     from rsretrieve.indexer.jobs import Job
 
     if data_root is not None and not Path(data_root).exists():
@@ -165,5 +211,7 @@ def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.
         raise RSRetrieveError(f"{data_root}: --data-root needs --dataset benv2 or majortom (the bundled sample has its own)")
     if windows is not None and selection.dataset != "majortom":
         raise RSRetrieveError(f"--windows {windows.value}: applies to --dataset majortom only")
+    if dashboard and scheduler:
+        raise RSRetrieveError("--dashboard: applies to the local cluster; a --scheduler serves its own dashboard")
     return Job(State.workspace, selection, store, device.value, batch_size, scheduler, dtype, windows.value if windows else None,
-               compile, readers)
+               compile, readers, dashboard)

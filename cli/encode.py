@@ -11,6 +11,7 @@ from rsretrieve.cli._app import (
     BatchOpt,
     CheckpointOpt,
     CompileOpt,
+    DashboardOpt,
     DatasetOpt,
     DeviceChoice,
     DeviceOpt,
@@ -29,6 +30,7 @@ from rsretrieve.cli._app import (
     err,
     make_job,
     modalities_of,
+    require_faiss,
     waiting,
     warn_if_random,
 )
@@ -38,7 +40,7 @@ def _encode_with_progress(job, modality: str, client=None, retry_skipped: bool =
     from rsretrieve.indexer.jobs import ensure_embeddings
 
     columns = (
-        TextColumn(f"[bold]{modality.upper()}[/] encoding"),
+        TextColumn(f"[bold]{modality.upper()}[/] {{task.fields[stage]}}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]} patches/s"),
@@ -46,17 +48,20 @@ def _encode_with_progress(job, modality: str, client=None, retry_skipped: bool =
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err, transient=False) as progress:
-        task = progress.add_task("encode", total=None, rate="-", visible=False)
+    with Progress(*columns, console=err, transient=False, disable=State.quiet) as progress:
+        task = progress.add_task("encode", total=None, rate="-", stage="starting workers, loading the model", visible=False)
 
         def on_start(total: int, todo: int) -> None:
+            # the data opened and the model was described: the arguments are valid, so they become
+            # current now (an interrupted first run is resumed by the short command)
+            State.workspace.remember(job.selection)
             progress.update(task, total=todo, visible=todo > 0)
 
         def on_chunk(written: int, skipped: int) -> None:
             progress.advance(task, written)
             elapsed = progress.tasks[task].elapsed or 0
             done = progress.tasks[task].completed
-            progress.update(task, rate=f"{done / elapsed:.1f}" if elapsed else "-")
+            progress.update(task, rate=f"{done / elapsed:.1f}" if elapsed else "-", stage="encoding")
 
         summary = ensure_embeddings(job, modality, client=client, on_start=on_start, on_chunk=on_chunk, on_wait=waiting,
                                     retry_skipped=retry_skipped)
@@ -68,14 +73,21 @@ def encode_all(job, modalities, retry_skipped: bool = False) -> None:
     """Encode what is missing or damaged for each modality, on one cluster started only if there is work."""
     from rsretrieve.indexer.jobs import job_cluster
 
-    with job_cluster(job) as client:
+    if job.scheduler and not State.quiet:
+        err.print(f"connecting to the Dask scheduler at {job.scheduler} (if there is work; waits up to 20 s)", highlight=False)
+    with job_cluster(job, on_connect=_say_dashboard if job.dashboard else None) as client:
         for m in modalities:
             _encode_with_progress(job, m, client, retry_skipped)
 
 
+def _say_dashboard(client) -> None:
+    err.print(f"Dask dashboard: {client.dashboard_link}", highlight=False)
+
+
 def _print_encode_summary(summary) -> None:
     warn_if_random(summary.provenance)
-    for note in summary.notes:
+    console = State.status_console()
+    for note in summary.notes if not State.quiet else ():
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     if summary.nothing_to_do:
         console.print(f"{summary.modality.upper()}: all {summary.chunks_total} chunks already encoded in {summary.store} — nothing to do")
@@ -108,12 +120,13 @@ def encode(
     windows: WindowsOpt = None,
     compile: CompileOpt = False,
     readers: ReadersOpt = None,
+    dashboard: DashboardOpt = None,
     retry_skipped: Annotated[bool, typer.Option("--retry-skipped", help="Read again the patches earlier runs skipped (a file fixed since).")] = False,
 ) -> None:
     """Compute the model's embeddings for every patch not yet in the store (resumable); chunks that
     `rsretrieve verify` finds damaged are encoded again."""
     job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else None,
-                   windows, compile, readers)
+                   windows, compile, readers, dashboard)
     subset_note = f" / {job.selection.subset}" if job.selection.subset else ""
     console.print(f"dataset [cyan]{job.selection.dataset}[/]{subset_note} → store {job.store_path}")
     encode_all(job, modalities_of(modality), retry_skipped)
@@ -137,11 +150,14 @@ def index(
     windows: WindowsOpt = None,
     compile: CompileOpt = False,
     readers: ReadersOpt = None,
+    dashboard: DashboardOpt = None,
 ) -> None:
     """Encode what is missing for a modality, then build its FAISS index (only what is missing)."""
     from rsretrieve.indexer.jobs import ensure_index
 
-    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, None, windows, compile, readers)
+    require_faiss()  # before any encoding: the index is the point of this command
+    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, None, windows, compile, readers,
+                   dashboard)
     encode_all(job, modalities_of(modality))
     for m in modalities_of(modality):
         outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search, on_wait=waiting)

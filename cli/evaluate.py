@@ -23,7 +23,10 @@ from rsretrieve.cli._app import (
     app,
     check_writable,
     console,
+    err,
     make_job,
+    print_json,
+    require_faiss,
 )
 from rsretrieve.cli.encode import encode_all
 from rsretrieve.errors import RSRetrieveError
@@ -32,9 +35,10 @@ from rsretrieve.errors import RSRetrieveError
 @app.command("eval")
 def evaluate(
     name: Annotated[str, typer.Argument(help="sample | BENv2-14k | BENv2-243k")],
-    k: Annotated[Optional[int], typer.Option("--k", "-k", min=1, help="Retrieved per query [default: the set's own, 10 for BENv2, 3 for sample].")] = None,
+    k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Retrieved per query.", show_default="the set's own: 10 for BENv2, 3 for sample")] = None,
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: s1s1,s2s2,s1s2,s2s1")] = "s1s1,s2s2,s1s2,s2s1",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every figure and the provenance to this JSON file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every figure and the provenance as JSON on stdout (no table).")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write every figure and the provenance to this JSON file (- for stdout).")] = None,
     data_root: RootOpt = None,
     model: ModelOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -48,13 +52,16 @@ def evaluate(
     from rsretrieve.indexer.jobs import evaluate_subset, needed_modalities
     from rsretrieve.datasets.subsets import get_subset
 
+    require_faiss()  # before any encoding
     subset = get_subset(name)
     task_list = tuple(t.strip().lower() for t in tasks.split(",") if t.strip())
     bad = [t for t in task_list if t not in ("s1s1", "s2s2", "s1s2", "s2s1")]
     if bad or not task_list:
         raise RSRetrieveError(f"--tasks: unknown task {bad[0] if bad else tasks!r}; use s1s1, s2s2, s1s2, s2s1")
-    if json_out is not None:
-        check_writable(json_out)
+    to_stdout = as_json or str(output) == "-"
+    State.machine_output = to_stdout
+    if output is not None and str(output) != "-":
+        check_writable(output)
     on_sample = subset.name == "sample"
     dataset = DatasetChoice.sample if on_sample else DatasetChoice.benv2
     job = make_job(dataset, data_root, None if on_sample else subset.name, model, checkpoint, device, batch_size, scheduler)
@@ -63,10 +70,15 @@ def evaluate(
     result = evaluate_subset(job, subset.name, task_list, k)
     State.workspace.remember(job.selection)
     data = {**result.to_dict(), "subset": subset.name}
-    _print_eval(result, subset.name, k)
-    if json_out:
-        json_out.write_text(json.dumps(data, indent=2, default=str))
-        console.print(f"all figures written to {json_out}")
+    if to_stdout:
+        print_json(data)
+        if result.random_init:
+            err.print(RANDOM_INIT_WARNING)
+    else:
+        _print_eval(result, subset.name, k)
+    if output is not None and str(output) != "-":
+        output.write_text(json.dumps(data, indent=2, default=str))
+        err.print(f"all figures written to {output}")
 
 
 def _print_eval(result, name: str, k: int) -> None:

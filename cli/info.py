@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from rsretrieve.cli._app import State, app, console, print_json
@@ -35,20 +36,10 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
     if not stores:
         console.print("[dim]no embedding stores yet: run `rsretrieve index --modality s1`[/]")
         return
-    table = Table(title="embedding stores")
-    for column in ("store", "modality", "encoded / patches", "complete", "model", "weights"):
-        table.add_column(column)
     for store in stores:
-        for modality, row in store["modalities"].items():
-            if "error" in row:
-                table.add_row(Path(store["path"]).name, modality, "-", "[red]damaged[/]", "-", "-")
-                continue
-            weights = "[red]random-init[/]" if row["random_init"] else str(row["checkpoint_sha256"])[:12]
-            complete = "yes" if row["complete"] else f"[red]no: {row['damaged_chunks']} damaged chunks[/]" if row["damaged_chunks"] else "no"
-            table.add_row(Path(store["path"]).name, modality, f"{row['encoded']} / {row['patches']}", complete, str(row["model"]), weights)
-    console.print(table)
-    for store in stores:
-        console.print(f"[bold]{Path(store['path']).name}[/]", highlight=False)
+        # the store's name whole, on a line of its own: it is what `--store` and `verify` take
+        console.print(f"[bold]store[/] {Path(store['path']).name}  [dim]{Path(store['path']).parent}[/]", highlight=False, soft_wrap=True)
+        console.print(_store_table(store))
         for modality, row in store["modalities"].items():
             if "error" in row:
                 console.print(f"  {modality}: [red]{row['error']}[/]", highlight=False)
@@ -60,12 +51,27 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
         console.print("[yellow]some stores are damaged:[/] `rsretrieve verify` names what is wrong; `rsretrieve encode` repairs chunks")
 
 
+def _store_table(store: dict) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("modality", "encoded / patches", "complete", "model", "weights"):
+        table.add_column(column, no_wrap=column != "complete")
+    for modality, row in store["modalities"].items():
+        if "error" in row:
+            table.add_row(modality, "-", "[red]damaged[/]", "-", "-")
+            continue
+        weights = "[red]random-init[/]" if row["random_init"] else str(row["checkpoint_sha256"])[:12]
+        complete = "yes" if row["complete"] else f"[red]no: {row['damaged_chunks']} damaged[/]" if row["damaged_chunks"] else "no"
+        table.add_row(modality, f"{row['encoded']} / {row['patches']}", complete, str(row["model"]), weights)
+    return table
+
+
 @app.command()
 def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Registered model configs with parameters and MACs per image, beside the paper's Table IV."""
-    from rsretrieve.models.macs import model_report
+    from rsretrieve.models.macs import TABLE_IV, model_report
+    from rsretrieve.models.registry import list_models
 
-    rows = model_report()
+    rows = model_report() + model_report([name for name in list_models() if name not in TABLE_IV])
     if as_json:
         print_json(rows)
         return
@@ -86,10 +92,11 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
             ours(params, deviations.get("params"), "M", 1e6) + ("¹" if one_path else ""),
             ours(r["macs_s2"], deviations.get("macs"), "B", 1e9),
             ours(r["macs_s2_paper_convention"], deviations.get("macs_paper_convention"), "B", 1e9),
-            f"{r['paper_params'] / 1e6:.0f}M {r['paper_macs'] / 1e9:.2f}B" if r.get("paper_macs") else "-",
+            f"{r['paper_params'] / 1e6:.0f}M {r['paper_macs'] / 1e9:.2f}B" if r.get("paper_macs") else "not in it",
         )
     console.print(table)
     console.print("[dim]¹ one modality path, as the paper counts CSMAE; CSMoE counts both modality encoders.[/]")
     console.print("[dim]² fvcore without the attention matrix products: reproduces the paper's Table I exactly.[/]")
+    console.print("[dim]csmoe-tiny, csmae-tiny: small configs for tests and demos, not in the paper.[/]")
     console.print("[dim]C2C (params/MACs) and the S1 path: rsretrieve models --json[/]")
     console.print("[dim]Structure and residuals: docs/MODELS.md[/]")

@@ -29,6 +29,7 @@ ENCODER_RESOURCE = "encoder"
 READER_RESOURCE = "reader"
 
 
+CONNECT_TIMEOUT = 20  # seconds to wait for a --scheduler to answer
 SMALL_MODEL = 10e6  # `model_cost` below which a CPU encodes in every core's process
 
 
@@ -68,16 +69,27 @@ def local_layout(device: str = "auto", readers: int | None = None, small_model: 
     return workers
 
 
-def local_cluster(device: str = "auto", readers: int | None = None, small_model: bool = False):
-    """A SpecCluster of `local_layout` on 127.0.0.1, with no dashboard (it binds no fixed port)."""
+def local_cluster(device: str = "auto", readers: int | None = None, small_model: bool = False, dashboard: str | None = None):
+    """A SpecCluster of `local_layout` on 127.0.0.1. No dashboard unless `dashboard` gives its
+    address (e.g. ":8787"; it needs bokeh); without one no fixed port is bound."""
     from distributed import Scheduler, SpecCluster
 
-    # no dashboard; its HTTP routes on an ephemeral port of 127.0.0.1 (None would bind :8787)
-    scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"}}
+    if dashboard:
+        _require_bokeh()
+        scheduler = {"cls": Scheduler, "options": {"dashboard": True, "dashboard_address": dashboard, "host": "127.0.0.1"}}
+    else:  # its HTTP routes on an ephemeral port of 127.0.0.1 (None would bind :8787)
+        scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"}}
     workers = local_layout(device, readers, small_model)
     for spec in workers.values():
         spec["options"]["host"] = "127.0.0.1"
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR, name="rsretrieve")
+
+
+def _require_bokeh() -> None:
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        raise RSRetrieveError("--dashboard needs bokeh, Dask's dashboard library: pip install 'bokeh>=3.1'") from None
 
 
 def task_resources(client) -> tuple[dict | None, dict | None]:
@@ -105,9 +117,10 @@ class cluster:
     as `client` to each `encode`, and a run with nothing to encode starts nothing."""
 
     def __init__(self, client=None, scheduler: str | None = None, device: str = "auto", readers: int | None = None,
-                 small_model: bool = False):
+                 small_model: bool = False, dashboard: str | None = None, on_connect=None):
         self.given, self.scheduler, self.device, self.readers = client, scheduler, device, readers
-        self.small_model = small_model
+        self.small_model, self.dashboard = small_model, dashboard
+        self.on_connect = on_connect  # called with the client once it is up (the CLI prints the dashboard link)
         self.owned: list = []
         self._client = None
 
@@ -132,14 +145,17 @@ class cluster:
         if self._client is None:
             if self.scheduler:
                 try:
-                    self._client = Client(self.scheduler, timeout="20s")
+                    self._client = Client(self.scheduler, timeout=f"{CONNECT_TIMEOUT}s")
                 except (OSError, ValueError, TimeoutError) as exc:
-                    raise RSRetrieveError(f"--scheduler {self.scheduler}: cannot connect ({' '.join(str(exc).split())[:200]})") from None
+                    raise RSRetrieveError(f"--scheduler {self.scheduler}: no scheduler answered within {CONNECT_TIMEOUT} s "
+                                          f"({' '.join(str(exc).split())[:160]})") from None
             else:
-                local = local_cluster(self.device, self.readers, self.small_model)
+                local = local_cluster(self.device, self.readers, self.small_model, self.dashboard)
                 self.owned.append(local)
                 self._client = Client(local)
             self.owned.insert(0, self._client)
+            if self.on_connect is not None:
+                self.on_connect(self._client)
         return self._client
 
     def __exit__(self, *exc) -> None:

@@ -33,6 +33,7 @@ class Job:
     windows: str | None = None  # Major TOM: "majortom" (its fragmenter, the default) or "grid" (the paper's 8 x 8)
     compile: bool = False  # torch.compile the model on the encoder workers
     readers: int | None = None  # reader processes of the local cluster (default: one per core)
+    dashboard: str | None = None  # address of the local cluster's Dask dashboard (None: no dashboard)
 
     @property
     def store_path(self) -> Path:
@@ -52,9 +53,11 @@ class Job:
         return EncoderSpec(self.selection.model_spec, self.device, self.batch_size, self.selection.config, compile=self.compile)
 
 
-def job_cluster(job: Job) -> cluster:
-    """One Dask client for all of a job's encoding: `with job_cluster(job) as client: ...`."""
-    return cluster(None, job.scheduler, job.device, job.readers, small_model=is_small_model(job.selection.model_spec, job.selection.config))
+def job_cluster(job: Job, on_connect=None) -> cluster:
+    """One Dask client for all of a job's encoding: `with job_cluster(job) as client: ...`;
+    `on_connect(client)` runs once it is up."""
+    return cluster(None, job.scheduler, job.device, job.readers, small_model=is_small_model(job.selection.model_spec, job.selection.config),
+                   dashboard=job.dashboard, on_connect=on_connect)
 
 
 def is_small_model(spec: str, config: str | None = None) -> bool:

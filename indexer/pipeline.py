@@ -102,6 +102,12 @@ class EncodeInterrupted(EncodeFailed):
     """The run stopped (a task failed, or Ctrl-C); what was written stays valid and resumable."""
 
 
+class EncodeCancelled(EncodeInterrupted):
+    """Ctrl-C: the CLI exits 130, the shell's code for an interrupt."""
+
+    exit_code = 130
+
+
 # -- driver side --------------------------------------------------------------------------------
 def chunk_spans(chunks: list[Chunk], n_rows: int | None = None) -> list[ChunkSpan]:
     """Each chunk's row range in the store, in chunk order (the order the metadata lists patches)."""
@@ -317,7 +323,7 @@ def _run(client, dataset, encoder, store, modality, todo, summary, dtype, on_chu
                 submit_next(tracker)
     except KeyboardInterrupt:
         _cancel(client, tracker)
-        raise EncodeInterrupted(
+        raise EncodeCancelled(
             f"interrupted: {summary.chunks_encoded} chunks written this run are kept; run the same command again to resume",
             summary,
         ) from None

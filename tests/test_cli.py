@@ -112,7 +112,7 @@ def test_query_by_id_excludes_itself_and_geojson(workspace):
 
 def test_eval_sample_reports_all_tasks_stamped_random(workspace, tmp_path):
     out = tmp_path / "eval.json"
-    proc = run(["eval", "sample", "--json", out], workspace)
+    proc = run(["eval", "sample", "--output", out], workspace)
     for task in ("S1S1", "S2S2", "S1S2", "S2S1"):
         assert task in proc.stdout
     assert "RANDOM" in proc.stdout
@@ -196,7 +196,7 @@ def test_benv2_root_is_remembered_and_subset_count_reported(tmp_path):
     assert config["datasets"]["benv2"]["root"] == str(sample_root())
     assert_clean_error(run(["eval", "BENv2-243k", "--tasks", "s2s2"], tmp_path, check=False), "k=10", "6 patches")
     out = tmp_path / "f1.json"
-    run(["eval", "BENv2-243k", "--tasks", "s2s2", "-k", "3", "--json", out], tmp_path)
+    run(["eval", "BENv2-243k", "--tasks", "s2s2", "-k", "3", "--output", out], tmp_path)
     assert json.loads(out.read_text())["tasks"]["s2s2"]["n_archive"] == 6
     # dataset, subset and model are current now: a query needs no options to find their store
     hits = json.loads(run(["query", "--id", sample_patch_folder("s2", 0).name, "--target", "s2", "-k", "2", "--format", "json"], tmp_path).stdout)
@@ -207,7 +207,7 @@ def test_benv2_root_is_remembered_and_subset_count_reported(tmp_path):
 def test_more_bad_input_is_one_line(tmp_path, workspace, s1_tile):
     assert_clean_error(run(["index", "--data-root", tmp_path], tmp_path, check=False), "--data-root needs --dataset benv2")
     assert_clean_error(run(["query", tmp_path / "missing.tif", "--target", "s2"], workspace, check=False), "missing.tif", "no such file")
-    assert_clean_error(run(["eval", "sample", "--json", tmp_path / "nowhere" / "f1.json"], workspace, check=False), "does not exist")
+    assert_clean_error(run(["eval", "sample", "--output", tmp_path / "nowhere" / "f1.json"], workspace, check=False), "does not exist")
     assert_clean_error(run(["query", s1_tile, "--mosaic", tmp_path], workspace, check=False), "is a folder")
     assert_clean_error(run(["encode", "--scheduler", "tcp://127.0.0.1:9", "--store", tmp_path / "s.zarr", "--modality", "s1"], workspace, check=False), "--scheduler")
     assert_clean_error(run(["index", "--dataset", "sample", "--subset", "BENv2-14k", "--store", tmp_path / "e.zarr"], workspace, check=False), "no S1 patches")

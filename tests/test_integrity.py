@@ -257,7 +257,7 @@ def test_read_only_commands_on_a_complete_store_write_nothing(ws, tmp_path):
 def test_an_unwritable_eval_output_fails_before_encoding(tmp_path, where):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    proc = run(["eval", "sample", "--json", where.replace("{file}", str(a_file))], tmp_path / "ws", check=False)
+    proc = run(["eval", "sample", "--output", where.replace("{file}", str(a_file))], tmp_path / "ws", check=False)
     assert not (tmp_path / "ws" / "stores").exists()  # nothing was encoded
     assert "F1" not in proc.stdout
     assert_clean_error(proc, "f1.json: cannot be written")
