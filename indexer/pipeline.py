@@ -219,7 +219,9 @@ def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, sp
         # one row per patch, to create the store; the readers find each patch's lat/lon as they read it
         meta = ds.metadata(modality, locations=False)
         if not spans or spans[-1].stop == 0:
-            raise RSRetrieveError(f"{provenance['dataset']['name']}: the selection holds no {modality.upper()} patches")
+            made_from = provenance["dataset"]
+            subset = f" / {made_from['subset']}" if made_from.get("subset") else ""
+            raise RSRetrieveError(f"{made_from['name']}{subset}: the selection holds no {modality.upper()} patches")
         if spans[-1].stop != meta.num_rows:
             raise RSRetrieveError(f"chunks list {spans[-1].stop} patches but the metadata has {meta.num_rows}")
         store.create(modality, meta, spans, dim, provenance, dtype or "float32")
