@@ -1,13 +1,17 @@
 """The embedding store: Zarr v3 written through xarray, one group per modality.
 
-Each group is a self-describing Dataset that opens with plain `xarray.open_zarr(path, group="s2")`:
+Each group is a self-describing Dataset that opens with plain `xarray.open_zarr(path, group="s2")`,
+and the whole store as `xarray.open_datatree(path, engine="zarr")` (children `s1`, `s2`):
 
-    embedding (patch, dim)    float32 (or float16); NaN until encoded, and for skipped patches
+    embedding (patch, dim)    float32 (or float16); NaN until encoded, and for skipped patches;
+              not L2-normalised (attrs["normalised"] = False): normalise rows for cosine similarity
     valid     (patch)         bool: encoded and usable
     coords    patch_id, pair_id, split, country, labels (patch, label) bool, label, lat, lon,
               grid_cell, timestamp, product_id (those the source has)
-    chunk_key / chunk_start / chunk_stop / chunk_done / chunk_valid (chunk)   the resumability
-              ledger; chunk_valid: patches a done chunk encoded, to notice lost files (`store.integrity`)
+    coords    chunk_key / chunk_start / chunk_stop / chunk_done / chunk_valid (chunk)   the
+              resumability ledger; chunk_valid: patches a done chunk encoded, to notice lost files
+              (`store.integrity`). Coordinates, so that `data_vars` is the data alone; on disk they
+              are plain arrays of the group (read and written with zarr directly)
     attrs     provenance: model, config, checkpoint_sha256 ("random-init" for untrained weights),
               preprocessing (band order, statistics, resampling), rsretrieve version, creation time,
               and the data it was made from (dataset, root, subset, options, a fingerprint of its
@@ -40,9 +44,12 @@ from rsretrieve.bands import MODALITIES, Modality
 from rsretrieve.errors import StoreError, located
 from rsretrieve.labels import CLASSES, multi_hot
 from rsretrieve.provenance import MODEL_KEYS, dataset_differences, describe, describe_dataset, differences, is_random_init
+from rsretrieve.store.read import PatchIndexes, ledger_as_coords
 
 STRING_COORDS = ("patch_id", "pair_id", "split", "country", "grid_cell", "product_id")
 FLOAT_COORDS = ("lat", "lon")
+NOT_NORMALISED = ("the model's output as it is, not L2-normalised: L2-normalise each row before cosine "
+                  "similarity (inner product), as rsretrieve's FAISS indexes do (rsretrieve.store.normalise_rows)")
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class EmbeddingStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._chunk_indexes: dict[str, dict[str, int]] = {}
+        self._patch_indexes = PatchIndexes()
 
     # -- reading ---------------------------------------------------------------------------------
     def has(self, modality: Modality) -> bool:
@@ -67,6 +75,28 @@ class EmbeddingStore:
         return [m for m in MODALITIES if self.has(m)]
 
     def open(self, modality: Modality) -> xr.Dataset:
+        """The group as a Dataset: `embedding` and `valid` its data, the ledger among its
+        coordinates, `patch_id` an index (`ds.sel(patch_id=...)`)."""
+        return self._patch_indexes.apply(self.path / modality, ledger_as_coords(self._open_group(modality)))
+
+    def open_tree(self) -> xr.DataTree:
+        """The whole store as a DataTree (children `s1`, `s2`), each child as `open` gives it.
+        (DataTree.sel knows no `patch_id`: select on a child's `.dataset`.)"""
+        modalities = self.modalities()
+        if not modalities:
+            raise StoreError(located(self.path, "has no embeddings yet; run `rsretrieve encode`"))
+        # a crash between creating a group and consolidating leaves the root's listing without it
+        consolidated = not any(self.needs_consolidation(m) for m in modalities)
+        try:
+            tree = xr.open_datatree(self.path, engine="zarr", consolidated=consolidated)
+        except (KeyError, ValueError, OSError) as exc:
+            raise StoreError(located(self.path, f"unreadable store ({_short(exc)}); run `rsretrieve verify`")) from None
+        for modality in modalities:
+            child = ledger_as_coords(tree[modality].to_dataset(inherit=False))
+            tree[modality].dataset = self._patch_indexes.apply(self.path / modality, child)
+        return tree
+
+    def _open_group(self, modality: Modality) -> xr.Dataset:
         if not self.has(modality):
             raise StoreError(located(self.path, f"has no {modality.upper()} embeddings yet; run `rsretrieve index --modality {modality}`"))
         try:
@@ -244,7 +274,8 @@ class EmbeddingStore:
             "dtype": dtype,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        dataset.attrs["description"] = f"CSMoE [CLS] embeddings of {modality.upper()} patches (rsretrieve)"
+        dataset.attrs["description"] = (f"{provenance.get('model', 'model')} embeddings of {modality.upper()} patches (rsretrieve); "
+                                        f"{NOT_NORMALISED}")
         staging = self.path.parent / f".{self.path.name}.{modality}.{uuid.uuid4().hex[:8]}.partial"
         try:
             dataset.to_zarr(staging, group=modality, mode="w", compute=False, zarr_format=3, consolidated=False)
@@ -256,6 +287,7 @@ class EmbeddingStore:
             shutil.rmtree(staging, ignore_errors=True)
         _consolidate(self.path)
         self._chunk_indexes.pop(modality, None)
+        self._patch_indexes.forget(self.path / modality)
 
     def write_chunk(self, modality: Modality, span: ChunkSpan, patch_ids: Sequence[str], embeddings: np.ndarray,
                     locations: tuple[Sequence, Sequence] | None = None) -> None:
@@ -286,8 +318,8 @@ class EmbeddingStore:
     def _write_locations(group: zarr.Group, span: ChunkSpan, position: dict, patch_ids: Sequence[str], locations) -> None:
         lat = np.asarray(group["lat"][span.start : span.stop], dtype="float64")
         lon = np.asarray(group["lon"][span.start : span.stop], dtype="float64")
-        if np.isfinite(lat).all():
-            return  # planned with locations already
+        if np.isfinite(lat).all() and np.isfinite(lon).all():
+            return  # planned with locations already, or written (both: a kill can come between the two writes)
         for pid, la, lo in zip(patch_ids, *locations):
             if la is not None and lo is not None:
                 lat[position[pid]], lon[position[pid]] = la, lo
@@ -363,16 +395,27 @@ def _skeleton(meta: pa.Table, spans: Sequence[ChunkSpan], dim: int, dtype: str) 
         coords["timestamp"] = ("patch", _timestamps(meta["timestamp"]))
     if "labels" in columns:
         coords["labels"] = (("patch", "label"), np.stack([multi_hot(v or []) for v in meta["labels"].to_pylist()]) if n else np.zeros((0, len(CLASSES)), bool))
+    coords.update(_ledger(spans))
     data = {
-        "embedding": (("patch", "dim"), da.full((n, dim), np.nan, dtype=dtype, chunks=(rows_per_chunk, dim))),
-        "valid": (("patch",), da.zeros(n, dtype=bool, chunks=rows_per_chunk)),
-        "chunk_key": (("chunk",), np.array([s.key for s in spans], dtype=object)),
-        "chunk_start": (("chunk",), np.array([s.start for s in spans], dtype="int64")),
-        "chunk_stop": (("chunk",), np.array([s.stop for s in spans], dtype="int64")),
-        "chunk_done": (("chunk",), np.zeros(len(spans), dtype=bool)),
-        "chunk_valid": (("chunk",), np.full(len(spans), -1, dtype="int64")),
+        "embedding": (("patch", "dim"), da.full((n, dim), np.nan, dtype=dtype, chunks=(rows_per_chunk, dim)),
+                      {"normalised": False, "description": "retrieval embedding, NaN where not encoded", "comment": NOT_NORMALISED}),
+        "valid": (("patch",), da.zeros(n, dtype=bool, chunks=rows_per_chunk), {"description": "encoded and usable"}),
     }
     return xr.Dataset(data, coords=coords)
+
+
+def _ledger(spans: Sequence[ChunkSpan]) -> dict:
+    """The resumability ledger, as coordinates on `chunk`: bookkeeping, not data. No data variable
+    uses the `chunk` dim, so xarray lists them in the group's "coordinates" attribute; the arrays
+    keep their names and paths (`integrity`, `ledger`, `write_chunk` read them with zarr)."""
+    return {
+        "chunk_key": ("chunk", np.array([s.key for s in spans], dtype=object), {"description": "data chunk key"}),
+        "chunk_start": ("chunk", np.array([s.start for s in spans], dtype="int64"), {"description": "first row of the chunk"}),
+        "chunk_stop": ("chunk", np.array([s.stop for s in spans], dtype="int64"), {"description": "row after the chunk's last"}),
+        "chunk_done": ("chunk", np.zeros(len(spans), dtype=bool), {"description": "chunk encoded and written"}),
+        "chunk_valid": ("chunk", np.full(len(spans), -1, dtype="int64"),
+                        {"description": "patches the chunk encoded when it was marked done (-1: not done)"}),
+    }
 
 
 def _timestamps(column: pa.ChunkedArray) -> np.ndarray:
