@@ -11,7 +11,7 @@ from rsretrieve.cli._app import app, err, set_log_level
 from rsretrieve.errors import RSRetrieveError
 
 # the commands register themselves on `app`
-from rsretrieve.cli import convert, encode, evaluate, info, query, verify  # noqa: E402,F401  (isort: skip)
+from rsretrieve.cli import convert, encode, evaluate, export, info, query, verify  # noqa: E402,F401  (isort: skip)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Geometry helpers: the Major TOM grid, MGRS 100 km squares, UTM <-> WGS84.
+"""Geometry helpers: the Major TOM grid, MGRS 100 km squares, UTM <-> WGS84, patch footprints.
 
 Major TOM grid (ESA Phi-lab's `MajorTOM/grid.py` `Grid(10)`, REFERENCE.md section 4), computed
 the way that code computes it, so names agree bit for bit (a golden test holds 10,000 points
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -172,3 +173,139 @@ def centres_to_wgs84(centres: list) -> tuple[list, list]:
         for j, i in enumerate(idx):
             lat[i], lon[i] = float(la[j]), float(lo[j])
     return lat, lon
+
+
+# --- patch footprints: UTM zones, MGRS tiles in patch names, squares in WGS84 ----------------
+
+PATCH_SIZE_M = 1200.0  # 120 px at 10 m: a BigEarthNet patch, a Major TOM window of the CSMoE input
+_MGRS_TILE = r"\d{2}[C-HJ-NP-X][A-HJ-NP-Z][A-HJ-NP-V]"  # zone, latitude band, 100 km square (no I, O)
+_TILE_PATTERNS = (
+    re.compile(rf"(?:^|[_/])T({_MGRS_TILE})(?=$|[_/.])"),  # S2 product / patch: ..._R022_T33UUP_26_57, ..._T33UUP/cell/r_c
+    re.compile(rf"_({_MGRS_TILE})_\d+_\d+$"),  # BigEarthNet S1 patch: S1B_IW_GRDH_1SDV_20170612T165809_33UUP_37_88
+)
+
+
+def mgrs_tile_of(patch_id: str) -> str | None:
+    """The Sentinel-2 MGRS tile named in a patch or product id, or None.
+
+    ``S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26_57`` (BigEarthNet S2), ``S1B_IW_GRDH_1SDV_
+    20170612T165809_33UUP_37_88`` (BigEarthNet S1) and Major TOM ids that contain their product
+    (``S2B_MSIL2A_..._T33UUP_.../539U_97R/0_0``) give ``"33UUP"``; Major TOM S1 ids hold no tile."""
+    for pattern in _TILE_PATTERNS:
+        m = pattern.search(str(patch_id))
+        if m:
+            return m.group(1)
+    return None
+
+
+def _standard_utm_zone(lat: float, lon: float) -> int:
+    """The UTM zone of a point: 6 degree zones from 180 W, with the Norway (32V) and Svalbard
+    (31X, 33X, 35X, 37X) exceptions."""
+    lon = (float(lon) + 180.0) % 360.0 - 180.0
+    zone = min(int((lon + 180.0) // 6.0) + 1, 60)
+    if 56.0 <= lat < 64.0 and 3.0 <= lon < 12.0:
+        return 32
+    if 72.0 <= lat < 84.0 and 0.0 <= lon < 42.0:
+        return 31 if lon < 9.0 else 33 if lon < 21.0 else 35 if lon < 33.0 else 37
+    return zone
+
+
+def utm_epsg_of(lat: float, lon: float, mgrs_tile: str | None = None) -> int:
+    """The EPSG code of a patch's UTM CRS: the zone of its MGRS tile when known (``"33UUP"`` ->
+    32633; bands C-M are south, 327xx, N-X north, 326xx), else the standard zone of `lon` (Norway
+    and Svalbard exceptions included) in the hemisphere of `lat`.
+
+    The tile wins over the longitude: a tile's raster stays in its own zone where it reaches into
+    the next one (32TQM, zone 32, lies about 11.6-13.0 E, largely in zone 33's longitudes)."""
+    if mgrs_tile:
+        m = re.fullmatch(rf"({_MGRS_TILE})", str(mgrs_tile).upper())
+        zone = int(m.group(1)[:2]) if m else 0
+        if not 1 <= zone <= 60:
+            raise ValueError(f"not an MGRS tile id: {mgrs_tile!r}")
+        return utm_epsg(zone, north=m.group(1)[2] >= "N")
+    if not (math.isfinite(lat) and math.isfinite(lon)):
+        raise ValueError(f"no UTM zone for a point at lat {lat}, lon {lon}")
+    return utm_epsg(_standard_utm_zone(lat, lon), north=lat >= 0)
+
+
+def _squares(xs: np.ndarray, ys: np.ndarray, size_m: float) -> np.ndarray:
+    """Squares of side `size_m` centred on (xs, ys), counterclockwise."""
+    import shapely
+
+    half = size_m / 2.0
+    return shapely.box(xs - half, ys - half, xs + half, ys + half)
+
+
+def _to_wgs84_geoms(epsg: int, squares, densify_m: float | None) -> np.ndarray:
+    """Squares in a UTM CRS -> shapely geometries in WGS84 (lon, lat), with rasterio.warp.transform_geom
+    (one call for all of them); edges densified first so that they follow the projection."""
+    import shapely
+    from rasterio.warp import transform_geom
+
+    squares = np.asarray(squares, dtype=object)
+    if densify_m:
+        squares = shapely.segmentize(squares, densify_m)
+    coords = shapely.get_coordinates(squares).tolist()
+    ends = np.cumsum(shapely.get_num_coordinates(squares)).tolist()
+    rings = [coords[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+    mapped = transform_geom(f"EPSG:{epsg}", "EPSG:4326", [{"type": "Polygon", "coordinates": [r]} for r in rings])
+    out = np.empty(len(mapped), dtype=object)
+    simple = [i for i, g in enumerate(mapped) if g["type"] == "Polygon" and len(g["coordinates"]) == 1]
+    if simple:  # the usual case, built at once; a square cut at the antimeridian comes back a MultiPolygon
+        back = [np.asarray(mapped[i]["coordinates"][0], dtype=np.float64) for i in simple]
+        index = np.repeat(np.arange(len(back)), [len(b) for b in back])
+        out[simple] = shapely.polygons(shapely.linearrings(np.concatenate(back), indices=index))
+    for i in set(range(len(mapped))) - set(simple):
+        out[i] = shapely.geometry.shape(mapped[i])
+    return shapely.orient_polygons(out)
+
+
+def footprint(lat: float, lon: float, epsg: int, size_m: float = PATCH_SIZE_M, densify_m: float | None = 300.0):
+    """The square of side `size_m` centred on (lat, lon) in the UTM CRS `epsg`, as a shapely Polygon in
+    WGS84 (lon, lat order; counterclockwise; a MultiPolygon if it crosses the antimeridian). The
+    centre goes into UTM with `rasterio.warp.transform`, the square back with `transform_geom`, its
+    edges cut into segments of at most `densify_m` metres (None: the 4 corners only)."""
+    from rasterio.warp import transform
+
+    xs, ys = transform("EPSG:4326", f"EPSG:{int(epsg)}", [float(lon)], [float(lat)])
+    return _to_wgs84_geoms(int(epsg), _squares(np.asarray(xs), np.asarray(ys), size_m), densify_m)[0]
+
+
+@dataclass(frozen=True)
+class Footprints:
+    """Footprints of many patches, aligned with the input; None / 0 where a patch has no location."""
+
+    wgs84: np.ndarray  # object: shapely Polygon (lon, lat) in WGS84, or None
+    utm: np.ndarray  # object: shapely Polygon (the 4 corners) in the patch's UTM CRS, or None
+    epsg: np.ndarray  # int32: that CRS's EPSG code, 0 where unknown
+
+
+def patch_footprints(lats, lons, patch_ids=None, size_m: float = PATCH_SIZE_M, densify_m: float | None = 300.0) -> Footprints:
+    """`footprint` for many patches: the UTM zone of each from the MGRS tile in its id (`mgrs_tile_of`)
+    or its position (`utm_epsg_of`), then one `transform` and one `transform_geom` call per zone."""
+    from rasterio.warp import transform
+
+    lats = np.asarray(lats, dtype=np.float64).ravel()
+    lons = np.asarray(lons, dtype=np.float64).ravel()
+    n = lats.size
+    ids = [None] * n if patch_ids is None else [str(p) for p in patch_ids]
+    if lons.size != n or len(ids) != n:
+        raise ValueError(f"lats, lons and patch_ids differ in length ({n}, {lons.size}, {len(ids)})")
+    located = np.isfinite(lats) & np.isfinite(lons)
+    epsg = np.zeros(n, dtype=np.int32)
+    for i in np.flatnonzero(located):
+        epsg[i] = utm_epsg_of(lats[i], lons[i], mgrs_tile_of(ids[i]) if ids[i] else None)
+    wgs84 = np.full(n, None, dtype=object)
+    utm = np.full(n, None, dtype=object)
+    for code in np.unique(epsg[located]):
+        rows = np.flatnonzero(epsg == code)
+        xs, ys = transform("EPSG:4326", f"EPSG:{int(code)}", lons[rows].tolist(), lats[rows].tolist())
+        squares = _squares(np.asarray(xs), np.asarray(ys), size_m)
+        utm[rows] = squares
+        wgs84[rows] = _to_wgs84_geoms(int(code), squares, densify_m)
+    return Footprints(wgs84, utm, epsg)
+
+
+def footprints(lats, lons, patch_ids=None, size_m: float = PATCH_SIZE_M, densify_m: float | None = 300.0) -> np.ndarray:
+    """WGS84 footprints (shapely Polygons, None where a patch has no location) of many patches."""
+    return patch_footprints(lats, lons, patch_ids, size_m, densify_m).wgs84

@@ -16,7 +16,7 @@ import pytest
 from rsretrieve.datasets import sample_root
 from test_cli import MODEL, RSRETRIEVE, assert_clean_error, run
 
-COMMANDS = ["encode", "index", "query", "eval", "info", "models", "verify", "convert"]
+COMMANDS = ["encode", "index", "query", "eval", "info", "models", "verify", "convert", "export"]
 
 
 def run80(args, workspace, check=True, **env):
