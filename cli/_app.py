@@ -169,6 +169,15 @@ def check_writable(path: Path) -> None:
         raise RSRetrieveError(f"{path}: cannot be written ({exc.strerror or exc})") from None
 
 
+def local_store(store: str | None) -> Path | None:
+    """--store as a local Path; a URL is refused (stores are written in place: local paths for now)."""
+    from rsretrieve.io.remote import is_url
+
+    if store is not None and is_url(store):
+        raise RSRetrieveError(f"{store}: --store must be a local path for now (stores given as URLs are not supported)")
+    return Path(store) if store is not None else None
+
+
 def waiting(who: str) -> None:
     """What a command says while another process holds the store it must write."""
     err.print(f"[yellow]waiting:[/] the store is being written by {who}; this command continues when it is done", highlight=False)
@@ -176,7 +185,8 @@ def waiting(who: str) -> None:
 
 # -- options shared by the commands that encode ---------------------------------------------------
 DatasetOpt = Annotated[Optional[DatasetChoice], typer.Option("--dataset", help="Dataset to encode.", show_default="the current one, else sample")]
-RootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Dataset root; remembered in the workspace after first use.")]
+RootOpt = Annotated[Optional[str], typer.Option("--data-root", help="Dataset root, a folder or (Major TOM) a URL: s3://, gs://, https://, hf://, ...; "
+                                                                  "remembered in the workspace after first use.")]
 SubsetOpt = Annotated[Optional[str], typer.Option("--subset", help="Named subset, e.g. BENv2-14k or BENv2-243k.")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Config name (`rsretrieve models`); with --checkpoint, the config its weights fit.",
                                                  show_default="the current one, else csmoe-p16")]
@@ -190,14 +200,17 @@ WindowsOpt = Annotated[Optional[WindowRule], typer.Option("--windows", help="Maj
                                                          show_default="majortom")]
 DashboardOpt = Annotated[Optional[str], typer.Option("--dashboard", help="Serve the local cluster's Dask dashboard at this address, e.g. :8787 (needs bokeh).",
                                                       show_default="no dashboard")]
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Embedding store (Zarr) to use.", show_default="one per dataset, subset and model in the workspace")]
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Embedding store (Zarr) to use.", show_default="one per dataset, subset and model in the workspace")]
 
 
 def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto, batch_size=None, scheduler=None, store=None,
              dtype=None, windows=None, compile=False, readers=None, dashboard=None):
     from rsretrieve.indexer.jobs import Job
 
-    if data_root is not None and not Path(data_root).exists():
+    from rsretrieve.io.remote import is_url
+
+    store = local_store(store)
+    if data_root is not None and not is_url(data_root) and not Path(data_root).exists():  # a URL: the reader says if it cannot reach it
         raise RSRetrieveError(f"{data_root}: --data-root does not exist")
     if checkpoint is not None and not Path(checkpoint).exists():
         raise RSRetrieveError(f"{checkpoint}: --checkpoint does not exist")

@@ -144,7 +144,7 @@ def evaluate_subset(job: Job, subset_name: str, tasks: tuple[str, ...], k: int |
     from rsretrieve.datasets.subsets import get_subset
 
     subset = get_subset(subset_name)
-    root = Path(job.selection.root) if job.selection.root else None
+    root = job.selection.root or None  # a folder or a URL: open_dataset tells them apart
     dataset = open_dataset(job.selection.dataset, root, subset.name if job.selection.dataset != "sample" else None, include_snow_cloud=False)
     pair_ids = dataset.pairs()["patch_id"].to_pylist()
     return evaluate(job.store_path, tasks=tasks, k=k or subset.default_k, pair_ids=pair_ids, use_gpu=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from rsretrieve.datasets import Chunk, PatchBatch, open_dataset
 
@@ -31,7 +30,7 @@ class DatasetSpec:
         key = (self.name, self.root, self.subset, self.options)
         with _LOCK:
             if key not in _DATASETS:
-                _DATASETS[key] = open_dataset(self.name, Path(self.root) if self.root else None, self.subset, **dict(self.options))
+                _DATASETS[key] = open_dataset(self.name, self.root or None, self.subset, **dict(self.options))
             return _DATASETS[key]
 
     def to_dict(self) -> dict:

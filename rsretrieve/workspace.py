@@ -122,7 +122,7 @@ class Workspace:
         if subset is None and dataset in (None, current.get("dataset")):
             subset = current.get("subset")  # the remembered subset belongs to the remembered dataset
         dataset = dataset or current.get("dataset") or DEFAULT_DATASET
-        root_str = str(Path(root).expanduser().resolve()) if root else self.dataset_root(dataset)
+        root_str = _normalise_root(root) if root else self.dataset_root(dataset)
         config = None
         if checkpoint:
             checkpoint = str(Path(checkpoint).expanduser().resolve())
@@ -173,6 +173,14 @@ def _check_config_shape(config, path: Path) -> None:
         problem = '"datasets" is not an object of objects'
     if problem:
         raise RSRetrieveError(located(path, f"not an rsretrieve workspace config ({problem}); fix or delete it"))
+
+
+def _normalise_root(root: str | Path) -> str:
+    """A dataset root as remembered: a URL unchanged (s3://, https://, hf://, ...), a local path absolute."""
+    from rsretrieve.io.remote import as_location
+
+    location = as_location(root)
+    return location if isinstance(location, str) else str(location.expanduser().resolve())
 
 
 def _slug(name: str) -> str:

@@ -60,16 +60,22 @@ def test_an_interrupted_run_is_resumed_by_the_short_command(tmp_path):
     env = {**os.environ, "RSRETRIEVE_WORKSPACE": str(ws), "COLUMNS": "200", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([*RSRETRIEVE, "encode", "--dataset", "benv2", "--data-root", str(root), "--modality", "s1", "--model", MODEL],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    group = ws / "stores" / "benv2--csmoe-tiny.zarr" / "s1"
     deadline = time.time() + 120
-    while not group.exists() and proc.poll() is None and time.time() < deadline:
+    while not _current_is(ws, "benv2") and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C once the store exists, before the encode ends
+    proc.send_signal(signal.SIGINT)  # Ctrl-C once the encode started (its selection is current), before it ends
     _, errors = proc.communicate(timeout=120)
     assert proc.returncode == 130, errors
     assert "Traceback" not in errors
     resumed = run(["encode", "--modality", "s1"], ws)
     assert "dataset benv2" in resumed.stdout and "benv2--csmoe-tiny.zarr" in resumed.stdout
+
+
+def _current_is(ws: Path, dataset: str) -> bool:
+    try:
+        return json.loads((ws / "config.json").read_text())["current"]["dataset"] == dataset
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 # -- 4. faiss missing: one line with the install command, before any work --------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rsretrieve.datasets.base import META_TYPES, PATCH, Chunk, PatchBatch, PatchDataset, empty_batch, label_matrix, meta_table, patches_fingerprint
 from rsretrieve.errors import RSRetrieveError
+from rsretrieve.io.remote import as_location
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class DatasetEntry:
     needs_root: str = ""  # the one-line hint when no root is given ("" = the root is optional)
     defaults: dict = field(default_factory=dict)
     takes_subset: bool = True
+    remote: bool = False  # whether the root may be a URL (s3://, https://, hf://, any fsspec protocol)
 
 
 DATASETS: dict[str, DatasetEntry] = {
@@ -38,7 +40,7 @@ DATASETS: dict[str, DatasetEntry] = {
                           needs_root="a dataset root is needed (the BigEarthNet-v2 folder or its LMDB)"),
     "majortom": DatasetEntry("rsretrieve.datasets.majortom:MajorTOMDataset",
                              needs_root="a dataset root is needed (folder with Core-S2L2A/ or Core-S1RTC/)",
-                             takes_subset=False),
+                             takes_subset=False, remote=True),
 }
 
 
@@ -53,7 +55,8 @@ def list_datasets() -> list[str]:
 
 def open_dataset(name: str, root: Path | str | None = None, subset: str | None = None, **options) -> PatchDataset:
     """`sample` (bundled; root optional), `benv2` (root: release tree or rico-hdl LMDB, with
-    metadata.parquet) or `majortom` (root: folder with Core-S2L2A/ and/or Core-S1RTC/).
+    metadata.parquet) or `majortom` (root: folder with Core-S2L2A/ and/or Core-S1RTC/, or its URL:
+    `s3://`, `gs://`, `https://`, `hf://`, any fsspec protocol; docs/DATASETS.md).
 
     BENv2 options: source ("auto"|"tree"|"lmdb"), split (str or list), include_snow_cloud (False),
     chunk_size (256), metadata (path to metadata.parquet), tree_root (for lat/lon with an LMDB).
@@ -68,14 +71,18 @@ def open_dataset(name: str, root: Path | str | None = None, subset: str | None =
         raise RSRetrieveError(f"{key}: {entry.needs_root}")
     if not entry.takes_subset and subset not in (None, "", "all"):
         raise RSRetrieveError(f"{key}: named subsets apply to BigEarthNet-v2 only, got {subset!r}")
+    # a URL stays a string (one that went through pathlib.Path, `s3:/bucket/key`, is mended)
+    location = as_location(root) if root else None
+    if isinstance(location, str) and not entry.remote:
+        raise RSRetrieveError(f"{key}: remote roots are not supported yet; copy the data or use Major TOM")
     module, cls = entry.target.split(":")
     reader = getattr(importlib.import_module(module), cls)
     kwargs = {**entry.defaults, **options}
     if key == "sample":
-        return reader(Path(root) if root else sample_root(), subset=subset or "sample", **kwargs)
+        return reader(location or sample_root(), subset=subset or "sample", **kwargs)
     if entry.takes_subset:
         kwargs["subset"] = subset
-    return reader(Path(root), **kwargs)
+    return reader(location, **kwargs)
 
 
 __all__ = [

@@ -4,7 +4,8 @@ Layout: `<root>/Core-S2L2A/images/*.parquet`, `<root>/Core-S1RTC/images/*.parque
 itself holds shards, or a collection folder, is accepted too). One row per row group = one tile;
 band cells are single-band GeoTIFF bytes (S2 `B02..B12` at native resolution; S1 `vv`, `vh` linear
 power, nodata -32768), decoded with tifffile (GDAL, through `rasterio.io.MemoryFile`, reads the
-first band's georeference and anything tifffile cannot decode).
+first band's georeference and anything tifffile cannot decode). The root may be a URL (s3://,
+https://, hf://, any fsspec protocol): shards are then found and read by byte ranges (`majortom_remote`).
 
 Each tile is cut into windows of 120 px at 10 m: by default with Major TOM's own fragmenting rule
 (whole coverage, ~10 % overlap: 10 x 10 windows at stride 105 in a 1068 px cell, the last row and
@@ -33,8 +34,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rsretrieve.bands import Modality, band_groups, bands_for
+from rsretrieve.datasets import majortom_remote as remote_shards
 from rsretrieve.datasets.base import PATCH, Chunk, PatchBatch, empty_batch, meta_table
 from rsretrieve.errors import DataError, RSRetrieveError, located
+from rsretrieve.io.remote import as_location, is_url, probe, relative
 from rsretrieve.preprocess import RawPixels
 
 S1_NODATA = -32768.0
@@ -53,9 +56,11 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def find_shards(root: Path, modality: Modality) -> list[Path]:
-    root = Path(root)
+def find_shards(root: Path | str, modality: Modality) -> list[Path] | list[str]:
     tag = COLLECTIONS[modality]
+    if is_url(root):  # shard URLs (`majortom_remote`)
+        return remote_shards.find_shards(str(as_location(root)), tag)
+    root = Path(root)
     cands = [d for d in sorted(root.glob(f"*{tag}*")) if d.is_dir()]
     if tag in root.name:
         cands.insert(0, root)
@@ -82,17 +87,16 @@ def parse_time(value) -> datetime | None:
     return datetime.strptime(m.group(1), "%Y%m%dT%H%M%S") if m else None
 
 
-_SHARDS: dict[tuple[str, int, int], pq.FileMetaData] = {}
+_SHARDS: dict[tuple[str, int | None, int], pq.FileMetaData] = {}
 
 
-def shard_metadata(path: Path) -> pq.FileMetaData:
-    """A shard's parquet footer (schema, row groups), read once per process and file version: a
-    real shard has thousands of row groups, and every chunk (one row group) needs it."""
+def shard_metadata(path: Path | str) -> pq.FileMetaData:
+    """A shard's parquet footer (schema, row groups), read once per process and file version (a
+    URL's: once per process): a real shard has thousands of row groups, and every chunk needs it."""
     try:
-        stat = path.stat()
-        key = (str(path), stat.st_mtime_ns, os.getpid())
+        key = (str(path), None if is_url(path) else Path(path).stat().st_mtime_ns, os.getpid())
         if key not in _SHARDS:
-            _SHARDS[key] = pq.read_metadata(path)
+            _SHARDS[key] = pq.read_metadata(remote_shards.source(path))
         return _SHARDS[key]
     except (pa.ArrowException, OSError) as e:
         raise DataError(located(path, f"unreadable parquet ({_one_line(e)})")) from None
@@ -245,12 +249,12 @@ def windows(h: int, w: int, size: int = PATCH, rule: str = "majortom") -> list[t
 _KEYS_CACHE: dict[tuple, list[str]] = {}
 
 
-def tile_keys(path: Path) -> list[str]:
+def tile_keys(path: Path | str) -> list[str]:
     """Per row of a shard: grid_cell, or grid_cell.k for the k-th repeat of a cell in the shard."""
     key = (str(path), os.getpid())
     if key not in _KEYS_CACHE:
         try:
-            cells = pq.read_table(path, columns=["grid_cell"]).column("grid_cell").to_pylist()
+            cells = remote_shards.column(path, shard_metadata(path), "grid_cell").to_pylist()
         except (pa.ArrowException, OSError) as e:
             raise DataError(located(path, f"unreadable parquet ({_one_line(e)})")) from None
         seen: dict[str, int] = {}
@@ -276,7 +280,7 @@ class MajorTOMDataset:
 
     def __init__(self, root: Path | str, *, dataset_name: str = "majortom", patch_size: int = PATCH,
                  tile_size: int | None = None, windows: str = "majortom"):
-        self.root = Path(root)
+        self.root = as_location(root)  # a URL stays a string
         self.name = dataset_name
         if patch_size != PATCH:
             raise RSRetrieveError(f"patch_size must be {PATCH} (the model's BigEarthNet patch size)")
@@ -285,7 +289,9 @@ class MajorTOMDataset:
         self.patch_size = patch_size
         self.tile_size = tile_size
         self.window_rule = windows
-        if not self.root.exists():
+        if isinstance(self.root, str):
+            probe(self.root)  # one line when the host cannot be reached
+        elif not self.root.exists():
             raise DataError(located(self.root, "dataset root not found"))
         self._cache: dict = {}
 
@@ -299,7 +305,7 @@ class MajorTOMDataset:
         return {"windows": self.window_rule, "patch_size": self.patch_size,
                 "overlap": FRAGMENT_OVERLAP if self.window_rule == "majortom" else 0.0}
 
-    def shards(self, modality: Modality) -> list[Path]:
+    def shards(self, modality: Modality) -> list[Path] | list[str]:
         shards = find_shards(self.root, modality)
         if not shards:
             raise DataError(located(self.root, f"no Core-{COLLECTIONS[modality]} parquet shards found"))
@@ -312,13 +318,17 @@ class MajorTOMDataset:
             n_rg = shard_metadata(shard).num_row_groups
             if n_rg == 0:
                 raise DataError(located(shard, "empty parquet shard (no row groups)"))
-            rel = shard.relative_to(self.root) if shard.is_relative_to(self.root) else shard
-            for rg in range(n_rg):
-                chunk = Chunk(self.name, f"{self.name}:{modality}:{rel.as_posix()}:rg{rg}", modality,
-                              "majortom", str(shard), (), rg, 0)
-                # the encoder stage allocates rows per chunk up front: count the tile's windows
-                out.append(replace(chunk, n_patches=self._candidates(chunk).num_rows))
-        return out
+            if isinstance(shard, str):
+                rel = relative(shard, self.root)
+            else:
+                rel = (shard.relative_to(self.root) if shard.is_relative_to(self.root) else shard).as_posix()
+            out += [Chunk(self.name, f"{self.name}:{modality}:{rel}:rg{rg}", modality, "majortom", str(shard), (), rg, 0) for rg in range(n_rg)]
+        if isinstance(self.root, str):  # over a URL: several tiles' headers at once, the result kept on disk
+            settings = {**self.describe(), "tile_size": self.tile_size, "modality": modality}
+            found = remote_shards.candidates(out, lambda chunk: self.read_chunk(chunk, _header_only=True), settings)
+            self._cache.update({("candidates", key): table for key, table in found.items()})
+        # the encoder stage allocates rows per chunk up front: count each tile's windows
+        return [replace(chunk, n_patches=self._candidates(chunk).num_rows) for chunk in out]
 
     def _candidates(self, chunk: Chunk) -> pa.Table:
         """Every full window of a chunk's tile, from the GeoTIFF header of its first band cell (no
@@ -330,10 +340,10 @@ class MajorTOMDataset:
         return self._cache[key]
 
     def _read_rows(self, chunk: Chunk, columns: list[str]) -> tuple[pa.Table, int]:
-        path = Path(chunk.path)
+        path = as_location(chunk.path)
         try:
             meta = shard_metadata(path)
-            table = pq.ParquetFile(path, metadata=meta).read_row_group(chunk.row_group, columns=columns)
+            table = remote_shards.row_group(path, meta, chunk.row_group, columns)
             first = _row_offsets(meta)[chunk.row_group]
         except (pa.ArrowException, OSError) as e:
             raise DataError(located(path, f"unreadable row group {chunk.row_group} ({_one_line(e)})")) from None
@@ -343,7 +353,7 @@ class MajorTOMDataset:
         from rsretrieve.geo import pixel_to_xy, to_wgs84
 
         modality = chunk.modality
-        path = Path(chunk.path)
+        path = as_location(chunk.path)
         cols_meta = list(BATCH_COLUMNS)
         try:
             time_col, columns = shard_columns(path, modality)
