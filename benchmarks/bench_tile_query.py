@@ -77,7 +77,7 @@ def rsretrieve(workspace: Path, *args: str) -> tuple[float, float, str]:
 
 def query(workspace: Path, tile: Path) -> tuple[float, float, str]:
     seconds, rss, out = rsretrieve(workspace, "query", str(tile), "--target", "s2", "-k", "10", "--format", "json")
-    return seconds, rss, json.loads(out)["query"]
+    return seconds, rss, json.loads(out)["query_label"]
 
 
 def main() -> int:

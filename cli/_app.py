@@ -63,12 +63,6 @@ class WindowRule(str, Enum):
     grid = "grid"
 
 
-class OutputFormat(str, Enum):
-    table = "table"
-    json = "json"
-    geojson = "geojson"
-
-
 class State:
     workspace: Workspace = Workspace()
     quiet: bool = False  # no progress bars, spinners or notes: results, warnings and errors only

@@ -22,6 +22,7 @@ from rsretrieve.cli._app import (
     check_writable,
     console,
     err,
+    local_store,
     require_faiss,
     status,
     warn_if_random,
@@ -44,27 +45,25 @@ TILES_HELP = ("Query tiles: GeoTIFFs (2 bands S1 VV, VH in dB; 10/12 bands S2), 
 
 @app.command()
 def query(
-    tiles: Annotated[Optional[list[str]], typer.Argument(help=TILES_HELP, show_default=False)] = None,
+    tiles: Annotated[Optional[list[str]], typer.Argument(help=TILES_HELP, show_default=False, metavar="TILE")] = None,
     target: Annotated[ModalityChoice, typer.Option("--target", help="Modality of the archive to search.")] = ModalityChoice.s2,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Results per query.")] = 10,
     k_alias: Annotated[Optional[int], typer.Option("--k", min=1, hidden=True)] = None,
     modality: Annotated[Optional[ModalityChoice], typer.Option("--modality", help="Modality of the query tiles.", show_default="detected")] = None,
-    patch_ids: Annotated[Optional[list[str]], typer.Option("--id", help="Query with an archive patch (repeatable).", show_default=False)] = None,
-    ids_file: Annotated[Optional[Path], typer.Option("--ids-file", help="Query with the archive patches listed in FILE, one id a line.")] = None,
+    patch_ids: Annotated[Optional[list[str]], typer.Option("--id", metavar="PATCH_ID", help="Query with an archive patch (repeatable).", show_default=False)] = None,
+    ids_file: Annotated[Optional[Path], typer.Option("--ids-file", metavar="FILE", help="Query with the archive patches listed in FILE, one id a line (- for stdin).")] = None,
     fmt: Annotated[Optional[QueryFormat], typer.Option("--format", "-f", help="Output format.", show_default="table; with --output, its suffix")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout: one object, or a list for a batch.")] = False,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results to FILE (.jsonl .csv .json .geojson .parquet); - for stdout.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE", help="Write the results to FILE, not the terminal (.jsonl .csv .json .geojson .parquet); - for stdout.")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Table with full ids, every label and lat/lon, as wide as it needs.")] = False,
-    mosaic: Annotated[Optional[Path], typer.Option("--mosaic", help="PNG of each query beside its results; a batch writes NAME-1.png, NAME-2.png, ...")] = None,
+    mosaic: Annotated[Optional[Path], typer.Option("--mosaic", metavar="PNG", help="PNG of each query beside its results; a batch writes NAME-1.png, NAME-2.png, ...")] = None,
     store: StoreOpt = None,
     subset: SubsetOpt = None,
     gpu_search: Annotated[bool, typer.Option("--gpu-search", help="Search through faiss on a GPU when it has one.")] = False,
 ) -> None:
     """Search an archive with tiles (or archive patches) in the same or the other modality.
 
-    Many queries at once load the model and the index once and search them in one faiss call.
-    In a batch, a tile that cannot be read is named and skipped; the others' results are written,
-    and the command exits 1 at the end, naming how many failed."""
+    Many queries at once load the model and the index once and search them in one faiss call. In a batch, a tile that cannot be read is named and skipped, the others' results are written, and the command exits 1 at the end, saying how many failed."""
     from rsretrieve.retrieval.inputs import collect_queries
 
     require_faiss()
@@ -88,7 +87,7 @@ def _run(inputs, target, k, modality, store, subset, gpu_search, keep_pixels):
     from rsretrieve.retrieval.archive import Archive
 
     ws = State.workspace
-    archive = Archive.open(store or ws.selection_store(ws.select(subset=subset, remember=False)), ws.indexes_dir, use_gpu=gpu_search)
+    archive = Archive.open(local_store(store) or ws.selection_store(ws.select(subset=subset, remember=False)), ws.indexes_dir, use_gpu=gpu_search)
     what = f"{len(inputs.tiles)} tile{'s' if len(inputs.tiles) != 1 else ''}" if inputs.tiles else f"{len(inputs.ids)} patch id(s)"
     with status(f"querying with {what}"):
         if inputs.tiles:
@@ -108,7 +107,9 @@ def _output_formats(fmt: QueryFormat | None, as_json: bool, output: Path | None)
     if as_json and fmt not in (None, QueryFormat.json) and (output is None or str(output) == "-"):
         raise RSRetrieveError(f"--json and --format {fmt.value}: both print on stdout; choose one")
     if output is not None and str(output) != "-":
-        return ("json" if as_json else "table"), (fmt.value if fmt else format_for(output))
+        return ("json" if as_json else None), (fmt.value if fmt else format_for(output))  # a batch's table is long: not twice
+    if fmt is QueryFormat.geoparquet and sys.stdout.isatty():
+        raise RSRetrieveError("--format geoparquet: binary output; give --output FILE.parquet or redirect stdout")
     return ("json" if as_json else fmt.value if fmt else "table"), None
 
 
@@ -120,8 +121,6 @@ def _emit(results, to_stdout: str | None, to_file: str | None, output: Path | No
     if to_stdout == "table":
         _print_table(results, wide, console)
     elif to_stdout == "geoparquet":
-        if sys.stdout.isatty():
-            raise RSRetrieveError("--format geoparquet: binary output; give --output FILE.parquet or redirect stdout")
         sys.stdout.flush()
         write_geoparquet(results, sys.stdout.buffer)
     elif to_stdout is not None:
@@ -131,7 +130,7 @@ def _emit(results, to_stdout: str | None, to_file: str | None, output: Path | No
             _print_table(results, wide, Console(file=handle, width=80, color_system=None))
     elif to_file is not None:
         save_results(results, output, to_file, single)
-    if to_file is not None:
+    if to_file is not None and not State.quiet:
         n = sum(len(r.hits) for r in results)
         err.print(f"{n} results of {len(results)} quer{'ies' if len(results) != 1 else 'y'} written to {output} ({to_file})", highlight=False)
 
@@ -146,7 +145,8 @@ def _print_table(results, wide: bool, out: Console) -> None:
     table = Table(title=f"{what} → {first.target.upper()}, top {k} by cosine similarity{random}", box=box.SIMPLE_HEAD, show_edge=False)
     if wide:
         for name in ("query", "#", "patch id", "score", "labels", "split", "lat", "lon"):
-            table.add_column(name, no_wrap=name != "labels", justify="right" if name in ("#", "score", "lat", "lon") else "left")
+            table.add_column(name, no_wrap=name != "labels", max_width=60 if name == "labels" else None,  # labels wrap, whole
+                             justify="right" if name in ("#", "score", "lat", "lon") else "left")
     else:  # fixed columns keep their width; the labels get what is left, cut with an ellipsis
         hits = [h for r in results for h in r.hits]
         widths = {"query": min(_widest("query", [short_query(r) for r in results]), 18), "#": _widest("#", [str(h.rank) for h in hits]),
@@ -168,7 +168,7 @@ def _print_table(results, wide: bool, out: Console) -> None:
                 table.add_row(shown, str(hit.rank), short_id(hit.patch_id), f"{hit.score:.3f}", labels_brief(hit.labels), hit.split, end_section=last)
     if wide:  # as wide as the table needs, whatever the terminal: --wide is for full ids
         width = Measurement.get(out, out.options.update(width=10_000), table).maximum
-        out.print(table, width=width, crop=False)
+        Console(file=out.file, width=width, force_terminal=out.is_terminal, color_system=out.color_system).print(table)
     else:
         out.print(table)
 

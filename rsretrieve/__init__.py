@@ -4,6 +4,8 @@
     model = rsretrieve.load_model("csmoe-p16")            # or a checkpoint path
     ds = rsretrieve.open_dataset("sample")                 # BigEarthNet-v2 / Major TOM readers
     archive = rsretrieve.Archive.open(store_path, indexes_dir)
+    results = archive.query_tiles(["a.tif", "b.tif"], target="s2", k=10)   # or archive.query_ids([...])
+    df = rsretrieve.results_to_dataframe(results)                        # one row per (query, rank)
     scores = rsretrieve.evaluate(store_path, k=10)
 
 The public names load on first use, so `import rsretrieve` stays fast (no torch, faiss or zarr).
@@ -34,6 +36,11 @@ _API: dict[str, str] = {
     "EmbeddingIndex": "rsretrieve.retrieval",
     "Archive": "rsretrieve.retrieval",
     "QueryResult": "rsretrieve.retrieval",
+    "QueryResults": "rsretrieve.retrieval.results",
+    "Hit": "rsretrieve.retrieval.results",
+    "results_to_dataframe": "rsretrieve.retrieval.results",
+    "save_results": "rsretrieve.retrieval.results",
+    "collect_queries": "rsretrieve.retrieval.inputs",
     "evaluate": "rsretrieve.retrieval",
     "Workspace": "rsretrieve.workspace",
 }
@@ -42,6 +49,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from rsretrieve.datasets import list_datasets, open_dataset, sample_root
     from rsretrieve.models import create_model, get_config, list_models, load_model, save_model
     from rsretrieve.retrieval import Archive, EmbeddingIndex, QueryResult, evaluate
+    from rsretrieve.retrieval.inputs import collect_queries
+    from rsretrieve.retrieval.results import Hit, QueryResults, results_to_dataframe, save_results
     from rsretrieve.store import EmbeddingStore
     from rsretrieve.workspace import Workspace
 

@@ -3,6 +3,8 @@
     archive = Archive.open("rsretrieve-workspace/stores/sample--csmoe-p16.zarr", "rsretrieve-workspace/indexes")
     result = archive.query_tile("tile.tif", target="s2", k=10)
     archive.mosaic(result, "mosaic.png")
+    results = archive.query_tiles(paths, target="s2", k=10, skip_bad=True)   # one model load, one faiss search
+    results.to_dataframe()                                                     # one row per (query, rank)
 
 A tile with several 120 px patches is embedded patch by patch; the query vector is the mean of the
 patches' L2-normalised embeddings (the centroid direction of the tile), documented in docs/DATASETS.md.
@@ -10,7 +12,8 @@ patches' L2-normalised embeddings (the centroid direction of the tile), document
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,64 +22,14 @@ from rsretrieve.bands import Modality
 from rsretrieve.errors import StoreError, located
 from rsretrieve.labels import CLASSES
 from rsretrieve.preprocess import RawPixels
-from rsretrieve.provenance import is_random_init
 from rsretrieve.retrieval.index_meta import index_dir
+from rsretrieve.retrieval.results import Hit, QueryResult, QueryResults, QueryStats, short_id
 from rsretrieve.store.zarr_store import EmbeddingStore
 
 
-@dataclass
-class Hit:
-    rank: int
-    patch_id: str
-    pair_id: str
-    score: float
-    labels: list[str]
-    split: str
-    lat: float | None
-    lon: float | None
-    row: int
-
-
-@dataclass
-class QueryResult:
-    query_label: str
-    query_modality: Modality
-    target: Modality
-    hits: list[Hit]
-    provenance: dict
-    query_pixels: RawPixels = field(repr=False)  # the query's (first) patch, raw
-
-    @property
-    def random_init(self) -> bool:
-        return is_random_init(self.provenance)
-
-    def to_dict(self) -> dict:
-        return {
-            "query": self.query_label,
-            "query_modality": self.query_modality,
-            "target": self.target,
-            "random_init": self.random_init,
-            "provenance": {k: self.provenance.get(k) for k in ("model", "checkpoint_sha256", "checkpoint_path")},
-            "results": [asdict(h) for h in self.hits],
-        }
-
-    def to_geojson(self) -> dict:
-        features = []
-        for hit in self.hits:
-            geometry = None if hit.lat is None or np.isnan(hit.lat) else {"type": "Point", "coordinates": [hit.lon, hit.lat]}
-            props = {k: v for k, v in asdict(hit).items() if k not in ("lat", "lon")}
-            features.append({"type": "Feature", "geometry": geometry, "properties": props})
-        return {"type": "FeatureCollection", "features": features, "properties": {k: v for k, v in self.to_dict().items() if k != "results"}}
-
-
-def short_id(patch_id: str) -> str:
-    """The distinctive tail of a patch name (tile, row, col) for captions: the full id is long."""
-    parts = patch_id.replace("/", "_").split("_")
-    return "_".join(parts[-3:]) if len(parts) > 3 else patch_id
-
-
 class Archive:
-    """A store's embeddings and indexes, with the model that made them, ready for queries."""
+    """A store's embeddings and indexes, with the model that made them, ready for queries. The
+    model and each index load once, on first use, and serve every later query of this object."""
 
     def __init__(self, store: EmbeddingStore, indexes_dir: str | Path, use_gpu: bool = False):
         self.store = store
@@ -84,6 +37,7 @@ class Archive:
         self.use_gpu = use_gpu  # search through faiss on a GPU when it has one
         self._indexes: dict = {}
         self._model = None
+        self.stats = QueryStats()
 
     @classmethod
     def open(cls, store_path: str | Path, indexes_dir: str | Path, use_gpu: bool = False) -> "Archive":
@@ -106,64 +60,129 @@ class Archive:
             self._indexes[modality] = EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=self.use_gpu, store_id=store_id)
         return self._indexes[modality]
 
-    def search(self, vector: np.ndarray, target: Modality, k: int, exclude_row: int | None = None) -> list[Hit]:
+    def search(self, vectors: np.ndarray, target: Modality, k: int, exclude_row: int | None = None) -> list:
+        """The top-k hits of one vector (D,) -> list[Hit], or of each row of (N, D) -> N lists
+        (through `search_many`: one faiss call)."""
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim == 2:
+            return self.search_many(vectors, target, k, None if exclude_row is None else [exclude_row] * len(vectors))
+        return self.search_many(vectors.reshape(1, -1), target, k, [exclude_row])[0]
+
+    def search_many(self, vectors: np.ndarray, target: Modality, k: int, exclude_rows: Sequence[int | None] | None = None) -> list[list[Hit]]:
+        """The top-k hits of each row of `vectors` (N, D), in one faiss search for all rows; the
+        hits' labels and coordinates in one store read. `exclude_rows[i]` (a store row, or None) is
+        left out of row i's hits: a stored patch used as its own query."""
         index = self.index(target)
         if k > index.ntotal:
             raise StoreError(located(self.store.path, f"k={k} is larger than the {target.upper()} archive ({index.ntotal} patches)"))
-        extra = 1 if exclude_row is not None and k < index.ntotal else 0
-        scores, rows = index.search(np.asarray(vector, np.float32).reshape(1, -1), k + extra)
-        kept = [(float(score), int(row)) for score, row in zip(scores[0], rows[0]) if row >= 0 and row != exclude_row][:k]
-        # the hits' coordinates in one read, not whole columns per field
-        found = self.store.open(target).drop_vars("embedding").isel(patch=[row for _, row in kept]).compute()
-        return [self._hit(found, i, score, row) for i, (score, row) in enumerate(kept)]
+        vectors = np.atleast_2d(np.asarray(vectors, np.float32))  # a wrong width is the index's ValueError, not a reshape
+        if not vectors.size:
+            return []
+        excluded = list(exclude_rows) if exclude_rows is not None else [None] * len(vectors)
+        if len(excluded) != len(vectors):
+            raise ValueError(f"exclude_rows has {len(excluded)} entries for {len(vectors)} query vectors")
+        t0 = time.perf_counter()
+        extra = 1 if any(r is not None for r in excluded) and k < index.ntotal else 0
+        scores, rows = index.search(vectors, k + extra)  # one call for every query
+        self.stats.faiss_searches += 1
+        kept = [[(float(s), int(r)) for s, r in zip(line_s, line_r) if r >= 0 and r != skip][:k]
+                for line_s, line_r, skip in zip(scores, rows, excluded)]
+        wanted = sorted({row for hits in kept for _, row in hits})
+        found = self.store.open(target).drop_vars("embedding").isel(patch=wanted).compute()
+        at = {row: i for i, row in enumerate(wanted)}
+        hits = [[self._hit(found, at[row], rank, score, row) for rank, (score, row) in enumerate(line, start=1)] for line in kept]
+        self.stats.search_s += time.perf_counter() - t0
+        return hits
 
-    def query_vector(self, vector: np.ndarray, source: Modality, target: Modality, k: int, label: str, pixels: RawPixels, exclude_row=None) -> QueryResult:
+    def query_vector(self, vector: np.ndarray, source: Modality, target: Modality, k: int, label: str, pixels: RawPixels | None = None,
+                     exclude_row=None) -> QueryResult:
         return QueryResult(label, source, target, self.search(vector, target, k, exclude_row), self.store.provenance(target), pixels)
 
     def query_tile(self, path: str | Path, target: Modality, k: int = 10, modality: Modality | None = None) -> QueryResult:
         """Query with a tile: the mean of its valid patches' L2-normalised embeddings. The tile is
         read and embedded one row of 120 px patches at a time, so a full Sentinel tile never sits in
         memory whole."""
-        from rsretrieve.datasets.tile import open_tile
+        return self.query_tiles([path], target, k, modality, keep_pixels=True)[0]
 
-        tile = open_tile(path, modality)
+    def query_tiles(self, paths: Sequence[str | Path], target: Modality, k: int = 10, modality: Modality | None = None, *,
+                    skip_bad: bool = False, keep_pixels: bool = False, batch_size: int = 32) -> QueryResults:
+        """Query with many tiles (GeoTIFFs or patch folders): the model loads once, patches of
+        several tiles share its batches, and one faiss search serves them all. A tile that cannot
+        be read or has no valid patch raises a DataError, or with `skip_bad` is left out and named
+        in the result's `failed`. `keep_pixels` keeps each query's first patch (for mosaics;
+        `mosaic` reads it again otherwise)."""
+        from rsretrieve.retrieval.tile_batch import embed_tiles
+
+        paths = list(paths)
         self._check_target(target)
-        total, count, first, skipped = self._embed_tile(tile, target)
-        n = f"{count} patch{'es' if count > 1 else ''}" + (f", {skipped} skipped" if skipped else "")
-        size = f"{tile.width} x {tile.height} px" + (", resized" if tile.resized else "")
-        label = f"{Path(path).name} ({tile.modality.upper()}, {size}, {n})"
-        return self.query_vector((total / count).astype(np.float32), tile.modality, target, k, label, first)
-
-    def _embed_tile(self, tile, target: Modality) -> tuple[np.ndarray, int, RawPixels, int]:
-        """(sum of the unit-length patch embeddings (float64), valid patches, the first valid
-        patch's raw pixels, dropped patches) of a `datasets.tile.TileReader`, strip by strip."""
-        total, count, first, skipped = None, 0, None, 0
-        for strip in tile.iter_patches():  # DataError at the end when no patch was valid
-            skipped += len(strip.skipped)
-            if not len(strip.pixels):
-                continue
-            embeddings = self._embed(strip.pixels, tile.modality, target).astype(np.float64)
-            unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-            total = unit.sum(axis=0) if total is None else total + unit.sum(axis=0)
-            count += len(unit)
-            first = strip.pixels.take([0]) if first is None else first
-        return total, count, first, skipped
+        t0, model_before = time.perf_counter(), self.stats.model_s
+        tiles, failed = embed_tiles(paths, lambda pixels, mod: self._embed(pixels, mod, target), modality,
+                                    batch_size=batch_size, keep_first=keep_pixels, skip_bad=skip_bad)
+        self.stats.embed_s += time.perf_counter() - t0 - (self.stats.model_s - model_before)
+        done = [(path, tile) for path, tile in zip(paths, tiles) if tile is not None]
+        vectors = np.stack([tile.vector for _, tile in done]) if done else np.zeros((0, 1), np.float32)
+        hits = self.search_many(vectors, target, k)
+        provenance = self.store.provenance(target)
+        results = [QueryResult(tile.label, tile.modality, target, found, provenance, tile.first, str(path), "tile")
+                   for (path, tile), found in zip(done, hits)]
+        return QueryResults(results, failed)
 
     def query_id(self, patch_id: str, target: Modality, k: int = 10, modality: Modality | None = None) -> QueryResult:
         """Query with an archive patch's stored embedding (the patch itself is left out of the results)."""
+        return self.query_ids([patch_id], target, k, modality, keep_pixels=True)[0]
+
+    def query_ids(self, patch_ids: Sequence[str], target: Modality, k: int = 10, modality: Modality | None = None, *,
+                  skip_bad: bool = False, keep_pixels: bool = False) -> QueryResults:
+        """Query with archive patches' stored embeddings (each patch is left out of its own
+        results), in one faiss search. An unknown id, or one skipped when encoding, raises a
+        StoreError, or with `skip_bad` is left out and named in the result's `failed`."""
         self._check_target(target)
+        t0 = time.perf_counter()
+        found, failed = self._locate_ids(patch_ids, modality)
+        if failed and not skip_bad:
+            raise StoreError(failed[0][1])
+        vectors = self._stored_vectors(found)
+        self.stats.embed_s += time.perf_counter() - t0
+        hits = self.search_many(vectors, target, k, [row if source == target else None for _, source, row in found])
+        provenance = self.store.provenance(target)
+        results = [QueryResult(f"{pid} ({source.upper()})", source, target, h, provenance,
+                               self.read_pixels(source, [pid]) if keep_pixels else None, pid, "id")
+                   for (pid, source, _), h in zip(found, hits)]
+        return QueryResults(results, failed)
+
+    def _locate_ids(self, patch_ids: Sequence[str], modality: Modality | None) -> tuple[list[tuple[str, Modality, int]], list[tuple[str, str]]]:
+        """((id, modality, store row) of each id found, in order; (id, one-line reason) of the others).
+        Each group's ids are read once, whatever the number of queries."""
+        where: dict[str, tuple[Modality, int, bool]] = {}
+        wanted = np.asarray(list(dict.fromkeys(patch_ids)), dtype=str)
         for source in [modality] if modality else self.store.modalities():
             group = self.store.open(source)
-            ids = np.asarray(group["patch_id"].values.tolist(), dtype=object)
-            rows = np.flatnonzero(ids == patch_id)
-            if rows.size:
-                row = int(rows[0])
-                if not bool(group["valid"][row]):
-                    raise StoreError(located(self.store.path, f"patch {patch_id} was skipped when encoding (bad input); it cannot be a query"))
-                vector = group["embedding"][row].values.astype(np.float32)
-                pixels = self.read_pixels(source, [patch_id])
-                return self.query_vector(vector, source, target, k, f"{patch_id} ({source.upper()})", pixels, exclude_row=row if source == target else None)
-        raise StoreError(located(self.store.path, f"no patch with id {patch_id!r}"))
+            ids = np.asarray(group["patch_id"].values.tolist(), dtype=str)
+            rows = np.flatnonzero(np.isin(ids, wanted))
+            valid = group["valid"].isel(patch=rows).values if rows.size else []
+            for row, ok in zip(rows.tolist(), valid):
+                where.setdefault(str(ids[row]), (source, row, bool(ok)))
+        found, failed = [], []
+        for pid in patch_ids:
+            if pid not in where:
+                failed.append((pid, located(self.store.path, f"no patch with id {pid!r}")))
+            elif not where[pid][2]:
+                failed.append((pid, located(self.store.path, f"patch {pid} was skipped when encoding (bad input); it cannot be a query")))
+            else:
+                found.append((pid, *where[pid][:2]))
+        return found, failed
+
+    def _stored_vectors(self, found: list[tuple[str, Modality, int]]) -> np.ndarray:
+        """The stored embeddings of (id, modality, row), in order: one read per modality."""
+        out: list[np.ndarray | None] = [None] * len(found)
+        for source in dict.fromkeys(mod for _, mod, _ in found):
+            picks = [(i, row) for i, (_, mod, row) in enumerate(found) if mod == source]
+            rows = sorted({row for _, row in picks})
+            block = self.store.open(source)["embedding"].isel(patch=rows).values.astype(np.float32)
+            at = {row: j for j, row in enumerate(rows)}
+            for i, row in picks:
+                out[i] = block[at[row]]
+        return np.stack(out) if out else np.zeros((0, 1), np.float32)
 
     # -- pictures ---------------------------------------------------------------------------------
     def read_pixels(self, modality: Modality, patch_ids: list[str]) -> RawPixels:
@@ -172,7 +191,7 @@ class Archive:
         from rsretrieve.datasets import open_dataset
 
         source = self.store.provenance(modality).get("dataset") or {"name": "sample"}
-        dataset = open_dataset(source["name"], Path(source["root"]) if source.get("root") else None, source.get("subset"), **source.get("options", {}))
+        dataset = open_dataset(source["name"], source.get("root") or None, source.get("subset"), **source.get("options", {}))
         if hasattr(dataset, "read_patch"):
             return RawPixels.concat([dataset.read_patch(pid, modality) for pid in patch_ids])
         spans, _ = self.store.ledger(modality)
@@ -185,6 +204,17 @@ class Archive:
             found.update({pid: batch.pixels.take([i]) for i, pid in enumerate(batch.patch_ids)})
         return RawPixels.concat([found[pid] for pid in patch_ids])
 
+    def query_pixels(self, result: QueryResult) -> RawPixels:
+        """The query's (first valid) patch, raw: kept in the result, else read again."""
+        if result.query_pixels is not None:
+            return result.query_pixels
+        if result.kind == "id":
+            return self.read_pixels(result.query_modality, [result.source])
+        from rsretrieve.datasets.tile import open_tile
+
+        strips = open_tile(result.source, result.query_modality).iter_patches()
+        return next(strip.pixels.take([0]) for strip in strips if len(strip.pixels))
+
     def mosaic(self, result: QueryResult, path: str | Path) -> Path:
         from rsretrieve.export.mosaic import labels_subtitle, render_mosaic
 
@@ -194,7 +224,8 @@ class Archive:
             for i, h in enumerate(result.hits)
         ]
         warning = "RANDOM WEIGHTS: not a result" if result.random_init else ""
-        return render_mosaic(result.query_pixels, result.query_modality, tiles, Path(path), query_title=result.query_label, query_subtitle=warning)
+        return render_mosaic(self.query_pixels(result), result.query_modality, tiles, Path(path), query_title=result.query_label,
+                             query_subtitle=warning)
 
     # -- internals --------------------------------------------------------------------------------
     def _check_target(self, target: Modality) -> None:
@@ -204,23 +235,27 @@ class Archive:
 
     def _embed(self, pixels: RawPixels, modality: Modality, target: Modality) -> np.ndarray:
         """The query's embedding by the model that made the target's (a store holds one model),
-        through the same preprocessing as the archive's patches."""
+        through the same preprocessing as the archive's patches. The model loads on the first
+        call and stays for every later query."""
         from rsretrieve.models.inference import embed_raw, model_for_provenance
 
         if self._model is None:
+            t0 = time.perf_counter()
             self._model = model_for_provenance(self.store.provenance(target))
+            self.stats.model_loads += 1
+            self.stats.model_s += time.perf_counter() - t0
         return embed_raw(self._model, pixels, modality)
 
     @staticmethod
-    def _hit(found, i: int, score: float, row: int) -> Hit:
-        """Hit number i of the hits' coordinates `found` (already selected and loaded)."""
+    def _hit(found, i: int, rank: int, score: float, row: int) -> Hit:
+        """The hit at position i of the hits' coordinates `found` (already selected and loaded)."""
 
         def coord(name, default=None):
             return found[name].values[i] if name in found.coords else default
 
         lat, lon = coord("lat"), coord("lon")
         return Hit(
-            rank=i + 1,
+            rank=rank,
             patch_id=str(coord("patch_id", row)),
             pair_id=str(coord("pair_id", "")),
             score=score,
@@ -230,3 +265,6 @@ class Archive:
             lon=None if lon is None else float(lon),
             row=row,
         )
+
+
+__all__ = ["Archive", "Hit", "QueryResult", "QueryResults", "short_id"]
