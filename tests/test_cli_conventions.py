@@ -136,9 +136,10 @@ def test_verbose_shows_the_log(tmp_path):
 
 
 # -- 5. terminal tables fit 80 columns; info shows store names whole ---------------------------------
-def test_info_and_models_fit_80_columns_with_whole_store_names(ws):
-    for args in (["info"], ["models"]):
-        out = run80(args, ws).stdout
+def test_output_tables_fit_80_columns_and_info_names_stores_whole(ws):
+    for args in (["info"], ["models"], ["eval", "sample"], ["verify"], ["encode"]):
+        proc = run80(args, ws)
+        out = proc.stdout + proc.stderr
         assert max(len(line) for line in out.splitlines()) <= 80, out
     assert "sample--csmoe-tiny.zarr" in run80(["info"], ws).stdout
 
