@@ -201,10 +201,10 @@ def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.
              dtype=None, windows=None, compile=False, readers=None, dashboard=None):
     from rsretrieve.indexer.jobs import Job
 
-    from rsretrieve.io.remote import is_url
+    from rsretrieve.io.remote import as_location, is_url
 
     store = local_store(store)
-    if data_root is not None and not is_url(data_root) and not Path(data_root).exists():  # a URL: the reader says if it cannot reach it
+    if data_root is not None and not is_url(data_root) and not Path(as_location(data_root)).exists():  # file:// too  # a URL: the reader says if it cannot reach it
         raise RSRetrieveError(f"{data_root}: --data-root does not exist")
     if checkpoint is not None and not Path(checkpoint).exists():
         raise RSRetrieveError(f"{checkpoint}: --checkpoint does not exist")

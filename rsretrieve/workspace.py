@@ -103,7 +103,7 @@ class Workspace:
         """Root of a dataset: the environment variable wins, then the remembered root."""
         env = ROOT_ENV.get(dataset)
         if env and os.environ.get(env):
-            return os.environ[env]
+            return _normalise_root(os.environ[env])  # as --data-root is: the root is part of a store's identity
         return self.load_config().get("datasets", {}).get(dataset, {}).get("root")
 
     def select(

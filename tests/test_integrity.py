@@ -275,3 +275,42 @@ def test_a_config_of_the_wrong_shape_is_one_line(tmp_path, content):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "config.json").write_text(content)
     assert_clean_error(run(["info"], tmp_path, check=False), "config.json", "fix or delete it")
+
+
+# -- review follow-ups: corrupt chunk files, shared workspaces, one lock per store ------------------
+def test_a_corrupt_chunk_file_is_damage_not_a_traceback(ws):
+    store = the_store(ws)
+    (chunk,) = (store / "s2" / "valid" / "c").iterdir()
+    chunk.write_bytes(chunk.read_bytes()[:5])  # a truncated zstd frame
+    proc = run(["verify"], ws, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "unreadable" in proc.stderr
+    info = run(["info"], ws)
+    assert "Traceback" not in info.stderr and "damaged" in info.stdout
+    assert_clean_error(run(["index", "--modality", "s2"], ws, check=False), "unreadable")
+
+
+def test_config_keeps_its_permissions_for_a_shared_workspace(tmp_path):
+    from rsretrieve.workspace import Selection, Workspace
+
+    ws = Workspace(tmp_path)
+    ws.remember(Selection("sample", None, "csmoe-tiny", None))
+    (tmp_path / "config.json").chmod(0o664)
+    ws.remember(Selection("sample", None, "csmoe-p16", None))
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o664
+
+
+def test_every_path_to_a_store_takes_the_same_lock(tmp_path):
+    from rsretrieve.io.locks import lock_path
+
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "x.zarr").mkdir()
+    (tmp_path / "stores").mkdir()
+    (tmp_path / "stores" / "x.zarr").symlink_to(tmp_path / "big" / "x.zarr")
+    assert lock_path(tmp_path / "stores" / "x.zarr") == lock_path(tmp_path / "big" / "x.zarr") == lock_path(tmp_path / "stores" / ".." / "big" / "x.zarr")
+
+
+def test_a_root_from_the_environment_is_normalised_like_data_root(tmp_path, monkeypatch):
+    from rsretrieve.workspace import Workspace
+
+    monkeypatch.setenv("RSRETRIEVE_MAJORTOM_ROOT", str(tmp_path) + "/./")
+    assert Workspace(tmp_path / "ws").dataset_root("majortom") == str(tmp_path.resolve())

@@ -16,17 +16,20 @@ import json
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-_HELD: set[str] = set()  # locks this process holds (a second `exclusive` on one nests, not deadlocks)
+_HELD: set[tuple[str, int]] = set()  # locks this process holds (a second `exclusive` on one nests, not deadlocks)
 
 
 def lock_path(target: str | Path) -> Path:
-    target = Path(target)
+    """`<target>.lock` beside the resolved target: every path to one store (a symlink, `..`) takes
+    the same lock."""
+    target = Path(target).resolve()
     return target.with_name(target.name + ".lock")
 
 
@@ -49,7 +52,7 @@ def exclusive(target: str | Path, on_wait: Callable[[str], None] | None = None, 
     """Hold the lock of `target`; if another process holds it, call `on_wait(who)` once and wait
     (at most `timeout` seconds; -1: as long as it takes, then filelock's Timeout)."""
     path = lock_path(target)
-    key = str(path.resolve())
+    key = (str(path), threading.get_ident())  # nests in one thread; another thread waits for the lock
     if key in _HELD:  # this process holds it already (a job that encodes, then indexes): nest
         yield
         return

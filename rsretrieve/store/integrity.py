@@ -48,8 +48,8 @@ def damaged_chunks(store, modality: Modality) -> dict[str, str]:
         spans, done = store.ledger(modality)
         valid = np.asarray(group["valid"][:], dtype=bool)
         embedding = group["embedding"]
-    except (KeyError, ValueError, TypeError) as exc:
-        raise StoreError(f"{store.path / modality}: unreadable array ({type(exc).__name__}: {exc}); run `rsretrieve verify`") from None
+    except Exception as exc:  # noqa: BLE001 — a missing zarr.json, a truncated or corrupt chunk file (zstd, crc)
+        raise StoreError(f"{store.path / modality}: unreadable array ({_short(exc)}); run `rsretrieve verify`") from None
     counts = store.chunk_valid(modality)
     present = stored_chunk_rows(Path(store.path) / modality / "embedding", embedding)
     rows_per_chunk = embedding.chunks[0]
@@ -122,12 +122,20 @@ def _non_finite_chunks(store, modality: Modality, exclude: dict) -> dict[str, st
     for span, is_done in zip(spans, done):
         if not is_done or span.key in exclude or span.stop == span.start:
             continue
-        marked = np.asarray(valid[span.start : span.stop], dtype=bool)
-        block = np.asarray(embedding[span.start : span.stop])[marked]
+        try:
+            marked = np.asarray(valid[span.start : span.stop], dtype=bool)
+            block = np.asarray(embedding[span.start : span.stop])[marked]
+        except Exception as exc:  # noqa: BLE001 — a corrupt chunk file is damage to this chunk, not a crash
+            found[span.key] = f"unreadable data ({_short(exc)})"
+            continue
         bad = int((~np.isfinite(block).all(axis=1)).sum()) if block.size else 0
         if bad:
             found[span.key] = f"{bad} row(s) marked valid are not finite"
     return found
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
 
 
 def _metadata_problem(path: Path) -> str | None:

@@ -371,7 +371,10 @@ def _consolidate(path: Path) -> None:
     with warnings.catch_warnings():
         # zarr notes that consolidated metadata is a zarr-python extension of the v3 spec; xarray uses it
         warnings.simplefilter("ignore", category=UserWarning)
-        zarr.consolidate_metadata(path)
+        try:
+            zarr.consolidate_metadata(path)
+        except (ValueError, KeyError, TypeError) as exc:  # a zarr.json that is not JSON, or not zarr's
+            raise StoreError(located(path, f"unreadable store metadata ({_short(exc)}); run `rsretrieve verify`")) from None
 
 
 def _skeleton(meta: pa.Table, spans: Sequence[ChunkSpan], dim: int, dtype: str) -> xr.Dataset:
