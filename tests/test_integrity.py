@@ -314,3 +314,19 @@ def test_a_root_from_the_environment_is_normalised_like_data_root(tmp_path, monk
 
     monkeypatch.setenv("RSRETRIEVE_MAJORTOM_ROOT", str(tmp_path) + "/./")
     assert Workspace(tmp_path / "ws").dataset_root("majortom") == str(tmp_path.resolve())
+
+
+def test_a_save_removes_what_a_killed_save_left_behind(tmp_path):
+    import os
+
+    from rsretrieve.retrieval.faiss_index import EmbeddingIndex
+
+    directory = tmp_path / "s2"
+    (tmp_path / ".s2.dead0001.old").mkdir()
+    stale = tmp_path / ".s2.dead0002.partial"
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    fresh = tmp_path / ".s2.live0003.partial"  # another save, in progress
+    fresh.mkdir()
+    EmbeddingIndex.from_vectors(np.eye(4, dtype=np.float32), use_gpu=False).save(directory, store_id="abc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s2.live0003.partial", "s2"]

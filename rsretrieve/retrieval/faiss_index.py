@@ -279,6 +279,7 @@ class EmbeddingIndex:
         faiss = _faiss()
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(directory)
         staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.partial")
         staging.mkdir()
         try:
@@ -379,6 +380,17 @@ def _explicit_search_params(kind: str, params: dict) -> bool:
     if kind == "hnsw":
         return "ef_search" in params
     return "nprobe" in params and ("k_factor" in params or params.get("refine") == "none")
+
+
+def _remove_leftovers(directory: Path, stale_after_s: float = 3600) -> None:
+    """Folders a killed save left beside the index: old copies (always), staging folders an hour old
+    (a younger one may be another save's, in progress)."""
+    import time
+
+    for leftover in directory.parent.glob(f".{directory.name}.*"):
+        old = leftover.name.endswith(".old")
+        if old or (leftover.name.endswith(".partial") and time.time() - leftover.stat().st_mtime > stale_after_s):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _swap_in(staging: Path, directory: Path) -> None:
