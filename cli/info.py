@@ -38,7 +38,7 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
         return
     for store in stores:
         # the store's name whole, on a line of its own: it is what `--store` and `verify` take
-        console.print(f"[bold]store[/] {Path(store['path']).name}  [dim]{Path(store['path']).parent}[/]", highlight=False, soft_wrap=True)
+        console.print(f"[bold]store[/] {Path(store['path']).name}\n[dim]in {Path(store['path']).parent}[/]", highlight=False)
         console.print(_store_table(store))
         for modality, row in store["modalities"].items():
             if "error" in row:

@@ -57,6 +57,8 @@ def query(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="FILE", help="Write the results to FILE, not the terminal (.jsonl .csv .json .geojson .parquet); - for stdout.")] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Table with full ids, every label and lat/lon, as wide as it needs.")] = False,
     mosaic: Annotated[Optional[Path], typer.Option("--mosaic", metavar="PNG", help="PNG of each query beside its results; a batch writes NAME-1.png, NAME-2.png, ...")] = None,
+    html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="One self-contained HTML page (no network needed): per query a map of its footprint and its results', "
+                                                                         "with their thumbnails, scores and labels.")] = None,
     store: StoreOpt = None,
     subset: SubsetOpt = None,
     gpu_search: Annotated[bool, typer.Option("--gpu-search", help="Search through faiss on a GPU when it has one.")] = False,
@@ -74,10 +76,18 @@ def query(
         check_writable(output)
     if mosaic is not None:
         check_writable(_mosaic_path(mosaic, 1, inputs.batch))
-    archive, results = _run(inputs, target.value, k, modality.value if modality else None, store, subset, gpu_search, keep_pixels=mosaic is not None and not inputs.batch)
+    if html is not None:
+        check_writable(html)
+    keep_pixels = (mosaic is not None and not inputs.batch) or (html is not None and bool(inputs.tiles))  # a tile is not read twice
+    archive, results = _run(inputs, target.value, k, modality.value if modality else None, store, subset, gpu_search, keep_pixels=keep_pixels)
     _emit(results, to_stdout, to_file, output, wide, single=not inputs.batch)
     if mosaic is not None:
         _mosaics(archive, results, mosaic, inputs.batch)
+    if html is not None and results:
+        with status("drawing the map page"):
+            archive.map_page(results, html)
+        if not State.quiet:
+            err.print(f"map page of {len(results)} quer{'ies' if len(results) != 1 else 'y'} written to {html}", highlight=False)
     if inputs.batch and not State.quiet:
         err.print(archive.stats.summary(len(inputs)), highlight=False)
     _fail_if_any(results, len(inputs))

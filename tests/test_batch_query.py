@@ -171,7 +171,8 @@ def test_json_is_a_list_for_a_batch_and_an_object_for_one_tile(ws):
     one = json.loads(query([S2_FOLDERS[0], "--target", "s1", "--k", 2, "--format", "json"], ws).stdout)  # --k: the old spelling
     assert isinstance(one, dict) and one["query_kind"] == "tile" and len(one["results"]) == 2
     geo = json.loads(query(["--id", S2_FOLDERS[0].name, "--id", S2_FOLDERS[1].name, "--target", "s1", "-k", 2, "--format", "geojson"], ws).stdout)
-    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 4
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 2 + 4  # each query's footprint, then its results'
+    assert [f["properties"]["role"] for f in geo["features"]].count("result") == 4
     assert {f["properties"]["query"] for f in geo["features"]} == {S2_FOLDERS[0].name, S2_FOLDERS[1].name}
 
 

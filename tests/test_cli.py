@@ -105,8 +105,8 @@ def test_query_by_id_excludes_itself_and_geojson(workspace):
     assert sample_patch_folder("s2", 3).name not in [h["patch_id"] for h in ids["results"]]
     assert len(ids["results"]) == 5
     geo = json.loads(run(["query", "--id", sample_patch_folder("s2", 3).name, "--target", "s1", "-k", "2", "--format", "geojson"], workspace).stdout)
-    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 2
-    lon, lat = geo["features"][0]["geometry"]["coordinates"]
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 1 + 2  # the query's footprint, then its results'
+    lon, lat = geo["features"][1]["geometry"]["coordinates"][0][0]  # a result's footprint, a Polygon
     assert 40 < lat < 70 and 5 < lon < 35  # Austria / Finland
 
 

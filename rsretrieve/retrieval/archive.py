@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from rsretrieve.bands import Modality
-from rsretrieve.errors import StoreError, located
+from rsretrieve.errors import DataError, StoreError, located
 from rsretrieve.labels import CLASSES
 from rsretrieve.preprocess import RawPixels
 from rsretrieve.retrieval.index_meta import index_dir
@@ -123,8 +123,8 @@ class Archive:
         vectors = np.stack([tile.vector for _, tile in done]) if done else np.zeros((0, 1), np.float32)
         hits = self.search_many(vectors, target, k)
         provenance = self.store.provenance(target)
-        results = [QueryResult(tile.label, tile.modality, target, found, provenance, tile.first, str(path), "tile")
-                   for (path, tile), found in zip(done, hits)]
+        results = [QueryResult(tile.label, tile.modality, target, found, provenance, tile.first, str(path), "tile",
+                               tile_footprint(path, tile.modality)) for (path, tile), found in zip(done, hits)]
         return QueryResults(results, failed)
 
     def query_id(self, patch_id: str, target: Modality, k: int = 10, modality: Modality | None = None) -> QueryResult:
@@ -146,8 +146,8 @@ class Archive:
         hits = self.search_many(vectors, target, k, [row if source == target else None for _, source, row in found])
         provenance = self.store.provenance(target)
         results = [QueryResult(f"{pid} ({source.upper()})", source, target, h, provenance,
-                               self.read_pixels(source, [pid]) if keep_pixels else None, pid, "id")
-                   for (pid, source, _), h in zip(found, hits)]
+                               self.read_pixels(source, [pid]) if keep_pixels else None, pid, "id", shape)
+                   for (pid, source, _), h, shape in zip(found, hits, self._stored_footprints(found))]
         return QueryResults(results, failed)
 
     def _locate_ids(self, patch_ids: Sequence[str], modality: Modality | None) -> tuple[list[tuple[str, Modality, int]], list[tuple[str, str]]]:
@@ -183,6 +183,23 @@ class Archive:
             for i, row in picks:
                 out[i] = block[at[row]]
         return np.stack(out) if out else np.zeros((0, 1), np.float32)
+
+    def _stored_footprints(self, found: list[tuple[str, Modality, int]]) -> list:
+        """WGS84 footprints of stored patches (id, modality, row), in order (None without coordinates):
+        their centres read once per modality, squared by `rsretrieve.geo.patch_footprints`."""
+        from rsretrieve.geo import patch_footprints
+
+        lats, lons = np.full(len(found), np.nan), np.full(len(found), np.nan)
+        for source in dict.fromkeys(mod for _, mod, _ in found):
+            group = self.store.open(source)
+            if "lat" not in group.coords or "lon" not in group.coords:
+                continue
+            picks = [(i, row) for i, (_, mod, row) in enumerate(found) if mod == source]
+            rows = sorted({row for _, row in picks})
+            at = np.searchsorted(rows, [row for _, row in picks])
+            lats[[i for i, _ in picks]] = group["lat"].isel(patch=rows).values[at]
+            lons[[i for i, _ in picks]] = group["lon"].isel(patch=rows).values[at]
+        return patch_footprints(lats, lons, [pid for pid, _, _ in found]).wgs84.tolist() if found else []
 
     # -- pictures ---------------------------------------------------------------------------------
     def read_pixels(self, modality: Modality, patch_ids: list[str]) -> RawPixels:
@@ -227,6 +244,20 @@ class Archive:
         return render_mosaic(self.query_pixels(result), result.query_modality, tiles, Path(path), query_title=result.query_label,
                              query_subtitle=warning)
 
+    def map_page(self, results: Sequence[QueryResult], path: str | Path) -> Path:
+        """One self-contained HTML page (`rsretrieve.export.map_page`): per query, a map of its
+        footprint and its hits', beside their thumbnails, scores and labels. The hits' pixels are
+        read in one call per target modality."""
+        from rsretrieve.retrieval.results import save_map_page
+
+        found = {}
+        for target in dict.fromkeys(r.target for r in results):
+            ids = list(dict.fromkeys(h.patch_id for r in results if r.target == target for h in r.hits))
+            pixels = self.read_pixels(target, ids) if ids else None
+            found.update({(target, pid): pixels.take([i]) for i, pid in enumerate(ids)})
+        pictures = [(self.query_pixels(r), [found[(r.target, h.patch_id)] for h in r.hits]) for r in results]
+        return save_map_page(results, path, pictures)
+
     # -- internals --------------------------------------------------------------------------------
     def _check_target(self, target: Modality) -> None:
         if not self.store.has(target):
@@ -267,4 +298,31 @@ class Archive:
         )
 
 
-__all__ = ["Archive", "Hit", "QueryResult", "QueryResults", "short_id"]
+def tile_footprint(path: str | Path, modality: Modality | None = None):
+    """A query tile's outline in WGS84 (shapely Polygon, lon/lat, counterclockwise): its raster's
+    bounds in its own CRS, each edge cut in 4 and taken over with `rasterio.warp.transform_geom`; None
+    for a tile without a CRS or one PROJ cannot take to WGS84. Reads the header only (a patch folder:
+    its one small patch)."""
+    import shapely
+    from rasterio.warp import transform_geom
+
+    from rsretrieve.datasets.tile import open_tile
+    from rsretrieve.geo import pixel_to_xy
+
+    try:
+        reader = open_tile(path, modality)
+    except DataError:  # gone since it was embedded: the query stands, without a footprint
+        return None
+    if reader.crs is None:
+        return None
+    w, h = reader.width, reader.height
+    ring = shapely.Polygon([pixel_to_xy(reader.transform, c, r) for c, r in ((0, 0), (w, 0), (w, h), (0, h))])
+    dense = shapely.segmentize(ring, ring.length / 16)
+    try:
+        mapped = transform_geom(reader.crs, "EPSG:4326", shapely.geometry.mapping(dense))
+    except Exception:  # a CRS PROJ cannot take to WGS84: the tile has no footprint, as it has no coordinates
+        return None
+    return shapely.orient_polygons(shapely.geometry.shape(mapped))
+
+
+__all__ = ["Archive", "Hit", "QueryResult", "QueryResults", "short_id", "tile_footprint"]

@@ -1,9 +1,10 @@
 """Query results and their outputs: one row per (query, rank), as a DataFrame, JSON Lines, CSV,
-JSON, GeoJSON or GeoParquet.
+JSON, GeoJSON (footprints) or GeoParquet (points), and the data of the HTML map page.
 
     results = archive.query_tiles(paths, target="s2", k=10)
     df = results.to_dataframe()                       # or results_to_dataframe([...])
     save_results(results, "hits.parquet")             # the format from the suffix
+    results_geojson(results)                          # each query's footprint and its hits' squares
 
 Every row carries `random_init`: scores of a model without trained weights are no results, and a
 file read later must still say so. pandas, pyarrow and shapely load only when a format needs them.
@@ -18,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+
+import numpy as np
 
 from rsretrieve.bands import Modality
 from rsretrieve.errors import RSRetrieveError, located
@@ -57,6 +60,9 @@ class QueryResult:
     query_pixels: RawPixels | None = field(default=None, repr=False)  # the query's (first) patch, raw; read again when None
     source: str = ""  # for machines: the tile's path as given, or the archive patch id
     kind: Literal["tile", "id"] = "tile"
+    # WGS84 outline (shapely, lon/lat, counterclockwise): a tile's raster bounds, an archive patch's
+    # 1,200 m square; None when the query is not georeferenced
+    query_footprint: object | None = field(default=None, repr=False)
 
     @property
     def random_init(self) -> bool:
@@ -172,14 +178,48 @@ def results_json(results: Sequence[QueryResult], single: bool = False) -> object
     return results[0].to_dict() if single and len(results) == 1 else [r.to_dict() for r in results]
 
 
+def hit_footprints(results: Sequence[QueryResult]) -> list[list]:
+    """Per query, the WGS84 footprint of each hit (shapely Polygon in lon/lat, counterclockwise; a
+    MultiPolygon cut at the antimeridian; None without coordinates): the 1,200 m square around its
+    stored centre in the UTM zone of its MGRS tile (`rsretrieve.geo.patch_footprints`, one projection
+    per zone for the whole batch)."""
+    from rsretrieve.geo import patch_footprints
+
+    hits = [h for r in results for h in r.hits]
+    if not hits:
+        return [[] for _ in results]
+    nan = float("nan")
+    shapes = patch_footprints([nan if h.lat is None else h.lat for h in hits], [nan if h.lon is None else h.lon for h in hits],
+                              [h.patch_id for h in hits]).wgs84.tolist()
+    ends = np.cumsum([len(r.hits) for r in results]).tolist()
+    return [shapes[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+
+
+def geometry_json(geometry, digits: int = 7) -> dict | None:
+    """A shapely geometry as a GeoJSON geometry object (lists, coordinates rounded to `digits`
+    decimals: 1e-7 degrees is about 1 cm), or None."""
+    if geometry is None:
+        return None
+    import shapely
+
+    rounded = shapely.transform(geometry, lambda xy: np.round(xy, digits))
+    return json.loads(json.dumps(shapely.geometry.mapping(rounded)))
+
+
 def results_geojson(results: Sequence[QueryResult]) -> dict:
-    """One FeatureCollection: a Point feature per hit (null geometry where the archive has no
-    coordinates), the row's other columns as its properties."""
+    """One RFC 7946 FeatureCollection: per query, a feature for the query (role "query": a tile's
+    raster outline, an archive patch's square, null geometry when not georeferenced), then one per
+    hit (role "result": its footprint Polygon, null without coordinates), with the row's columns
+    (`COLUMNS`; lat, lon = the patch centre) as properties. Coordinates lon, lat on WGS84, exterior
+    rings counterclockwise (the right-hand rule)."""
     features = []
-    for row in result_rows(results):
-        lat, lon = row.pop("lat"), row.pop("lon")
-        geometry = None if lat is None else {"type": "Point", "coordinates": [lon, lat]}
-        features.append({"type": "Feature", "geometry": geometry, "properties": row})
+    for result, shapes in zip(results, hit_footprints(results)):
+        query = result.source or result.query_label
+        features.append({"type": "Feature", "geometry": geometry_json(result.query_footprint),
+                         "properties": {"role": "query", "query": query, "modality": result.query_modality, "query_label": result.query_label,
+                                        "query_kind": result.kind, "target": result.target, "random_init": result.random_init}})
+        for row, shape in zip(result.rows(), shapes):
+            features.append({"type": "Feature", "geometry": geometry_json(shape), "properties": {"role": "result", **row}})
     first = results[0] if results else None
     properties = {"random_init": any(r.random_init for r in results),
                   "target": first.target if first else None,
@@ -260,6 +300,39 @@ def save_results(results: Sequence[QueryResult], path: str | Path, fmt: str | No
     return path
 
 
-__all__ = ["COLUMNS", "FORMATS", "Hit", "QueryResult", "QueryResults", "QueryStats", "format_for", "geoparquet_table",
-           "labels_brief", "result_rows", "results_geojson", "results_json", "results_text", "results_to_dataframe",
-           "save_results", "short_id", "short_query", "write_geoparquet"]
+# -- the HTML map page ------------------------------------------------------------------------------
+def map_page_data(results: Sequence[QueryResult], pictures: Sequence[tuple[RawPixels, Sequence[RawPixels]]]) -> dict:
+    """The plain data `rsretrieve.export.map_page` draws: per query its footprint and its hits'
+    (GeoJSON geometries), thumbnails (PNG bytes: S2 true colour, S1 false colour, as the mosaic
+    renders them), scores, labels and ids. `pictures[i]` is (query i's raw patch, its hits' raw
+    patches in rank order)."""
+    from rsretrieve.export.map_page import png_bytes
+    from rsretrieve.export.mosaic import to_rgb
+
+    sections = []
+    for result, shapes, (query_pixels, hit_pixels) in zip(results, hit_footprints(results), pictures):
+        hits = [{"rank": h.rank, "score": h.score, "patch_id": h.patch_id, "pair_id": h.pair_id, "labels": list(h.labels), "split": h.split,
+                 "geometry": geometry_json(shape), "png": png_bytes(to_rgb(pixels, result.target))}
+                for h, shape, pixels in zip(result.hits, shapes, hit_pixels)]
+        sections.append({"title": result.query_label, "query": result.source or result.query_label, "kind": result.kind,
+                         "modality": result.query_modality, "target": result.target, "query_geometry": geometry_json(result.query_footprint),
+                         "query_png": png_bytes(to_rgb(query_pixels, result.query_modality)), "hits": hits})
+    first = results[0] if results else None
+    provenance = first.to_dict()["provenance"] if first else {}
+    k = max((len(r.hits) for r in results), default=0)
+    what = first.query_label if len(results) == 1 else f"{len(results)} queries"
+    return {"title": f"rsretrieve: {what} → {first.target.upper() if first else '?'}, top {k}",
+            "random_init": any(r.random_init for r in results), "model": provenance.get("model"),
+            "checkpoint": provenance.get("checkpoint_path"), "sections": sections}
+
+
+def save_map_page(results: Sequence[QueryResult], path: str | Path, pictures: Sequence[tuple[RawPixels, Sequence[RawPixels]]]) -> Path:
+    """Write the self-contained HTML map page of `results` (see `map_page_data`) to `path`."""
+    from rsretrieve.export.map_page import write_map_page
+
+    return write_map_page(map_page_data(results, pictures), path)
+
+
+__all__ = ["COLUMNS", "FORMATS", "Hit", "QueryResult", "QueryResults", "QueryStats", "format_for", "geometry_json", "geoparquet_table",
+           "hit_footprints", "labels_brief", "map_page_data", "result_rows", "results_geojson", "results_json", "results_text",
+           "results_to_dataframe", "save_map_page", "save_results", "short_id", "short_query", "write_geoparquet"]
