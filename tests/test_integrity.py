@@ -330,3 +330,16 @@ def test_a_save_removes_what_a_killed_save_left_behind(tmp_path):
     fresh.mkdir()
     EmbeddingIndex.from_vectors(np.eye(4, dtype=np.float32), use_gpu=False).save(directory, store_id="abc")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".s2.live0003.partial", "s2"]
+
+
+def test_a_query_refuses_an_index_older_than_its_store(ws):
+    """Patches added after the index was built (a resumed encode, --retry-skipped) must not be
+    silently missing from the answers."""
+    import zarr
+
+    valid = zarr.open_group(the_store(ws) / "s2", mode="r+")["valid"]
+    flags = valid[:]
+    flags[0] = False  # as if the index had been built while this patch was still missing
+    valid[:] = flags
+    proc = run(["query", "--id", S2_ID, "--target", "s2"], ws, check=False)
+    assert_clean_error(proc, "index is stale", "rsretrieve index --modality s2")

@@ -57,8 +57,18 @@ class Archive:
             if not (directory.exists() and any(directory.iterdir())):
                 raise StoreError(located(self.store.path, f"no {modality.upper()} index yet; run `rsretrieve index --modality {modality}` first"))
             provenance = self.store.provenance(modality)
-            self._indexes[modality] = EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=self.use_gpu, store_id=store_id)
+            index = EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=self.use_gpu, store_id=store_id)
+            self._check_fresh(index, modality, directory)
+            self._indexes[modality] = index
         return self._indexes[modality]
+
+    def _check_fresh(self, index, modality: Modality, directory: Path) -> None:
+        """An index built before the store gained patches (a resumed encode, --retry-skipped) would
+        never return them: say so instead of answering from it."""
+        encoded = self.store.valid_count(modality)
+        if index.ntotal != encoded and index.selection.get("rows") is None and index.selection.get("split") is None:
+            raise StoreError(located(directory, f"index is stale: it holds {index.ntotal} vectors, the store {encoded} encoded "
+                                                f"{modality.upper()} patches; run `rsretrieve index --modality {modality}`"))
 
     def search(self, vectors: np.ndarray, target: Modality, k: int, exclude_row: int | None = None) -> list:
         """The top-k hits of one vector (D,) -> list[Hit], or of each row of (N, D) -> N lists
