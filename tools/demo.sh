@@ -23,7 +23,7 @@ step rsretrieve index --modality s2;                $RS index --modality s2
 .venv/bin/python tools/stack_bands.py "$(dirname "$QUERY_TILE")" "$QUERY_TILE_STACK"
 step rsretrieve query "$QUERY_TILE_STACK" --target s2 -k 3 --mosaic "$RSRETRIEVE_WORKSPACE/mosaic.png"
 $RS query "$QUERY_TILE_STACK" --target s2 -k 3 --mosaic "$RSRETRIEVE_WORKSPACE/mosaic.png"
-step rsretrieve eval sample --json "$RSRETRIEVE_WORKSPACE/eval-sample.json"
-$RS eval sample --json "$RSRETRIEVE_WORKSPACE/eval-sample.json"
+step rsretrieve eval sample -o "$RSRETRIEVE_WORKSPACE/eval-sample.json"
+$RS eval sample -o "$RSRETRIEVE_WORKSPACE/eval-sample.json"
 step rsretrieve info;                               $RS info
 printf '\nDemo done: mosaic at %s, evaluation at %s\n' "$RSRETRIEVE_WORKSPACE/mosaic.png" "$RSRETRIEVE_WORKSPACE/eval-sample.json"
