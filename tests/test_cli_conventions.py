@@ -160,3 +160,10 @@ def test_the_notebook_runner_executes_and_saves_outputs(tmp_path):
     subprocess.run([sys.executable, str(tool), str(source)], check=True, capture_output=True, timeout=300)
     executed = nbformat.read(tmp_path / "nb.executed.ipynb", as_version=4)
     assert executed.cells[0].outputs and executed.cells[0].outputs[0]["text"].strip()
+
+
+# -- 7. no silent waits --------------------------------------------------------------------------------
+def test_an_unreachable_scheduler_is_announced_and_named(tmp_path):
+    proc = run(["encode", "--modality", "s1", "--model", MODEL, "--scheduler", "tcp://127.0.0.1:1"], tmp_path, check=False)
+    assert "connecting to the Dask scheduler at tcp://127.0.0.1:1" in proc.stderr  # said before the wait
+    assert_clean_error(proc, "tcp://127.0.0.1:1", "no scheduler answered within 20 s")
