@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
+from machine import machine_line  # noqa: E402  (benchmarks/machine.py)
 from rsretrieve.datasets import sample_root  # noqa: E402
 
 K = 10
@@ -115,10 +115,7 @@ def main() -> int:
     print(f"made {len(tiles)} query tiles (120 px, 10-band S2 GeoTIFFs) in {tiles[0].parent}", flush=True)
     rows = [bench(model, tiles, min(n, len(tiles)), scratch / f"ws-{model}") for model, n in zip(args.models, args.separate)]
 
-    import torch
-
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores (load {load}), Python {platform.python_version()}, torch {torch.__version__}")
+    print(f"\n{machine_line()}")
     print("RANDOM-INIT weights (no checkpoint can be downloaded here): the scores are not results; this measures time only.\n")
     print("| model | (a) separate processes | (a) total s | (a) s/tile | (b) tiles in one process | (b) total s | (b) s/tile | speed-up (s/tile) | same top-10 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine import machine_line  # noqa: E402  (benchmarks/machine.py)
 from rsretrieve.datasets import sample_root  # noqa: E402
 
 BANDS = 10
@@ -109,10 +109,7 @@ def main() -> int:
         ratio = f"{rss / raw:.2f}" if size > 120 else "-"
         rows.append((name, f"{size:,} x {size:,}", f"{(size // 120) ** 2:,}", f"{seconds:.1f}", rss, f"{rss - fixed:.2f}", f"{raw:.3f}", ratio, label))
 
-    import torch
-
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores (load {load}), Python {platform.python_version()}, torch {torch.__version__}")
+    print(f"\n{machine_line()}")
     print("csmoe-tiny is RANDOM-INIT: its scores are not results; this measures memory and time only.\n")
     print("| query | tile px | patches | seconds | peak RSS GB | above fixed cost GB | raw tile GB | RSS / raw |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
