@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from rsretrieve.datasets import sample_root
-from test_cli import MODEL, RSRETRIEVE, assert_clean_error, run
+from test_cli import RSRETRIEVE, assert_clean_error, indexed_workspace
 
 K = 3
 S2_FOLDERS = sorted(p for p in (sample_root() / "BigEarthNet-S2").glob("*/*") if p.is_dir())
@@ -42,9 +42,7 @@ def by_name(rows: list[dict]) -> dict[str, list[tuple[str, float]]]:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("batch")
-    run(["index", "--model", MODEL], ws)
-    return ws
+    return indexed_workspace(tmp_path_factory.mktemp("batch"))
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,12 @@ def run(args, workspace, check=True):
     return proc
 
 
+def indexed_workspace(workspace: Path) -> Path:
+    """A workspace with both modalities of the sample encoded and indexed by the small model."""
+    run(["index", "--model", MODEL], workspace)
+    return workspace
+
+
 def assert_clean_error(proc, *fragments):
     """Exit 1 with a one-line message on stderr naming the problem, and no traceback."""
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)

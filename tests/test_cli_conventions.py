@@ -14,7 +14,7 @@ import nbformat
 import pytest
 
 from rsretrieve.datasets import sample_root
-from test_cli import MODEL, RSRETRIEVE, assert_clean_error, run
+from test_cli import MODEL, RSRETRIEVE, assert_clean_error, indexed_workspace, run
 
 COMMANDS = ["encode", "index", "query", "eval", "info", "models", "verify", "convert", "export"]
 
@@ -103,9 +103,7 @@ def test_dashboard_without_bokeh_is_one_line(tmp_path):
 # -- 8. conventions: --json on stdout, --output to a file, -k/--top-k, -V, -q --------------------------
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("conventions")
-    run(["index", "--model", MODEL], ws)
-    return ws
+    return indexed_workspace(tmp_path_factory.mktemp("conventions"))
 
 
 def test_eval_json_goes_to_stdout_and_output_to_a_file(ws, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import xarray as xr
 
 from rsretrieve.datasets import sample_root
-from test_cli import MODEL, assert_clean_error, run, sample_patch_folder
+from test_cli import MODEL, assert_clean_error, indexed_workspace, run, sample_patch_folder
 
 S2_ID = sample_patch_folder("s2", 0).name
 
@@ -25,9 +25,7 @@ S2_ID = sample_patch_folder("s2", 0).name
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """A workspace with both modalities of the sample encoded and indexed; tests work on copies."""
-    ws = tmp_path_factory.mktemp("built")
-    run(["index", "--model", MODEL], ws)
-    return ws
+    return indexed_workspace(tmp_path_factory.mktemp("built"))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import shapely
 from rasterio.warp import transform, transform_bounds
 
 from rsretrieve.datasets import sample_root
-from test_cli import MODEL, assert_clean_error, run, sample_patch_folder
+from test_cli import assert_clean_error, indexed_workspace, run, sample_patch_folder
 
 K = 4
 S2_FOLDERS = sorted(p for p in (sample_root() / "BigEarthNet-S2").glob("*/*") if p.is_dir())
@@ -26,9 +26,7 @@ SCREENSHOT_COPY = Path("/tmp/rsretrieve_map.png")
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("map")
-    run(["index", "--model", MODEL], ws)
-    return ws
+    return indexed_workspace(tmp_path_factory.mktemp("map"))
 
 
 @pytest.fixture(scope="module")
