@@ -33,6 +33,8 @@ from rsretrieve.provenance import MODEL_KEYS, describe, differences
 from rsretrieve.io.locks import exclusive
 from rsretrieve.store import ChunkSpan, EmbeddingStore
 from rsretrieve.store.integrity import chunks_with_skips, damaged_chunks
+from rsretrieve.store.grow import new_rows_meta, plan_spans
+from rsretrieve.store.writer import ShardWriter
 
 __all__ = ["ENCODER_RESOURCE", "READER_RESOURCE", "DatasetSpec", "EncodeInterrupted", "EncodeSummary", "EncoderSpec",
            "TooManySkipped", "cluster", "encode", "local_cluster"]
@@ -161,19 +163,19 @@ def encode(
     if workers.local:
         encoder.resolved_device()  # --device cuda without a GPU fails here, before anything is written
     ds = dataset.open()
-    chunks = ds.chunks(modality)
-    spans = chunk_spans(chunks)
     store = EmbeddingStore(store_path)
+    chunks, spans, held = _plan(store, modality, ds.chunks(modality))
     provenance, dim = _provenance(dataset, ds, chunks, encoder)
     if store.has(modality):
-        store.check(modality, provenance, spans, dtype)  # another model or other data is refused here
-        if not _work_left(store, modality, retry_skipped):  # read-only: nothing is written, no lock taken
+        store.check(modality, provenance, spans, dtype, held)  # another model or other data is refused here
+        if held is None and not _work_left(store, modality, retry_skipped):  # read-only: nothing written, no lock
             summary = _finish(EncodeSummary(modality, Path(store_path), len(chunks), len(chunks), provenance=store.provenance(modality),
                                             patches_total=spans[-1].stop), ds, on_start, started)
             _check_skipped(store, modality, summary, 0, max_failed_share)
             return summary
     with exclusive(store.path, on_wait):  # one writer per store; a second run waits, then finds the work done
-        dtype, notes = _prepare(store, ds, modality, provenance, spans, dim, dtype, retry_skipped)
+        chunks, spans, held = _plan(store, modality, ds.chunks(modality))  # again, under the lock
+        dtype, notes = _prepare(store, ds, modality, provenance, spans, dim, dtype, retry_skipped, held)
         done = store.done_chunks(modality)
         todo = [(chunk, span) for chunk, span in zip(chunks, spans) if chunk.key not in done]
         summary = EncodeSummary(modality, Path(store_path), len(chunks), len(chunks) - len(todo), provenance=store.provenance(modality),
@@ -187,6 +189,20 @@ def encode(
         summary.seconds = time.perf_counter() - started
         _check_skipped(store, modality, summary, sum(span.stop - span.start for _, span in todo), max_failed_share)
     return summary
+
+
+def _plan(store: EmbeddingStore, modality: Modality, chunks: list[Chunk]) -> tuple[list[Chunk], list[ChunkSpan], str | None]:
+    """(the data's chunks in store order, their spans, the fingerprint of the chunks the store
+    holds if the data has more: it grew). A new group takes the dataset's order; an existing one
+    keeps its chunks where they are and gains the new ones after them."""
+    if not store.has(modality):
+        return chunks, chunk_spans(chunks), None
+    stored, _ = store.ledger(modality)
+    spans, new = plan_spans(stored, chunks, store.path)
+    known = {span.key for span in stored}
+    by_key = {chunk.key: chunk for chunk in chunks}
+    ordered = [by_key[span.key] for span in stored] + new
+    return ordered, spans, (patches_fingerprint([c for c in ordered if c.key in known]) if new else None)
 
 
 def _provenance(dataset: DatasetSpec, ds, chunks: list[Chunk], encoder: EncoderSpec) -> tuple[dict, int]:
@@ -211,7 +227,7 @@ def _work_left(store: EmbeddingStore, modality: Modality, retry_skipped: bool) -
 
 
 def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, spans: list[ChunkSpan], dim: int, dtype: str | None,
-             retry_skipped: bool) -> tuple[str, list[str]]:
+             retry_skipped: bool, held: str | None = None) -> tuple[str, list[str]]:
     """Under the store's lock: create the group, or check it again and mark what must be encoded
     again (damaged chunks; with `retry_skipped`, chunks with skipped patches). Returns (the group's
     dtype, notes for the user)."""
@@ -226,9 +242,9 @@ def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, sp
             raise RSRetrieveError(f"chunks list {spans[-1].stop} patches but the metadata has {meta.num_rows}")
         store.create(modality, meta, spans, dim, provenance, dtype or "float32")
         return dtype or "float32", []
-    dtype = store.check(modality, provenance, spans, dtype)
+    dtype = store.check(modality, provenance, spans, dtype, held)
+    notes = _grow(store, ds, modality, provenance, spans)
     store.consolidate_if_needed(modality)
-    notes = []
     damaged = damaged_chunks(store, modality)
     if damaged:
         store.reset_chunks(modality, damaged)
@@ -240,6 +256,19 @@ def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, sp
         store.clear_skipped(modality)
         notes.append(f"{len(retried)} chunk(s) with skipped patches are read again")
     return dtype, notes
+
+
+def _grow(store: EmbeddingStore, ds, modality: Modality, provenance: dict, spans: list[ChunkSpan]) -> list[str]:
+    """Append the chunks the data gained to the group (nothing if it has them all)."""
+    stored, _ = store.ledger(modality)
+    recorded = (store.provenance(modality).get("dataset") or {}).get("patches_sha256")
+    if len(spans) == len(stored) and recorded == provenance["dataset"]["patches_sha256"]:
+        return []
+    chunks = ds.chunks(modality)
+    new = [chunk for chunk in chunks if chunk.key not in {span.key for span in stored}]
+    store.grow(modality, spans, new_rows_meta(ds.metadata(modality, locations=False), chunks, new), provenance)
+    added = sum(chunk.n_patches for chunk in new)
+    return [f"the data grew: {len(new)} new chunk(s), {added} patches appended to the store"] if new else []
 
 
 def _finish(summary: EncodeSummary, ds, on_start, started: float | None, todo_patches: int = 0) -> EncodeSummary:
@@ -292,6 +321,12 @@ def _run(client, dataset, encoder, store, modality, todo, summary, dtype, on_chu
     tracker = as_completed()
     for _ in range(min(window, len(pending))):
         submit_next(tracker)
+    # shards are written whole once their rows are in; leaving the block writes what waits
+    with ShardWriter(store, modality, [span for _, span in todo]) as writer:
+        _collect(client, tracker, spans_of, pending, submit_next, writer, summary, dtype, on_chunk)
+
+
+def _collect(client, tracker, spans_of, pending, submit_next, writer, summary, dtype, on_chunk) -> None:
     try:
         for future in tracker:
             spans = spans_of.pop(future.key)
@@ -314,7 +349,7 @@ def _run(client, dataset, encoder, store, modality, todo, summary, dtype, on_chu
                 )
             for result in results:
                 span = spans[result.key]
-                store.write_chunk(modality, span, result.patch_ids, result.embeddings.astype(dtype, copy=False), result.locations)
+                writer.add(span, result.patch_ids, result.embeddings.astype(dtype, copy=False), result.locations)
                 summary.chunks_encoded += 1
                 summary.patches_encoded += len(result.patch_ids)
                 summary.skipped.extend(result.skipped)

@@ -23,6 +23,7 @@ import numpy as np
 
 from rsretrieve.bands import Modality
 from rsretrieve.errors import StoreError
+from rsretrieve.store.layout import storage_rows
 
 # the arrays every store group needs (coordinates besides patch_id are optional)
 REQUIRED_ARRAYS = ("embedding", "valid", "patch_id", "chunk_key", "chunk_start", "chunk_stop", "chunk_done")
@@ -51,19 +52,21 @@ def damaged_chunks(store, modality: Modality) -> dict[str, str]:
     except Exception as exc:  # noqa: BLE001 — a missing zarr.json, a truncated or corrupt chunk file (zstd, crc)
         raise StoreError(f"{store.path / modality}: unreadable array ({_short(exc)}); run `rsretrieve verify`") from None
     counts = store.chunk_valid(modality)
+    rows_per_file = storage_rows(embedding)
     present = stored_chunk_rows(Path(store.path) / modality / "embedding", embedding)
-    rows_per_chunk = embedding.chunks[0]
+    starts = np.array([span.start for span in spans], dtype=np.int64)
+    stops = np.array([span.stop for span in spans], dtype=np.int64)
+    marked = _per_chunk_sums(valid, starts, stops)  # vectorised: a ledger of 10^6 chunks takes no loop
+    lost_count = done & (counts >= 0) & (marked != counts) if counts is not None else np.zeros_like(done)
+    # rows marked valid whose embedding file is gone
+    missing_files = np.setdiff1d(np.arange(-(-valid.size // rows_per_file)), np.fromiter(present, np.int64, len(present)))
+    lost_rows = valid & np.isin(np.arange(valid.size) // rows_per_file, missing_files) if missing_files.size else np.zeros_like(valid)
+    lost_file = done & ~lost_count & (_per_chunk_sums(lost_rows, starts, stops) > 0)
     damaged: dict[str, str] = {}
-    for i, (span, is_done) in enumerate(zip(spans, done)):
-        if not is_done:
-            continue
-        marked = valid[span.start : span.stop]
-        if counts is not None and counts[i] >= 0 and int(marked.sum()) != int(counts[i]):
-            damaged[span.key] = f"{counts[i]} patches were encoded, {int(marked.sum())} are marked valid (lost `valid` data)"
-            continue
-        needed = set((np.flatnonzero(marked) + span.start) // rows_per_chunk)
-        if needed - present:
-            damaged[span.key] = f"embedding chunk file(s) of rows {span.start}-{span.stop - 1} are missing"
+    for i in np.flatnonzero(lost_count | lost_file):
+        span = spans[i]
+        damaged[span.key] = (f"{counts[i]} patches were encoded, {int(marked[i])} are marked valid (lost `valid` data)" if lost_count[i]
+                             else f"embedding chunk file(s) of rows {span.start}-{span.stop - 1} are missing")
     return damaged
 
 
@@ -71,14 +74,24 @@ def chunks_with_skips(store, modality: Modality) -> list[str]:
     """Done chunks in which some patch is not valid (skipped: unreadable, or a gap in the data)."""
     spans, done = store.ledger(modality)
     valid = np.asarray(store.zarr_group(modality)["valid"][:], dtype=bool)
-    return [span.key for span, is_done in zip(spans, done) if is_done and not valid[span.start : span.stop].all()]
+    starts = np.array([span.start for span in spans], dtype=np.int64)
+    stops = np.array([span.stop for span in spans], dtype=np.int64)
+    short = _per_chunk_sums(valid, starts, stops) < stops - starts
+    return [spans[i].key for i in np.flatnonzero(done & short)]
+
+
+def _per_chunk_sums(flags: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """Per chunk [start, stop): the number of true flags in its rows."""
+    cumulative = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+    return cumulative[stops] - cumulative[starts]
 
 
 def stored_chunk_rows(array_dir: Path, array) -> set[int]:
-    """Row-chunk numbers of a 2-D (rows, dim) array whose chunk files exist on disk (one listing)."""
+    """Numbers of the row files (shards, or chunks of an unsharded array) of a 2-D (rows, dim) array
+    that exist on disk (one listing)."""
     encoding = array.metadata.chunk_key_encoding
     files = {p.relative_to(array_dir).as_posix() for p in array_dir.rglob("*") if p.is_file() and p.name != "zarr.json"}
-    n_chunks = -(-array.shape[0] // array.chunks[0]) if array.shape[0] else 0
+    n_chunks = -(-array.shape[0] // storage_rows(array)) if array.shape[0] else 0
     return {i for i in range(n_chunks) if encoding.encode_chunk_key((i, 0)) in files}
 
 

@@ -42,14 +42,11 @@ import zarr
 
 from rsretrieve.bands import MODALITIES, Modality
 from rsretrieve.errors import StoreError, located
-from rsretrieve.labels import CLASSES, multi_hot
 from rsretrieve.provenance import MODEL_KEYS, dataset_differences, describe, describe_dataset, differences, is_random_init
+from rsretrieve.store.grow import GROWTH_KEYS, extend_ledger, resize_and_fill
+from rsretrieve.store.layout import NOT_NORMALISED, skeleton
 from rsretrieve.store.read import PatchIndexes, ledger_as_coords
 
-STRING_COORDS = ("patch_id", "pair_id", "split", "country", "grid_cell", "product_id")
-FLOAT_COORDS = ("lat", "lon")
-NOT_NORMALISED = ("the model's output as it is, not L2-normalised: L2-normalise each row before cosine "
-                  "similarity (inner product), as rsretrieve's FAISS indexes do (rsretrieve.store.normalise_rows)")
 
 
 @dataclass(frozen=True)
@@ -129,13 +126,13 @@ class EmbeddingStore:
         except KeyError as exc:
             raise StoreError(located(self.path / modality, f"not an rsretrieve store group (no {exc}); delete it or use another --store")) from None
         spans = [ChunkSpan(k, int(a), int(b)) for k, a, b in zip(keys, starts, stops)]
-        return spans, np.asarray(group["chunk_done"][:], dtype=bool)
+        return spans, np.asarray(group["chunk_done"][: len(spans)], dtype=bool)  # keys are written last when growing
 
     def chunk_valid(self, modality: Modality) -> np.ndarray | None:
         """Per chunk, the patches it encoded when it was marked done (-1: not done); None for a store
         written before the ledger kept them."""
         group = self._group(modality, "r")
-        return np.asarray(group["chunk_valid"][:], dtype=np.int64) if "chunk_valid" in group else None
+        return np.asarray(group["chunk_valid"][: group["chunk_key"].shape[0]], dtype=np.int64) if "chunk_valid" in group else None
 
     def done_chunks(self, modality: Modality) -> set[str]:
         spans, done = self.ledger(modality)
@@ -194,11 +191,14 @@ class EmbeddingStore:
         }
 
     # -- writing ---------------------------------------------------------------------------------
-    def check(self, modality: Modality, provenance: dict, spans: Sequence[ChunkSpan], dtype: str | None = None) -> str:
+    def check(self, modality: Modality, provenance: dict, spans: Sequence[ChunkSpan], dtype: str | None = None,
+              held_sha256: str | None = None) -> str:
         """Check that an existing group takes these embeddings; returns the group's dtype.
 
         Another model, checkpoint, preprocessing or (an explicitly asked) dtype is refused:
-        embeddings of different models are never mixed."""
+        embeddings of different models are never mixed. Other data is refused too, except data that
+        grew: `spans` may go on past the ledger when `held_sha256` (the fingerprint of the data's
+        chunks that the group already holds) is the one the group recorded (`store.grow`)."""
         existing = self.provenance(modality)
         asked = {**provenance, "dtype": dtype or existing.get("dtype")}
         diff = differences(existing, asked)
@@ -213,7 +213,8 @@ class EmbeddingStore:
             )
         made_from, asked_from = existing.get("dataset"), provenance.get("dataset")
         diff = dataset_differences(made_from, asked_from)
-        if asked_from is not None and diff:
+        grown = set(diff) <= GROWTH_KEYS and held_sha256 is not None and held_sha256 == (made_from or {}).get("patches_sha256")
+        if asked_from is not None and diff and not grown:
             raise StoreError(
                 located(
                     self.path,
@@ -223,11 +224,23 @@ class EmbeddingStore:
                 )
             )
         stored, _ = self.ledger(modality)
-        if list(stored) != list(spans):
+        if list(stored) != list(spans[: len(stored)]) or (len(spans) > len(stored) and held_sha256 is None):
             raise StoreError(
                 located(self.path, f"was created for a different set or chunking of {modality.upper()} patches; use another --store")
             )
         return str(existing.get("dtype"))
+
+    def grow(self, modality: Modality, spans: Sequence[ChunkSpan], meta: pa.Table, provenance: dict) -> None:
+        """Append the chunks `spans` lists past the ledger (their metadata `meta`), recording the
+        grown data in the group's provenance (`rsretrieve.store.grow`)."""
+        group = self._group(modality, "r+")
+        stored, _ = self.ledger(modality)
+        resize_and_fill(self.path / modality, group, spans, meta, stored[-1].stop if stored else 0)
+        group.attrs["provenance"] = {**dict(group.attrs["provenance"]), "dataset": provenance["dataset"]}
+        extend_ledger(group, spans)  # last: the ledger says which rows exist
+        _consolidate(self.path)
+        self._chunk_indexes.pop(modality, None)
+        self._patch_indexes.forget(self.path / modality)
 
     def needs_consolidation(self, modality: Modality) -> bool:
         """Whether the root's consolidated metadata lacks the group (a crash came between creating
@@ -268,7 +281,7 @@ class EmbeddingStore:
         The group is written beside the store and renamed into it when complete, so a crash
         while creating it leaves nothing half-made in the store."""
         self._check_sibling(modality, provenance)
-        dataset = _skeleton(meta, spans, dim, dtype)
+        dataset, encoding = skeleton(meta, spans, dim, dtype)
         dataset.attrs["provenance"] = {
             **provenance,
             "dtype": dtype,
@@ -278,7 +291,7 @@ class EmbeddingStore:
                                         f"{NOT_NORMALISED}")
         staging = self.path.parent / f".{self.path.name}.{modality}.{uuid.uuid4().hex[:8]}.partial"
         try:
-            dataset.to_zarr(staging, group=modality, mode="w", compute=False, zarr_format=3, consolidated=False)
+            dataset.to_zarr(staging, group=modality, mode="w", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
             root = zarr.open_group(self.path, mode="a", zarr_format=3)  # the store's root group
             if "store_id" not in root.attrs:
                 root.attrs["store_id"] = uuid.uuid4().hex
@@ -375,57 +388,3 @@ def _consolidate(path: Path) -> None:
             zarr.consolidate_metadata(path)
         except (ValueError, KeyError, TypeError) as exc:  # a zarr.json that is not JSON, or not zarr's
             raise StoreError(located(path, f"unreadable store metadata ({_short(exc)}); run `rsretrieve verify`")) from None
-
-
-def _skeleton(meta: pa.Table, spans: Sequence[ChunkSpan], dim: int, dtype: str) -> xr.Dataset:
-    """The lazily-filled Dataset: coordinates written now, embeddings region by region later."""
-    import dask.array as da
-
-    n = meta.num_rows
-    if spans and spans[-1].stop != n:
-        raise ValueError(f"chunks cover {spans[-1].stop} rows but metadata has {n}")
-    rows_per_chunk = max((s.stop - s.start for s in spans), default=1) or 1
-    coords: dict = {"label": ("label", np.array(CLASSES, dtype=object))}
-    columns = set(meta.column_names)
-    for name in STRING_COORDS:
-        if name in columns:
-            values = meta[name].to_pylist()
-            coords[name] = ("patch", np.array(["" if v is None else str(v) for v in values], dtype=object))
-    for name in FLOAT_COORDS:
-        if name in columns:
-            coords[name] = ("patch", np.array([np.nan if v is None else v for v in meta[name].to_pylist()], dtype="float64"))
-    if "timestamp" in columns:
-        coords["timestamp"] = ("patch", _timestamps(meta["timestamp"]))
-    if "labels" in columns:
-        coords["labels"] = (("patch", "label"), np.stack([multi_hot(v or []) for v in meta["labels"].to_pylist()]) if n else np.zeros((0, len(CLASSES)), bool))
-    coords.update(_ledger(spans))
-    data = {
-        "embedding": (("patch", "dim"), da.full((n, dim), np.nan, dtype=dtype, chunks=(rows_per_chunk, dim)),
-                      {"normalised": False, "description": "retrieval embedding, NaN where not encoded", "comment": NOT_NORMALISED}),
-        "valid": (("patch",), da.zeros(n, dtype=bool, chunks=rows_per_chunk), {"description": "encoded and usable"}),
-    }
-    return xr.Dataset(data, coords=coords)
-
-
-def _ledger(spans: Sequence[ChunkSpan]) -> dict:
-    """The resumability ledger, as coordinates on `chunk`: bookkeeping, not data. No data variable
-    uses the `chunk` dim, so xarray lists them in the group's "coordinates" attribute; the arrays
-    keep their names and paths (`integrity`, `ledger`, `write_chunk` read them with zarr)."""
-    return {
-        "chunk_key": ("chunk", np.array([s.key for s in spans], dtype=object), {"description": "data chunk key"}),
-        "chunk_start": ("chunk", np.array([s.start for s in spans], dtype="int64"), {"description": "first row of the chunk"}),
-        "chunk_stop": ("chunk", np.array([s.stop for s in spans], dtype="int64"), {"description": "row after the chunk's last"}),
-        "chunk_done": ("chunk", np.zeros(len(spans), dtype=bool), {"description": "chunk encoded and written"}),
-        "chunk_valid": ("chunk", np.full(len(spans), -1, dtype="int64"),
-                        {"description": "patches the chunk encoded when it was marked done (-1: not done)"}),
-    }
-
-
-def _timestamps(column: pa.ChunkedArray) -> np.ndarray:
-    if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
-        return column.cast(pa.timestamp("ms")).to_numpy(zero_copy_only=False).astype("datetime64[ms]")
-    values = [None if v is None else str(v) for v in column.to_pylist()]
-    try:
-        return np.array([np.datetime64(v, "ms") if v else np.datetime64("NaT", "ms") for v in values])
-    except ValueError:
-        return np.array(["" if v is None else v for v in values], dtype=object)

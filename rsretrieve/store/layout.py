@@ -1,0 +1,147 @@
+"""How a store group lies on disk: its arrays, their chunks and Zarr v3 shards.
+
+At 10^8 patches one Zarr file per chunk of rows would be millions of files. The per-patch arrays
+are therefore sharded (the Zarr v3 `sharding_indexed` codec: many inner chunks in one file, with
+an index of byte ranges at its end):
+
+- `embedding` (patch, dim): shards of about `SHARD_BYTES` (32 MiB; ~21,800 rows of 768 float16),
+  inner chunks of `INNER_ROWS` rows, **uncompressed** (embeddings barely compress, and a plain
+  layout lets `RowReader` fetch any row with one read at an offset the shard index gives).
+- `valid`, `lat`, `lon` (patch): one inner chunk per embedding shard (a flush of the writer
+  rewrites exactly one), about 2^20 rows per shard file.
+- string and time coordinates: plain chunks of about 2^20 rows (written once, at creation or
+  when the archive grows).
+- the ledger (chunk): chunks of `LEDGER_CHUNK` entries.
+
+10 M rows of 768 float16 come to ~460 embedding shards and some 60 other files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import xarray as xr
+
+from rsretrieve.labels import CLASSES, multi_hot
+
+SHARD_BYTES = 32 * 2**20
+INNER_ROWS = 256
+ROWS_PER_FILE = 2**20  # per-patch 1-D arrays and coordinates
+LEDGER_CHUNK = 65_536
+
+STRING_COORDS = ("patch_id", "pair_id", "split", "country", "grid_cell", "product_id")
+FLOAT_COORDS = ("lat", "lon")
+PER_PATCH_ARRAYS = ("embedding", "valid", "lat", "lon")  # written by `ShardWriter` after creation
+NOT_NORMALISED = ("the model's output as it is, not L2-normalised: L2-normalise each row before cosine "
+                  "similarity (inner product), as rsretrieve's FAISS indexes do (rsretrieve.store.normalise_rows)")
+
+
+def _round_up(n: int, step: int) -> int:
+    return max(step, -(-n // step) * step)
+
+
+def embedding_grid(n_rows: int, dim: int, itemsize: int) -> tuple[int, int]:
+    """(inner chunk rows, shard rows) of the embedding array of a group of `n_rows` rows."""
+    inner = min(INNER_ROWS, max(1, n_rows))
+    shard = max(inner, (SHARD_BYTES // (dim * itemsize)) // inner * inner)
+    return inner, min(shard, _round_up(n_rows, inner))
+
+
+def row_grid(n_rows: int, shard_rows: int) -> tuple[int, int]:
+    """(inner chunk rows, shard rows) of a per-patch 1-D array: an inner chunk per embedding shard."""
+    per_file = max(1, ROWS_PER_FILE // shard_rows)
+    return shard_rows, min(shard_rows * per_file, _round_up(n_rows, shard_rows))
+
+
+def encoding(n_rows: int, dim: int, dtype: str, names: Sequence[str], n_chunks: int) -> dict:
+    """xarray's `encoding` for `to_zarr`: chunks and shards of every array of a new group."""
+    inner, shard = embedding_grid(n_rows, dim, np.dtype(dtype).itemsize)
+    row_inner, row_shard = row_grid(n_rows, shard)
+    coord_chunk = min(max(1, n_rows), ROWS_PER_FILE)
+    out: dict = {"embedding": {"chunks": (inner, dim), "shards": (shard, dim), "compressors": None}}
+    for name in names:
+        if name in ("valid", *FLOAT_COORDS):
+            out[name] = {"chunks": (row_inner,), "shards": (row_shard,)}
+        elif name in STRING_COORDS:
+            out[name] = {"chunks": (coord_chunk,)}
+        elif name == "timestamp":  # fixed units: rows appended later (`grow`) are encoded the same way
+            out[name] = {"chunks": (coord_chunk,), "units": "milliseconds since 1970-01-01", "dtype": "int64"}
+        elif name == "labels":
+            out[name] = {"chunks": (coord_chunk, len(CLASSES))}
+        elif name.startswith("chunk_"):
+            out[name] = {"chunks": (min(max(1, n_chunks), LEDGER_CHUNK),)}
+    return out
+
+
+def skeleton(meta: pa.Table, spans: Sequence, dim: int, dtype: str) -> tuple[xr.Dataset, dict]:
+    """The lazily-filled Dataset of a new group and its encoding: coordinates written now,
+    embeddings shard by shard later."""
+    import dask.array as da
+
+    n = meta.num_rows
+    if spans and spans[-1].stop != n:
+        raise ValueError(f"chunks cover {spans[-1].stop} rows but metadata has {n}")
+    coords: dict = {"label": ("label", np.array(CLASSES, dtype=object))}
+    coords.update(patch_coords(meta))
+    coords.update(ledger(spans))
+    _, shard = embedding_grid(n, dim, np.dtype(dtype).itemsize)
+    data = {
+        "embedding": (("patch", "dim"), da.full((n, dim), np.nan, dtype=dtype, chunks=(shard, dim)),
+                      {"normalised": False, "description": "retrieval embedding, NaN where not encoded", "comment": NOT_NORMALISED}),
+        "valid": (("patch",), da.zeros(n, dtype=bool, chunks=row_grid(n, shard)[1]), {"description": "encoded and usable"}),
+    }
+    dataset = xr.Dataset(data, coords=coords)
+    chosen = encoding(n, dim, dtype, list(dataset.variables), len(spans))
+    if "timestamp" in chosen and not np.issubdtype(dataset["timestamp"].dtype, np.datetime64):
+        chosen["timestamp"] = {"chunks": chosen["timestamp"]["chunks"]}  # times the reader could not parse stay strings
+    return dataset, chosen
+
+
+def patch_coords(meta: pa.Table) -> dict:
+    """The per-patch coordinates of a metadata table (those it has), as xarray (dims, values)."""
+    n = meta.num_rows
+    coords: dict = {}
+    columns = set(meta.column_names)
+    for name in STRING_COORDS:
+        if name in columns:
+            values = meta[name].to_pylist()
+            coords[name] = ("patch", np.array(["" if v is None else str(v) for v in values], dtype=object))
+    for name in FLOAT_COORDS:
+        if name in columns:
+            coords[name] = ("patch", np.array([np.nan if v is None else v for v in meta[name].to_pylist()], dtype="float64"))
+    if "timestamp" in columns:
+        coords["timestamp"] = ("patch", timestamps(meta["timestamp"]))
+    if "labels" in columns:
+        coords["labels"] = (("patch", "label"), np.stack([multi_hot(v or []) for v in meta["labels"].to_pylist()]) if n else np.zeros((0, len(CLASSES)), bool))
+    return coords
+
+
+def ledger(spans: Sequence) -> dict:
+    """The resumability ledger, as coordinates on `chunk`: bookkeeping, not data. No data variable
+    uses the `chunk` dim, so xarray lists them in the group's "coordinates" attribute; the arrays
+    keep their names and paths (`integrity`, `ledger`, the writer read them with zarr)."""
+    return {
+        "chunk_key": ("chunk", np.array([s.key for s in spans], dtype=object), {"description": "data chunk key"}),
+        "chunk_start": ("chunk", np.array([s.start for s in spans], dtype="int64"), {"description": "first row of the chunk"}),
+        "chunk_stop": ("chunk", np.array([s.stop for s in spans], dtype="int64"), {"description": "row after the chunk's last"}),
+        "chunk_done": ("chunk", np.zeros(len(spans), dtype=bool), {"description": "chunk encoded and written"}),
+        "chunk_valid": ("chunk", np.full(len(spans), -1, dtype="int64"),
+                        {"description": "patches the chunk encoded when it was marked done (-1: not done)"}),
+    }
+
+
+def timestamps(column: pa.ChunkedArray) -> np.ndarray:
+    if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
+        return column.cast(pa.timestamp("ms")).to_numpy(zero_copy_only=False).astype("datetime64[ms]")
+    values = [None if v is None else str(v) for v in column.to_pylist()]
+    try:
+        return np.array([np.datetime64(v, "ms") if v else np.datetime64("NaT", "ms") for v in values])
+    except ValueError:
+        return np.array(["" if v is None else v for v in values], dtype=object)
+
+
+def storage_rows(array) -> int:
+    """Rows per file of a Zarr array: its shard's, or (unsharded, older stores) its chunk's."""
+    return int((array.shards or array.chunks)[0])

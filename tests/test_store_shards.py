@@ -1,0 +1,165 @@
+"""The store at scale: sharded arrays, shard-at-a-time writes, fast row reads, a ledger without loops.
+
+Generated data: these properties are about the layout, not the model (the pipeline tests cover
+real patches end to end).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import zarr
+
+from rsretrieve.store import ChunkSpan, EmbeddingStore
+from rsretrieve.store import layout
+from rsretrieve.store.integrity import chunks_with_skips, damaged_chunks
+from rsretrieve.store.rows import RowReader
+from rsretrieve.store.writer import ShardWriter
+
+DIM = 16
+
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    """Shards of 256 rows (inner chunks of 64) so that a few hundred rows span several files."""
+    monkeypatch.setattr(layout, "INNER_ROWS", 64)
+    monkeypatch.setattr(layout, "SHARD_BYTES", 256 * DIM * 4)
+
+
+def make_store(path, n_rows=1000, chunk_rows=37):
+    spans = [ChunkSpan(f"c{i:04d}", a, min(a + chunk_rows, n_rows)) for i, a in enumerate(range(0, n_rows, chunk_rows))]
+    meta = pa.table({"patch_id": [f"p{i}" for i in range(n_rows)], "lat": [float(i) for i in range(n_rows)],
+                     "lon": [None] * n_rows})
+    store = EmbeddingStore(path)
+    store.create("s2", meta, spans, DIM, {"model": "test", "checkpoint_sha256": "random-init"}, "float32")
+    return store, spans
+
+
+def results(spans, vectors, skip=()):
+    for span in spans:
+        rows = [r for r in range(span.start, span.stop) if r not in skip]
+        yield span, [f"p{r}" for r in rows], vectors[rows], ([1.0] * len(rows), [2.0] * len(rows))
+
+
+def test_arrays_are_sharded_and_the_embedding_is_uncompressed(tmp_path, small_shards):
+    store, _ = make_store(tmp_path / "s.zarr")
+    group = store.zarr_group("s2")
+    assert group["embedding"].shards == (256, DIM) and group["embedding"].chunks == (64, DIM)
+    assert group["valid"].chunks == (256,)
+    assert RowReader(tmp_path / "s.zarr" / "s2")._plain == (256, 64)
+
+
+def test_each_shard_is_written_once_whole_and_chunks_are_done_only_after(tmp_path, small_shards, monkeypatch):
+    store, spans = make_store(tmp_path / "s.zarr")
+    vectors = np.random.default_rng(0).standard_normal((1000, DIM)).astype(np.float32)
+    writes = []
+    original = zarr.Array.__setitem__
+
+    def spy(self, selection, value):
+        if self.path.endswith("embedding"):
+            writes.append((selection[0].start, selection[0].stop) if isinstance(selection, tuple) else (selection.start, selection.stop))
+        return original(self, selection, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", spy)
+    order = list(results(spans, vectors, skip={5, 600}))
+    random.Random(1).shuffle(order)
+    with ShardWriter(store, "s2", spans) as writer:
+        for i, item in enumerate(order):
+            writer.add(*item)
+            done = store.ledger("s2")[1]
+            # a chunk is done only once every shard holding its rows is written
+            written = np.zeros(1000, bool)
+            for s, e in writes:
+                written[s:e] = True
+            for span, flag in zip(spans, done):
+                assert not flag or written[span.start : span.stop].all(), f"{span.key} done before its rows were written"
+            assert done.sum() < len(spans) or i == len(order) - 1
+    assert sorted(writes) == [(0, 256), (256, 512), (512, 768), (768, 1000)], "one whole write per shard"
+    group = store.zarr_group("s2")
+    stored, valid = np.asarray(group["embedding"][:]), np.asarray(group["valid"][:])
+    assert not valid[5] and not valid[600] and valid.sum() == 998
+    np.testing.assert_array_equal(stored[valid], vectors[valid])
+    assert np.isnan(stored[[5, 600]]).all()
+    assert store.ledger("s2")[1].all() and list(store.chunk_valid("s2")[:2]) == [36, 37]
+    # where the plan lacked locations, the reader's are written (both, for the rows it read)
+    np.testing.assert_array_equal(np.asarray(group["lon"][:]), np.where(valid, 2.0, np.nan))
+    np.testing.assert_array_equal(np.asarray(group["lat"][:]), np.where(valid, 1.0, np.arange(1000.0)))
+
+
+def test_a_resumed_run_keeps_the_rows_of_earlier_runs_in_a_shared_shard(tmp_path, small_shards):
+    store, spans = make_store(tmp_path / "s.zarr")
+    vectors = np.random.default_rng(2).standard_normal((1000, DIM)).astype(np.float32)
+    first, rest = spans[::2], spans[1::2]
+    with ShardWriter(store, "s2", first) as writer:
+        for item in results(first, vectors):
+            writer.add(*item)
+    with ShardWriter(store, "s2", rest) as writer:
+        for item in results(rest, vectors):
+            writer.add(*item)
+    np.testing.assert_array_equal(np.asarray(store.zarr_group("s2")["embedding"][:]), vectors)
+    assert store.ledger("s2")[1].all() and not damaged_chunks(store, "s2")
+
+
+def test_leaving_on_an_exception_writes_what_waits(tmp_path, small_shards):
+    store, spans = make_store(tmp_path / "s.zarr")
+    vectors = np.ones((1000, DIM), np.float32)
+    with pytest.raises(KeyboardInterrupt):
+        with ShardWriter(store, "s2", spans) as writer:
+            for item in list(results(spans, vectors))[:3]:
+                writer.add(*item)
+            raise KeyboardInterrupt
+    done = store.ledger("s2")[1]
+    assert done[:3].all() and not done[3:].any()
+    assert np.asarray(store.zarr_group("s2")["valid"][:]).sum() == 3 * 37
+
+
+def test_row_reader_reads_any_rows_as_zarr_does(tmp_path, small_shards):
+    store, spans = make_store(tmp_path / "s.zarr")
+    vectors = np.random.default_rng(3).standard_normal((1000, DIM)).astype(np.float32)
+    some = [s for s in spans if s.start < 300 or s.start > 700]
+    with ShardWriter(store, "s2", some) as writer:
+        for item in results(some, vectors):
+            writer.add(*item)
+    reader = RowReader(tmp_path / "s.zarr" / "s2")
+    rows = np.random.default_rng(4).integers(0, 1000, 500)
+    expected = np.asarray(store.zarr_group("s2")["embedding"][:])[rows]
+    np.testing.assert_array_equal(reader.read(rows), expected)
+    reader._plain = None  # zarr's own path agrees
+    np.testing.assert_array_equal(reader.read(rows), expected)
+    with pytest.raises(IndexError):
+        reader.read(np.array([1000]))
+
+
+def test_ten_million_rows_of_768_float16_make_under_2000_files():
+    names = ["embedding", "valid", "lat", "lon", "patch_id", "pair_id", "grid_cell", "product_id", "timestamp", *layout.ledger([])]
+    enc = layout.encoding(10_000_000, 768, "float16", names, 200_000)
+    assert set(enc) == set(names)
+    files = 0
+    for name, spec in enc.items():
+        rows = (spec.get("shards") or spec["chunks"])[0]
+        files += -(-(10_000_000 if not name.startswith("chunk_") else 200_000) // rows) + 1  # + its zarr.json
+    assert files <= 2000, files
+
+
+def test_the_ledger_checks_take_no_python_loop_per_chunk(tmp_path):
+    n_chunks = 200_000
+    spans = [ChunkSpan(f"c{i}", i * 5, i * 5 + 5) for i in range(n_chunks)]
+    meta = pa.table({"patch_id": [f"p{i}" for i in range(n_chunks * 5)]})
+    store = EmbeddingStore(tmp_path / "big.zarr")
+    store.create("s2", meta, spans, 4, {"model": "test", "checkpoint_sha256": "random-init"}, "float16")
+    group = store.zarr_group("s2", "r+")
+    group["chunk_done"][:] = True
+    group["chunk_valid"][:] = 5
+    group["embedding"][:] = np.zeros((n_chunks * 5, 4), np.float16)
+    group["valid"][:] = True
+    group["valid"][7] = False
+    started = time.perf_counter()
+    damaged = damaged_chunks(store, "s2")
+    skips = chunks_with_skips(store, "s2")
+    assert time.perf_counter() - started < 10
+    assert damaged == {"c1": "5 patches were encoded, 4 are marked valid (lost `valid` data)"}
+    assert skips == ["c1"]
