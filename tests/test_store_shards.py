@@ -163,3 +163,16 @@ def test_the_ledger_checks_take_no_python_loop_per_chunk(tmp_path):
     assert time.perf_counter() - started < 10
     assert damaged == {"c1": "5 patches were encoded, 4 are marked valid (lost `valid` data)"}
     assert skips == ["c1"]
+
+
+def test_a_group_created_slab_by_slab_equals_one_created_at_once(tmp_path, monkeypatch):
+    import xarray as xr
+
+    at_once, _ = make_store(tmp_path / "once.zarr")
+    monkeypatch.setattr(layout, "SLAB_ROWS", 100)
+    in_slabs, _ = make_store(tmp_path / "slabs.zarr")
+    a, b = xr.open_zarr(tmp_path / "once.zarr", group="s2"), xr.open_zarr(tmp_path / "slabs.zarr", group="s2")
+    assert a.sizes == b.sizes
+    for name in ("patch_id", "lat", "lon", "chunk_key", "chunk_start", "chunk_stop", "chunk_done", "chunk_valid"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+    assert in_slabs.ledger("s2")[0] == at_once.ledger("s2")[0]

@@ -30,6 +30,7 @@ SHARD_BYTES = 32 * 2**20
 INNER_ROWS = 256
 ROWS_PER_FILE = 2**20  # per-patch 1-D arrays and coordinates
 LEDGER_CHUNK = 65_536
+SLAB_ROWS = 1_000_000  # coordinates are made (as Python objects) and written this many rows at a time
 
 STRING_COORDS = ("patch_id", "pair_id", "split", "country", "grid_cell", "product_id")
 FLOAT_COORDS = ("lat", "lon")
@@ -75,25 +76,28 @@ def encoding(n_rows: int, dim: int, dtype: str, names: Sequence[str], n_chunks: 
     return out
 
 
-def skeleton(meta: pa.Table, spans: Sequence, dim: int, dtype: str) -> tuple[xr.Dataset, dict]:
+def skeleton(meta: pa.Table, spans: Sequence, dim: int, dtype: str, total_rows: int | None = None,
+             total_chunks: int | None = None) -> tuple[xr.Dataset, dict]:
     """The lazily-filled Dataset of a new group and its encoding: coordinates written now,
-    embeddings shard by shard later."""
+    embeddings shard by shard later. `meta` and `spans` may be the first slab of a larger group
+    (`total_rows` rows in `total_chunks` chunks), whose size then sets the layout."""
     import dask.array as da
 
     n = meta.num_rows
     if spans and spans[-1].stop != n:
         raise ValueError(f"chunks cover {spans[-1].stop} rows but metadata has {n}")
+    total_rows = n if total_rows is None else total_rows
     coords: dict = {"label": ("label", np.array(CLASSES, dtype=object))}
     coords.update(patch_coords(meta))
     coords.update(ledger(spans))
-    _, shard = embedding_grid(n, dim, np.dtype(dtype).itemsize)
+    _, shard = embedding_grid(total_rows, dim, np.dtype(dtype).itemsize)
     data = {
         "embedding": (("patch", "dim"), da.full((n, dim), np.nan, dtype=dtype, chunks=(shard, dim)),
                       {"normalised": False, "description": "retrieval embedding, NaN where not encoded", "comment": NOT_NORMALISED}),
-        "valid": (("patch",), da.zeros(n, dtype=bool, chunks=row_grid(n, shard)[1]), {"description": "encoded and usable"}),
+        "valid": (("patch",), da.zeros(n, dtype=bool, chunks=row_grid(total_rows, shard)[1]), {"description": "encoded and usable"}),
     }
     dataset = xr.Dataset(data, coords=coords)
-    chosen = encoding(n, dim, dtype, list(dataset.variables), len(spans))
+    chosen = encoding(total_rows, dim, dtype, list(dataset.variables), total_chunks or len(spans))
     if "timestamp" in chosen and not np.issubdtype(dataset["timestamp"].dtype, np.datetime64):
         chosen["timestamp"] = {"chunks": chosen["timestamp"]["chunks"]}  # times the reader could not parse stay strings
     return dataset, chosen

@@ -44,6 +44,7 @@ from rsretrieve.bands import MODALITIES, Modality
 from rsretrieve.errors import StoreError, located
 from rsretrieve.provenance import MODEL_KEYS, dataset_differences, describe, describe_dataset, differences, is_random_init
 from rsretrieve.store.grow import GROWTH_KEYS, extend_ledger, resize_and_fill
+from rsretrieve.store import layout
 from rsretrieve.store.layout import NOT_NORMALISED, skeleton
 from rsretrieve.store.read import PatchIndexes, ledger_as_coords
 
@@ -279,9 +280,13 @@ class EmbeddingStore:
         """Allocate the group for these patches.
 
         The group is written beside the store and renamed into it when complete, so a crash
-        while creating it leaves nothing half-made in the store."""
+        while creating it leaves nothing half-made in the store. Coordinates are written in slabs
+        of `layout.SLAB_ROWS` (as Python objects only a slab at a time): the first slab creates the
+        group, the others are appended as a grown archive's chunks are."""
         self._check_sibling(modality, provenance)
-        dataset, encoding = skeleton(meta, spans, dim, dtype)
+        first = slab_end(spans, 0)
+        dataset, encoding = skeleton(meta.slice(0, spans[first - 1].stop if spans else 0), spans[:first], dim, dtype,
+                                     total_rows=meta.num_rows, total_chunks=len(spans))
         dataset.attrs["provenance"] = {
             **provenance,
             "dtype": dtype,
@@ -292,6 +297,7 @@ class EmbeddingStore:
         staging = self.path.parent / f".{self.path.name}.{modality}.{uuid.uuid4().hex[:8]}.partial"
         try:
             dataset.to_zarr(staging, group=modality, mode="w", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+            _append_slabs(staging / modality, spans, meta, first)
             root = zarr.open_group(self.path, mode="a", zarr_format=3)  # the store's root group
             if "store_id" not in root.attrs:
                 root.attrs["store_id"] = uuid.uuid4().hex
@@ -370,6 +376,26 @@ class EmbeddingStore:
                         f"{describe(provenance)} cannot join them (cross-modal search compares the two); use another --store",
                     )
                 )
+
+
+def slab_end(spans: Sequence[ChunkSpan], start: int) -> int:
+    """The chunk after the last of the slab beginning at chunk `start` (at least one chunk, at most
+    `SLAB_ROWS` rows)."""
+    end = start + 1
+    while end < len(spans) and spans[end].stop - spans[start].start <= layout.SLAB_ROWS:
+        end += 1
+    return min(end, len(spans))
+
+
+def _append_slabs(group_path: Path, spans: Sequence[ChunkSpan], meta: pa.Table, done: int) -> None:
+    """Write the coordinates and ledger of chunks `done:` of a group being created, slab by slab."""
+    group = zarr.open_group(group_path, mode="r+", zarr_format=3)
+    while done < len(spans):
+        end = slab_end(spans, done)
+        first_row, last_row = spans[done].start, spans[end - 1].stop
+        resize_and_fill(group_path, group, spans[:end], meta.slice(first_row, last_row - first_row), first_row)
+        extend_ledger(group, spans[:end])
+        done = end
 
 
 def _short(exc: BaseException) -> str:
