@@ -9,8 +9,9 @@ an index of byte ranges at its end):
   layout lets `RowReader` fetch any row with one read at an offset the shard index gives).
 - `valid`, `lat`, `lon` (patch): one inner chunk per embedding shard (a flush of the writer
   rewrites exactly one), about 2^20 rows per shard file.
-- string and time coordinates: plain chunks of about 2^20 rows (written once, at creation or
-  when the archive grows).
+- string and time coordinates (and labels): shards of about 2^20 rows, inner chunks of 16,384 (a
+  query's hits decode a few small inner chunks, not whole files), written once, at creation or
+  when the archive grows.
 - the ledger (chunk): chunks of `LEDGER_CHUNK` entries.
 
 10 M rows of 768 float16 come to ~460 embedding shards and some 60 other files.
@@ -30,6 +31,7 @@ SHARD_BYTES = 32 * 2**20
 INNER_ROWS = 256
 ROWS_PER_FILE = 2**20  # per-patch 1-D arrays and coordinates
 LEDGER_CHUNK = 65_536
+COORD_INNER_ROWS = 16_384  # a hit's coordinates decode one inner chunk of this many rows
 SLAB_ROWS = 1_000_000  # coordinates are made (as Python objects) and written this many rows at a time
 
 STRING_COORDS = ("patch_id", "pair_id", "split", "country", "grid_cell", "product_id")
@@ -60,17 +62,18 @@ def encoding(n_rows: int, dim: int, dtype: str, names: Sequence[str], n_chunks: 
     """xarray's `encoding` for `to_zarr`: chunks and shards of every array of a new group."""
     inner, shard = embedding_grid(n_rows, dim, np.dtype(dtype).itemsize)
     row_inner, row_shard = row_grid(n_rows, shard)
-    coord_chunk = min(max(1, n_rows), ROWS_PER_FILE)
+    coord_inner = min(max(1, n_rows), COORD_INNER_ROWS)
+    coord = {"chunks": (coord_inner,), "shards": (min(ROWS_PER_FILE // coord_inner * coord_inner, _round_up(n_rows, coord_inner)),)}
     out: dict = {"embedding": {"chunks": (inner, dim), "shards": (shard, dim), "compressors": None}}
     for name in names:
         if name in ("valid", *FLOAT_COORDS):
             out[name] = {"chunks": (row_inner,), "shards": (row_shard,)}
         elif name in STRING_COORDS:
-            out[name] = {"chunks": (coord_chunk,)}
+            out[name] = dict(coord)
         elif name == "timestamp":  # fixed units: rows appended later (`grow`) are encoded the same way
-            out[name] = {"chunks": (coord_chunk,), "units": "milliseconds since 1970-01-01", "dtype": "int64"}
+            out[name] = {**coord, "units": "milliseconds since 1970-01-01", "dtype": "int64"}
         elif name == "labels":
-            out[name] = {"chunks": (coord_chunk, len(CLASSES))}
+            out[name] = {"chunks": (coord_inner, len(CLASSES)), "shards": (coord["shards"][0], len(CLASSES))}
         elif name.startswith("chunk_"):
             out[name] = {"chunks": (min(max(1, n_chunks), LEDGER_CHUNK),)}
     return out
@@ -99,7 +102,7 @@ def skeleton(meta: pa.Table, spans: Sequence, dim: int, dtype: str, total_rows: 
     dataset = xr.Dataset(data, coords=coords)
     chosen = encoding(total_rows, dim, dtype, list(dataset.variables), total_chunks or len(spans))
     if "timestamp" in chosen and not np.issubdtype(dataset["timestamp"].dtype, np.datetime64):
-        chosen["timestamp"] = {"chunks": chosen["timestamp"]["chunks"]}  # times the reader could not parse stay strings
+        chosen["timestamp"] = {k: chosen["timestamp"][k] for k in ("chunks", "shards")}  # unparsed times stay strings
     return dataset, chosen
 
 
