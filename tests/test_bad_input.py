@@ -164,8 +164,10 @@ def test_query_tile_descriptions_reorder_and_truncated(tmp_path):
 
 
 def _mt_copy(tmp_path) -> Path:
+    """The sample's shards without metadata.parquet: chunks from the shards themselves (the header
+    path; planning from metadata is tested in test_majortom_plan.py)."""
     root = tmp_path / "mt"
-    shutil.copytree(ROOT / "majortom", root)
+    shutil.copytree(ROOT / "majortom", root, ignore=shutil.ignore_patterns("metadata.parquet"))
     return root
 
 

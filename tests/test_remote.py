@@ -218,7 +218,7 @@ def test_an_object_store_layout_reads_like_the_disk(tmp_path):
     assert far.shards("s1") == ["memory://bucket/MajorTOM/Core-S1RTC/images/part_00001.parquet"]
     chunks = far.chunks("s1")
     assert [c.key for c in chunks] == [c.key for c in local.chunks("s1")]
-    assert np.array_equal(far.read_chunk(chunks[5]).pixels.fine, local.read_chunk(local.chunks("s1")[5]).pixels.fine)
+    assert np.array_equal(far.read_chunk(chunks[1]).pixels.fine, local.read_chunk(local.chunks("s1")[1]).pixels.fine)
     assert open_dataset("majortom", "memory://bucket/MajorTOM/Core-S2L2A").shards("s2") == \
         ["memory://bucket/MajorTOM/Core-S2L2A/images/part_00001.parquet"]
     with pytest.raises(DataError, match="^memory://bucket/nothing: no Core-S2L2A parquet shards found$"):
@@ -259,7 +259,7 @@ def test_index_from_a_url_equals_index_from_disk(server, tmp_path):
     shard_requests = served.to("Core-S2L2A/images/part_00001.parquet")
     served.clear()
     again = run([*common, "--data-root", url, "--store", tmp_path / "remote.zarr"], tmp_path / "ws-remote")
-    assert "all 24 chunks already encoded" in again.stdout, again.stdout
+    assert "all 3 chunks already encoded" in again.stdout, again.stdout  # 8 tiles a chunk, planned from metadata.parquet
     second = sum(e[3] for e in served.to("Core-S2L2A/images/part_00001.parquet"))
     run([*common, "--data-root", MAJORTOM, "--store", tmp_path / "local.zarr"], tmp_path / "ws-local")
 

@@ -60,9 +60,11 @@ def open_dataset(name: str, root: Path | str | None = None, subset: str | None =
 
     BENv2 options: source ("auto"|"tree"|"lmdb"), split (str or list), include_snow_cloud (False),
     chunk_size (256), metadata (path to metadata.parquet), tree_root (for lat/lon with an LMDB).
-    Major TOM options: patch_size (120), tile_size (the tile side in pixels, e.g. 1068: `chunks` and
-    `metadata` then take the size from it instead of each tile's header; the header of one band
-    cell per tile is still read, never its pixels, for the georeference (lat/lon))."""
+    Major TOM options: patch_size (120), windows ("majortom" | "grid"), tile_size (the tile side in
+    pixels: with the collection's metadata.parquet it replaces the nominal 1068 / `tile_px`; without
+    it, each tile's header still gives the georeference), and, with metadata.parquet only, the
+    filters cells (grid cell names), bbox (min_lon, min_lat, max_lon, max_lat of the tile centre),
+    dates (first, last ISO day, inclusive), max_nodata (a fraction); pass tuples (docs/DATASETS.md)."""
     key = name.lower()
     entry = DATASETS.get(key)
     if entry is None:

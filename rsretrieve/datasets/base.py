@@ -46,8 +46,13 @@ class Chunk:
     source: str = ""  # "tree" | "lmdb" | "majortom"
     path: str = ""  # BENv2: data root (tree root or LMDB folder); Major TOM: the shard file
     patch_ids: tuple[str, ...] = ()  # BENv2: the patch names (S2 patch_id / S1 s1_name) to read
-    row_group: int = -1  # Major TOM: the row group (= one tile) in the shard
+    row_group: int = -1  # Major TOM: the row group (= one tile) in the shard (planned chunks: their first tile's)
     n_patches: int = 0  # patches this chunk yields when none is bad
+    # Major TOM planned from metadata.parquet: several tiles of one shard, their rows (one row per
+    # row group), their "<product_id>/<tile key>" and the tile side (px) their windows were counted for
+    row_groups: tuple[int, ...] = ()
+    tiles: tuple[str, ...] = ()
+    tile_size: int = 0
 
 
 @dataclass
@@ -74,11 +79,14 @@ class PatchDataset(Protocol):
 
 def patches_fingerprint(chunks: list[Chunk]) -> str:
     """SHA-256 of the patches a list of chunks yields, in order: their names where chunks list them
-    (BigEarthNet), else the file name, row group and count they come from (Major TOM). A store
-    records it, so that other data of the same size is never taken for the data it holds."""
+    (BigEarthNet), else the file name, row group and count they come from (Major TOM), and for
+    chunks planned from metadata their rows and tiles. A store records it, so that other data of
+    the same size is never taken for the data it holds."""
     digest = hashlib.sha256()
     for chunk in chunks:
         parts = chunk.patch_ids or (Path(chunk.path).name, str(chunk.row_group), str(chunk.n_patches))
+        if chunk.row_groups:
+            parts = (*parts, ",".join(map(str, chunk.row_groups)), *chunk.tiles)
         digest.update("\x1f".join(parts).encode() + b"\x1e")
     return digest.hexdigest()
 

@@ -16,6 +16,10 @@ S2 the declared nodata, or 0 (L2A no-data) when none is declared. S1 is converte
 (10 log10). Pixels ship raw (`preprocess.RawPixels`: S2 uint16 digital numbers, the 20 m bands at
 native resolution where the windows allow; S1 float32 dB); the model's preprocessing does the rest.
 
+Planning: with the collection's `metadata.parquet`, chunks (a few tiles of one shard) and windows
+come from it alone, filters apply (`majortom_plan`); without it, one tile per chunk, its size and
+georeference from the header of one band cell.
+
 Ids: tile key = grid_cell (or `grid_cell.k` for the k-th further tile of the same cell in one
 shard, which only the bundled sample has); pair_id = `<tile key>/<row>_<col>` (window origin in
 pixels, the same for S1 and S2 of a cell); patch_id = `<product_id>/<tile key>/<row>_<col>`.
@@ -24,9 +28,8 @@ pixels, the same for S1 and S2 of a cell); patch_id = `<product_id>/<tile key>/<
 from __future__ import annotations
 
 import os
-import re
-from datetime import datetime
-from dataclasses import dataclass, replace
+from bisect import bisect_right
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +39,13 @@ import pyarrow.parquet as pq
 from rsretrieve.bands import Modality, band_groups, bands_for
 from rsretrieve.datasets import majortom_remote as remote_shards
 from rsretrieve.datasets.base import PATCH, Chunk, PatchBatch, empty_batch, meta_table
+from rsretrieve.datasets.majortom_plan import (FRAGMENT_OVERLAP, WINDOW_RULES, Filters, TilePlan, metadata_location, parse_time,
+                                               plan_chunks, plan_metadata, plan_tiles, tile_keys_of, windows)
 from rsretrieve.errors import DataError, RSRetrieveError, located
+from rsretrieve.datasets.geotiff_cell import decode_band, decode_pixels
+from rsretrieve.io.files import files_version
 from rsretrieve.io.remote import as_location, is_url, probe, relative
+from rsretrieve.io.remote import one_line as _one_line
 from rsretrieve.preprocess import RawPixels
 
 S1_NODATA = -32768.0
@@ -50,10 +58,6 @@ def band_columns(modality: Modality, bands: tuple[str, ...] | None = None) -> tu
     """Parquet column names of bands (S1 columns are lower case: `vv`, `vh`)."""
     bands = bands_for(modality) if bands is None else bands
     return tuple(b.lower() for b in bands) if modality == "s1" else tuple(bands)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def find_shards(root: Path | str, modality: Modality) -> list[Path] | list[str]:
@@ -69,22 +73,6 @@ def find_shards(root: Path | str, modality: Modality) -> list[Path] | list[str]:
         if shards:
             return shards
     return []
-
-
-def parse_time(value) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value.replace(tzinfo=None)
-    s = str(value).strip()
-    for fmt in ("%Y%m%dT%H%M%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f",
-                "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d"):
-        try:
-            return datetime.strptime(s.rstrip("Z"), fmt)
-        except ValueError:
-            pass
-    m = re.search(r"(\d{8}T\d{6})", s)
-    return datetime.strptime(m.group(1), "%Y%m%dT%H%M%S") if m else None
 
 
 _SHARDS: dict[tuple[str, int | None, int], pq.FileMetaData] = {}
@@ -114,42 +102,6 @@ def shard_columns(path: Path, modality: Modality) -> tuple[str, list[str]]:
         raise DataError(located(path, f"missing column(s) {', '.join(repr(c) for c in missing)}"))
     extra = ["source_patch_id"] if "source_patch_id" in names else []
     return time_col, [*needed, time_col, *extra]
-
-
-def decode_pixels(data: bytes | None, where: str) -> tuple[np.ndarray, float | None]:
-    """(array, nodata) of a GeoTIFF band cell, decoded with tifffile (its TIFF parsing costs a
-    third of a GDAL open, which dominates small cells); GDAL (`decode_band`) when tifffile cannot."""
-    import io
-
-    import tifffile
-
-    if not data:
-        raise DataError(located(where, "empty band cell"))
-    try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            page = tif.pages[0]
-            if len(tif.pages) != 1 or page.samplesperpixel != 1 or page.predictor == 3:
-                raise ValueError("not a plain single band (or a floating-point predictor, which GDAL undoes faster)")
-            nodata = page.tags.get(42113)  # GDAL_NODATA, an ASCII number
-            return page.asarray(), (float(nodata.value.strip("\x00 ")) if nodata is not None else None)
-    except Exception:  # noqa: BLE001 - any codec or layout tifffile lacks: GDAL reads it, or says why not
-        array, _, _, nodata = decode_band(data, where)
-        return array, nodata
-
-
-def decode_band(data: bytes | None, where: str, *, header_only: bool = False):
-    """(array, transform, crs, nodata) of a GeoTIFF band cell, with GDAL. With `header_only`, the
-    pixels are not decoded: ((height, width), transform, crs, nodata) from the GeoTIFF header alone."""
-    from rasterio.io import MemoryFile
-
-    if not data:
-        raise DataError(located(where, "empty band cell"))
-    try:
-        with MemoryFile(data) as mf, mf.open() as ds:
-            first = (ds.height, ds.width) if header_only else ds.read(1)
-            return first, ds.transform, ds.crs, ds.nodata
-    except Exception as e:
-        raise DataError(located(where, f"undecodable GeoTIFF cell ({_one_line(e)})")) from None
 
 
 @dataclass
@@ -215,37 +167,6 @@ def tile_pixels(bands: dict[str, tuple], modality: Modality, where: str) -> Tile
     return TileRaster(fine, fine_names, coarse, coarse_names, invalid)
 
 
-WINDOW_RULES = ("majortom", "grid")
-FRAGMENT_OVERLAP = 0.1  # Major TOM's embedder: target overlap, a tenth of the fragment
-
-
-def fragment_offsets(length: int, size: int, overlap: float = FRAGMENT_OVERLAP) -> list[int]:
-    """Window origins along one axis by Major TOM's fragmenter (`embedder/grid_cell_fragment.py`):
-    n = round((L - F) / (F - overlap F)) segments, stride F - ceil(F - (L - F) / n), the last
-    window moved to the edge (L - F) so the whole cell is covered. 1068 / 120 -> 10 windows,
-    stride 105, the last at 948; 1068 / 224 -> 5 at 0, 211, ..., 844."""
-    if length < size:
-        return []
-    if length == size:
-        return [0]
-    n = max(1, int(np.round((length - size) / (size - overlap * size))))
-    stride = size - int(np.ceil(size - (length - size) / n))
-    offsets = [k * stride for k in range(n + 1)]
-    offsets[-1] = length - size
-    return offsets
-
-
-def windows(h: int, w: int, size: int = PATCH, rule: str = "majortom") -> list[tuple[int, int, int, int]]:
-    """(row, col, size, size) of every window cut from an h x w tile, row by row. "majortom": Major
-    TOM's fragmenter (whole coverage, about 10 % overlap; 100 windows of 120 px in a 1068 px cell);
-    "grid": the CSMoE paper's disjoint grid, partial windows dropped (8 x 8 = 64)."""
-    if rule == "grid":
-        return [(r * size, c * size, size, size) for r in range(h // size) for c in range(w // size)]
-    if rule == "majortom":
-        return [(r, c, size, size) for r in fragment_offsets(h, size) for c in fragment_offsets(w, size)]
-    raise RSRetrieveError(f"windows must be one of {', '.join(WINDOW_RULES)}, got {rule!r}")
-
-
 _KEYS_CACHE: dict[tuple, list[str]] = {}
 
 
@@ -254,41 +175,74 @@ def tile_keys(path: Path | str) -> list[str]:
     key = (str(path), os.getpid())
     if key not in _KEYS_CACHE:
         try:
-            cells = remote_shards.column(path, shard_metadata(path), "grid_cell").to_pylist()
+            _KEYS_CACHE[key] = tile_keys_of(remote_shards.column(path, shard_metadata(path), "grid_cell"))
         except (pa.ArrowException, OSError) as e:
             raise DataError(located(path, f"unreadable parquet ({_one_line(e)})")) from None
-        seen: dict[str, int] = {}
-        out = []
-        for c in cells:
-            k = seen.get(c, 0)
-            seen[c] = k + 1
-            out.append(c if k == 0 else f"{c}.{k}")
-        _KEYS_CACHE[key] = out
     return _KEYS_CACHE[key]
 
 
 def _row_offsets(meta: pq.FileMetaData) -> list[int]:
-    offs, n = [], 0
-    for i in range(meta.num_row_groups):
-        offs.append(n)
-        n += meta.row_group(i).num_rows
-    return offs
+    """The first row of each row group (Major TOM's shards: row i is row group i)."""
+    if meta.num_rows == meta.num_row_groups:
+        return list(range(meta.num_rows))
+    return np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups - 1)]).tolist()
+
+
+class _RowReader:
+    """Rows of one shard, one row group read at a time (a chunk's rows come in order)."""
+
+    def __init__(self, path: Path | str, columns: list[str]):
+        self.path, self.columns = path, columns
+        self.meta = shard_metadata(path)
+        self.offsets = _row_offsets(self.meta)
+        self.group: tuple[int, pa.Table] | None = None
+
+    def row(self, row: int) -> dict:
+        if not 0 <= row < self.meta.num_rows:
+            raise DataError(located(self.path, f"row {row} is beyond its {self.meta.num_rows} rows"))
+        rg = bisect_right(self.offsets, row) - 1
+        if self.group is None or self.group[0] != rg:
+            try:
+                self.group = (rg, remote_shards.row_group(self.path, self.meta, rg, self.columns))
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(located(self.path, f"unreadable row group {rg} ({_one_line(e)})")) from None
+        table, i = self.group[1], row - self.offsets[rg]
+        return {c: table.column(c)[i].as_py() for c in self.columns}
+
+
+@dataclass
+class _Collected:
+    """What a chunk's tiles yield: meta rows (patch ids first), pixels, and what was skipped."""
+
+    columns: list[str]
+    rows: list[dict] = field(default_factory=list)
+    parts: list[RawPixels] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def batch(self, modality: Modality, size: int) -> PatchBatch:
+        if not self.rows:
+            return empty_batch(modality, self.columns, self.skipped)
+        pixels = RawPixels.concat(self.parts) if self.parts else RawPixels.empty(modality, size)
+        meta = meta_table({c: [row.get(c) for row in self.rows] for c in self.columns})
+        return PatchBatch(pixels, [row["patch_id"] for row in self.rows], meta, self.skipped)
 
 
 class MajorTOMDataset:
-    """Major TOM Core S2L2A / S1RTC shards, cut into 120 px patches."""
+    """Major TOM Core S2L2A / S1RTC shards, cut into 120 px patches. Filters (with the collection's
+    metadata.parquet only): `cells` (grid cell names), `bbox` (min_lon, min_lat, max_lon, max_lat of
+    the tile centre), `dates` (first, last day, ISO, inclusive), `max_nodata` (a fraction)."""
 
     def __init__(self, root: Path | str, *, dataset_name: str = "majortom", patch_size: int = PATCH,
-                 tile_size: int | None = None, windows: str = "majortom"):
+                 tile_size: int | None = None, windows: str = "majortom", cells=None, bbox=None, dates=None,
+                 max_nodata: float | None = None):
         self.root = as_location(root)  # a URL stays a string
         self.name = dataset_name
         if patch_size != PATCH:
             raise RSRetrieveError(f"patch_size must be {PATCH} (the model's BigEarthNet patch size)")
         if windows not in WINDOW_RULES:
             raise RSRetrieveError(f"windows must be one of {', '.join(WINDOW_RULES)}, got {windows!r}")
-        self.patch_size = patch_size
-        self.tile_size = tile_size
-        self.window_rule = windows
+        self.patch_size, self.tile_size, self.window_rule = patch_size, tile_size, windows
+        self.filters = Filters.build(cells, bbox, dates, max_nodata)
         if isinstance(self.root, str):
             probe(self.root)  # one line when the host cannot be reached
         elif not self.root.exists():
@@ -296,14 +250,13 @@ class MajorTOMDataset:
         self._cache: dict = {}
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_cache"] = {}
-        return state
+        return {**self.__dict__, "_cache": {}}  # workers plan nothing: a chunk carries what it reads
 
     def describe(self) -> dict:
-        """How patches are cut, for the store's provenance."""
-        return {"windows": self.window_rule, "patch_size": self.patch_size,
-                "overlap": FRAGMENT_OVERLAP if self.window_rule == "majortom" else 0.0}
+        """How patches are cut and which tiles are taken, for the store's provenance."""
+        out = {"windows": self.window_rule, "patch_size": self.patch_size,
+               "overlap": FRAGMENT_OVERLAP if self.window_rule == "majortom" else 0.0}
+        return {**out, "filters": self.filters.describe()} if self.filters.describe() else out
 
     def shards(self, modality: Modality) -> list[Path] | list[str]:
         shards = find_shards(self.root, modality)
@@ -311,17 +264,50 @@ class MajorTOMDataset:
             raise DataError(located(self.root, f"no Core-{COLLECTIONS[modality]} parquet shards found"))
         return shards
 
+    def plan(self, modality: Modality) -> TilePlan | None:
+        """The tiles planned from the collection's metadata.parquet; None without one."""
+        key = ("plan", modality, self._version(modality))  # data that grew (a new shard) is planned again
+        if key not in self._cache:
+            shards = self.shards(modality)
+            source = metadata_location(shards)
+            if source is None and self.filters.describe():
+                raise DataError(located(self.root, f"the filters {self.filters.describe()} need Core-{COLLECTIONS[modality]}'s "
+                                                   "metadata.parquet beside its shards; none found"))
+            self._cache[key] = None if source is None else plan_tiles(source, shards, tile_size=self.tile_size, filters=self.filters)
+        return self._cache[key]
+
+    def _version(self, modality: Modality) -> tuple:
+        """What identifies the local data of a modality now: its shards' and metadata's names, sizes, mtimes."""
+        if isinstance(self.root, str):
+            return ()
+        shards = self.shards(modality)
+        return files_version([*shards, metadata_location(shards) or shards[0]])
+
+    def count_message(self) -> str | None:
+        """Tiles the metadata selects whose shards are absent (a partial download), if any."""
+        notes = [plan.note() for key, plan in self._cache.items() if key[0] == "plan" and plan is not None and plan.note()]
+        return "; ".join(notes) or None
+
+    def _relative(self, shard: Path | str) -> str:
+        if isinstance(shard, str):
+            return relative(shard, self.root)
+        return (shard.relative_to(self.root) if shard.is_relative_to(self.root) else shard).as_posix()
+
     def chunks(self, modality: Modality) -> list[Chunk]:
+        plan = self.plan(modality)
+        if plan is not None:
+            key = ("chunks", modality, id(plan))
+            if key not in self._cache:
+                rel = [self._relative(s) for s in plan.shards]
+                self._cache[key] = plan_chunks(plan, self.name, modality, rel, self.patch_size, self.window_rule)
+            return list(self._cache[key])
         out = []
         for shard in self.shards(modality):
             shard_columns(shard, modality)
             n_rg = shard_metadata(shard).num_row_groups
             if n_rg == 0:
                 raise DataError(located(shard, "empty parquet shard (no row groups)"))
-            if isinstance(shard, str):
-                rel = relative(shard, self.root)
-            else:
-                rel = (shard.relative_to(self.root) if shard.is_relative_to(self.root) else shard).as_posix()
+            rel = self._relative(shard)
             out += [Chunk(self.name, f"{self.name}:{modality}:{rel}:rg{rg}", modality, "majortom", str(shard), (), rg, 0) for rg in range(n_rg)]
         if isinstance(self.root, str):  # over a URL: several tiles' headers at once, the result kept on disk
             settings = {**self.describe(), "tile_size": self.tile_size, "modality": modality}
@@ -331,110 +317,106 @@ class MajorTOMDataset:
         return [replace(chunk, n_patches=self._candidates(chunk).num_rows) for chunk in out]
 
     def _candidates(self, chunk: Chunk) -> pa.Table:
-        """Every full window of a chunk's tile, from the GeoTIFF header of its first band cell (no
-        pixels decoded); with `tile_size` the size is taken from it, the header still gives the
-        georeference for lat/lon."""
+        """Every full window of a chunk's tile, from the header of its first band cell (`tile_size`:
+        the size from it; lat/lon from the header still)."""
         key = ("candidates", chunk.key)
         if key not in self._cache:
             self._cache[key] = self.read_chunk(chunk, _header_only=True).meta
         return self._cache[key]
 
-    def _read_rows(self, chunk: Chunk, columns: list[str]) -> tuple[pa.Table, int]:
-        path = as_location(chunk.path)
-        try:
-            meta = shard_metadata(path)
-            table = remote_shards.row_group(path, meta, chunk.row_group, columns)
-            first = _row_offsets(meta)[chunk.row_group]
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(located(path, f"unreadable row group {chunk.row_group} ({_one_line(e)})")) from None
-        return table, first
-
     def read_chunk(self, chunk: Chunk, *, _header_only: bool = False) -> PatchBatch:
+        """The chunk's tiles, decoded and cut. A planned chunk's ids are the planned ones; of a tile
+        not of the planned size, the planned windows it lacks are listed in `skipped`."""
+        modality, path = chunk.modality, as_location(chunk.path)
+        columns = list(BATCH_COLUMNS)
+        try:
+            time_col, needed = shard_columns(path, modality)
+            if _header_only:
+                needed = [c for c in needed if c not in band_columns(modality)[1:]]
+            reader = _RowReader(path, needed)
+            columns += ["source_patch_id"] if "source_patch_id" in needed else []
+            tiles = list(zip(chunk.row_groups, chunk.tiles)) if chunk.row_groups else self._shard_tiles(reader, chunk.row_group)
+        except DataError as e:  # a planned chunk names each tile lost; a shard's one tile, its row group
+            return empty_batch(modality, columns, [(tile, str(e)) for tile in chunk.tiles or [f"{path}:rg{chunk.row_group}"]])
+        out = _Collected(columns)
+        for row, tile in tiles:
+            where = f"{path}:row {row}"
+            try:
+                data = reader.row(row)
+            except DataError as e:
+                if not chunk.row_groups:  # as before planning: the chunk's one row group
+                    return empty_batch(modality, columns, [(f"{path}:rg{chunk.row_group}", str(e))])
+                out.skipped.append((tile, str(e)))
+                continue
+            product, _, key = tile.rpartition("/") if chunk.row_groups else (data["product_id"] or "", "", tile)
+            if chunk.row_groups and (data["product_id"] or "", data["grid_cell"]) != (product, key.split(".")[0]):
+                out.skipped.append((tile, located(where, f"holds {data['product_id']} {data['grid_cell']}, metadata.parquet planned {tile}")))
+                continue  # metadata and shard disagree: no patch under another tile's id
+            self._cut_tile(out, data, product, key, where, chunk.tile_size, time_col, modality, _header_only)
+        return out.batch(modality, self.patch_size)
+
+    @staticmethod
+    def _shard_tiles(reader: _RowReader, rg: int) -> list[tuple[int, str]]:
+        """(row, tile key) of a row group's tiles, keys from the shard's grid cells."""
+        if not 0 <= rg < reader.meta.num_row_groups:
+            raise DataError(located(reader.path, f"no row group {rg}"))
+        first, keys = reader.offsets[rg], tile_keys(reader.path)
+        return [(row, keys[row]) for row in range(first, first + reader.meta.row_group(rg).num_rows)]
+
+    def _cut_tile(self, out: _Collected, data: dict, product: str, key: str, where: str, planned: int, time_col: str,
+                  modality: Modality, header_only: bool) -> None:
+        """Decode one tile (or only its header) and add its windows; `planned`: the side the plan
+        counted windows for (0: cut what the tile holds)."""
         from rsretrieve.geo import pixel_to_xy, to_wgs84
 
-        modality = chunk.modality
-        path = as_location(chunk.path)
-        cols_meta = list(BATCH_COLUMNS)
-        try:
-            time_col, columns = shard_columns(path, modality)
-            if _header_only:
-                columns = [c for c in columns if c not in band_columns(modality)[1:]]
-            table, first = self._read_rows(chunk, columns)
-            keys = tile_keys(path)
+        first_col, raster = band_columns(modality)[0], None
+        try:  # the first band's GeoTIFF header: size, georeference
+            ref = decode_band(data[first_col], f"{where}:{first_col}", header_only=True)
+            h, w = (self.tile_size, self.tile_size) if header_only and self.tile_size and not planned else ref[0]
+            if not header_only:
+                decoded = {col: decode_pixels(data[col], f"{where}:{col}") for col in band_columns(modality)}
+                h, w = decoded[first_col][0].shape
+                raster = tile_pixels(decoded, modality, where)
         except DataError as e:
-            return empty_batch(modality, cols_meta, [(f"{path}:rg{chunk.row_group}", str(e))])
-        has_src = "source_patch_id" in table.column_names
-        if has_src:
-            cols_meta.append("source_patch_id")
-        data = {c: table.column(c).to_pylist() for c in table.column_names}
-        parts, ids, skipped = [], [], []
-        meta: dict[str, list] = {c: [] for c in cols_meta}
-        for i in range(table.num_rows):
-            key = keys[first + i]
-            product = data["product_id"][i] or ""
-            where = f"{path}:row {first + i}"
-            try:
-                raster = None
-                if _header_only:
-                    # the first band's GeoTIFF header only (size, georeference), no pixels
-                    first_col = band_columns(modality)[0]
-                    ref = decode_band(data[first_col][i], f"{where}:{first_col}", header_only=True)
-                    h, w = (self.tile_size, self.tile_size) if self.tile_size else ref[0]
-                else:
-                    first_col = band_columns(modality)[0]
-                    ref = decode_band(data[first_col][i], f"{where}:{first_col}", header_only=True)  # georeference
-                    decoded = {col: decode_pixels(data[col][i], f"{where}:{col}") for col in band_columns(modality)}
-                    h, w = decoded[first_col][0].shape
-                    raster = tile_pixels(decoded, modality, where)
-            except DataError as e:
-                skipped.append((f"{product}/{key}", str(e)))
-                continue
-            wins = windows(h, w, self.patch_size, self.window_rule)
-            if not wins:
-                skipped.append((f"{product}/{key}", located(where, f"tile {h}x{w} px is smaller than {self.patch_size} px")))
-                continue
-            transform, crs = ref[1], ref[2]
-            lat = lon = [None] * len(wins)
-            if crs is not None:
-                xs, ys = zip(*[pixel_to_xy(transform, c + ww / 2.0, r + hh / 2.0) for r, c, hh, ww in wins])
-                la, lo = to_wgs84(crs, list(xs), list(ys))
-                lat, lon = la.tolist(), lo.tolist()
-            ts = parse_time(data[time_col][i])
-            kept = []
-            for j, (r, c, hh, ww) in enumerate(wins):
-                pair_id = f"{key}/{r}_{c}"
-                patch_id = f"{product}/{pair_id}"
-                if raster is not None:
-                    bad = int(raster.invalid[r : r + hh, c : c + ww].sum())
-                    if bad:
-                        skipped.append((patch_id, located(where, f"window {r},{c}: {bad} invalid pixel(s) (nodata, non-positive or non-finite)")))
-                        continue
-                    kept.append((r, c, hh, ww))
-                ids.append(patch_id)
-                for col, val in (("patch_id", patch_id), ("pair_id", pair_id), ("lat", lat[j]), ("lon", lon[j]),
-                                 ("grid_cell", data["grid_cell"][i]), ("timestamp", ts), ("product_id", product),
-                                 ("window", [r, c, hh, ww])):
-                    meta[col].append(val)
-                if has_src:
-                    meta["source_patch_id"].append(data["source_patch_id"][i])
-            if kept:
-                parts.append(raster.cut(kept))
-        if not ids:
-            return empty_batch(modality, cols_meta, skipped)
-        pixels = RawPixels.concat(parts) if parts else RawPixels.empty(modality, self.patch_size)
-        return PatchBatch(pixels, ids, meta_table(meta), skipped)
+            out.skipped.append((f"{product}/{key}", str(e)))
+            return
+        wins = windows(h, w, self.patch_size, self.window_rule)
+        if planned:  # the planned windows the tile holds; the others are named, not guessed
+            held, wins = set(wins), windows(planned, planned, self.patch_size, self.window_rule)
+            out.skipped += [(f"{product}/{key}/{win[0]}_{win[1]}", located(where, f"tile is {h}x{w} px, metadata planned {planned}x{planned}"))
+                            for win in wins if win not in held]
+            wins = [win for win in wins if win in held]
+        elif not wins:
+            out.skipped.append((f"{product}/{key}", located(where, f"tile {h}x{w} px is smaller than {self.patch_size} px")))
+            return
+        lat = lon = [None] * len(wins)
+        if ref[2] is not None and wins:
+            xs, ys = zip(*[pixel_to_xy(ref[1], c + ww / 2.0, r + hh / 2.0) for r, c, hh, ww in wins])
+            lat, lon = (v.tolist() for v in to_wgs84(ref[2], list(xs), list(ys)))
+        common = {"grid_cell": data["grid_cell"], "timestamp": parse_time(data[time_col]), "product_id": product,
+                  "source_patch_id": data.get("source_patch_id")}
+        kept = []
+        for j, (r, c, hh, ww) in enumerate(wins):
+            patch_id = f"{product}/{key}/{r}_{c}"
+            if raster is not None:
+                bad = int(raster.invalid[r : r + hh, c : c + ww].sum())
+                if bad:
+                    out.skipped.append((patch_id, located(where, f"window {r},{c}: {bad} invalid pixel(s) (nodata, non-positive or non-finite)")))
+                    continue
+                kept.append((r, c, hh, ww))
+            out.rows.append({**common, "patch_id": patch_id, "pair_id": f"{key}/{r}_{c}", "lat": lat[j], "lon": lon[j], "window": [r, c, hh, ww]})
+        if kept:
+            out.parts.append(raster.cut(kept))
 
     def metadata(self, modality: Modality, locations: bool = True) -> pa.Table:
-        """All candidate patches (every full 120 px window of every tile), in chunk order. Reads
-        the GeoTIFF header of one band cell per tile for its size and georeference, never its
-        pixels (`tile_size` fixes the size; the header still gives lat/lon, whatever `locations`
-        says); patches dropped at read time for invalid pixels are still listed here."""
-        key = ("metadata", modality)
-        if key not in self._cache:
-            tables = [self._candidates(ch) for ch in self.chunks(modality)]
-            tables = [t for t in tables if t.num_rows]
-            if tables:
-                self._cache[key] = pa.concat_tables(tables, promote_options="default")
-            else:
-                self._cache[key] = meta_table({c: [] for c in BATCH_COLUMNS})
+        """All candidate patches (every full 120 px window of every tile), in chunk order, read-time
+        drops included: from metadata.parquet alone (lat/lon with `locations` only), else from one
+        band cell's header per tile, never its pixels (lat/lon whatever `locations` says)."""
+        plan = self.plan(modality)
+        key = ("metadata", modality, locations if plan is not None else None, id(plan) if plan is not None else self._version(modality))
+        if key not in self._cache and plan is not None:
+            self._cache[key] = plan_metadata(plan, self.patch_size, self.window_rule, locations)
+        elif key not in self._cache:
+            tables = [t for t in (self._candidates(ch) for ch in self.chunks(modality)) if t.num_rows]
+            self._cache[key] = pa.concat_tables(tables, promote_options="default") if tables else meta_table({c: [] for c in BATCH_COLUMNS})
         return self._cache[key]

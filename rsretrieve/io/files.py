@@ -55,6 +55,18 @@ def file_record(path: str | Path) -> dict:
     return {"bytes": Path(path).stat().st_size, "sha256": sha256_of(path)}
 
 
+def files_version(paths) -> tuple:
+    """(path, size, mtime) of each file that exists: changes when any is added, removed or rewritten."""
+    out = []
+    for path in paths:
+        try:
+            stat = Path(path).stat()
+        except OSError:
+            continue
+        out.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(out))
+
+
 def probe_writable(path: str | Path) -> None:
     """Raise the OSError that writing `path` would raise (a missing or unwritable folder, a file
     where a folder should be), without touching `path` itself."""
