@@ -51,24 +51,36 @@ class RowReader:
         return np.asarray(self.array.get_orthogonal_selection((rows, slice(None))), dtype=np.float32)
 
     def _read_plain(self, rows: np.ndarray) -> np.ndarray:
+        """Rows gathered from each shard file mapped into memory for this call only (vectorised; the
+        mapping is dropped after, so the pages read do not stay in the process's resident set)."""
         shard_rows, inner_rows = self._plain
         row_bytes = self.dim * self.array.dtype.itemsize
         out = np.full((rows.size, self.dim), np.nan, dtype=np.float32)
         shards = rows // shard_rows
-        for shard in np.unique(shards):
-            at = np.flatnonzero(shards == shard)
-            index = self._shard_index(int(shard))
+        order = np.argsort(shards, kind="stable")
+        bounds = np.flatnonzero(np.diff(shards[order])) + 1
+        for at in np.split(order, bounds):
+            shard = int(shards[at[0]])
+            index = self._shard_index(shard)
             if index is None:
                 continue
             local = rows[at] - shard * shard_rows
             offsets = index[local // inner_rows, 0]
             written = offsets != EMPTY
-            with open(self._shard_file(int(shard)), "rb") as f:
-                fd = f.fileno()
-                for i, offset, within in zip(at[written], offsets[written], (local % inner_rows)[written]):
-                    raw = os.pread(fd, row_bytes, int(offset) + int(within) * row_bytes)
-                    out[i] = np.frombuffer(raw, dtype=self.array.dtype)
+            if not written.any():
+                continue
+            # inner chunks hold whole rows back to back, so every offset is a whole number of rows
+            first_row = offsets[written].astype(np.int64) // row_bytes + local[written] % inner_rows
+            path = self._shard_file(shard)
+            n_rows = (path.stat().st_size - self._index_bytes()) // row_bytes
+            mapped = np.memmap(path, dtype=self.array.dtype, mode="r", shape=(n_rows, self.dim))
+            out[at[written]] = mapped[first_row]
+            del mapped
         return out
+
+    def _index_bytes(self) -> int:
+        shard_rows, inner_rows = self._plain
+        return -(-shard_rows // inner_rows) * 16 + 4  # uint64 (offset, nbytes) per inner chunk, then a CRC32C
 
     def _shard_file(self, shard: int) -> Path:
         key = self.array.metadata.chunk_key_encoding.encode_chunk_key((shard, 0))
@@ -79,7 +91,7 @@ class RowReader:
         if shard not in self._indexes:
             shard_rows, inner_rows = self._plain
             n_inner = -(-shard_rows // inner_rows)
-            size = n_inner * 16 + 4  # uint64 (offset, nbytes) per inner chunk, then a CRC32C
+            size = self._index_bytes()
             path = self._shard_file(shard)
             try:
                 with open(path, "rb") as f:
