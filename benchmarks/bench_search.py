@@ -22,11 +22,15 @@ import numpy as np
 from rsretrieve.retrieval.faiss_index import EmbeddingIndex, recall_at_k
 
 
-def clustered(n, dim=768, sub=32, clusters=256, seed=0, noise=0.02, batch=100_000):
+def clustered(n, dim=768, sub=32, clusters=256, seed=0, noise=0.02, batch=100_000, points_seed=None):
+    """`seed` fixes the mixture; `points_seed` (default: the same stream) the points drawn from it,
+    so that blocks of one mixture can be drawn one at a time (benchmarks/bench_scale.py)."""
     rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(rng.standard_normal((dim, sub)))
     basis = basis.astype(np.float32)
     centres = rng.standard_normal((clusters, sub)).astype(np.float32)
+    if points_seed is not None:
+        rng = np.random.default_rng([seed, points_seed])
     out = np.empty((n, dim), np.float32)
     for start in range(0, n, batch):
         m = min(batch, n - start)

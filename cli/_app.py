@@ -56,6 +56,7 @@ class IndexKind(str, Enum):
     flat = "flat"
     ivfpq = "ivfpq"
     hnsw = "hnsw"
+    ivfpq_disk = "ivfpq-disk"
 
 
 class WindowRule(str, Enum):
@@ -194,11 +195,35 @@ WindowsOpt = Annotated[Optional[WindowRule], typer.Option("--windows", help="Maj
                                                          show_default="majortom")]
 DashboardOpt = Annotated[Optional[str], typer.Option("--dashboard", help="Serve the local cluster's Dask dashboard at this address, e.g. :8787 (needs bokeh).",
                                                       show_default="no dashboard")]
+CellsOpt = Annotated[Optional[str], typer.Option("--cells", help="Major TOM: only these grid cells, comma-separated (e.g. 539U_97R,540U_97R).")]
+BBoxOpt = Annotated[Optional[str], typer.Option("--bbox", help="Major TOM: tiles whose centre lies in MIN_LON,MIN_LAT,MAX_LON,MAX_LAT.")]
+DatesOpt = Annotated[Optional[str], typer.Option("--dates", help="Major TOM: tiles taken from START..END (ISO dates, inclusive; START.. or ..END open).")]
+MaxNodataOpt = Annotated[Optional[float], typer.Option("--max-nodata", min=0.0, max=1.0, help="Major TOM: tiles with at most this nodata fraction.")]
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Embedding store (Zarr) to use.", show_default="one per dataset, subset and model in the workspace")]
 
 
+def tile_filters(cells: str | None = None, bbox: str | None = None, dates: str | None = None, max_nodata: float | None = None) -> dict:
+    """The Major TOM filter options from their command-line spellings (checked by the reader)."""
+    out: dict = {}
+    if cells:
+        out["cells"] = tuple(c.strip() for c in cells.split(",") if c.strip())
+    if bbox:
+        out["bbox"] = tuple(v.strip() for v in bbox.split(","))
+    if dates:
+        start, sep, end = dates.partition("..")
+        out["dates"] = (start.strip() or None, end.strip() or None) if sep else (dates.strip(), dates.strip())
+    if max_nodata is not None:
+        out["max_nodata"] = max_nodata
+    if out:
+        from rsretrieve.datasets.majortom_plan import Filters
+
+        checked = Filters.build(**out)  # a malformed value fails here, in one line naming the option
+        out = {k: v for k, v in vars(checked).items() if v is not None}
+    return out
+
+
 def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto, batch_size=None, scheduler=None, store=None,
-             dtype=None, windows=None, compile=False, readers=None, dashboard=None):
+             dtype=None, windows=None, compile=False, readers=None, dashboard=None, filters: dict | None = None):
     from rsretrieve.indexer.jobs import Job
 
     from rsretrieve.io.remote import as_location, is_url
@@ -220,5 +245,7 @@ def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.
         raise RSRetrieveError(f"--windows {windows.value}: applies to --dataset majortom only")
     if dashboard and scheduler:
         raise RSRetrieveError("--dashboard: applies to the local cluster; a --scheduler serves its own dashboard")
+    if filters and selection.dataset != "majortom":
+        raise RSRetrieveError(f"--{next(iter(filters)).replace('_', '-')}: applies to --dataset majortom only")
     return Job(State.workspace, selection, store, device.value, batch_size, scheduler, dtype, windows.value if windows else None,
-               compile, readers, dashboard)
+               compile, readers, dashboard, tuple(sorted((filters or {}).items())))

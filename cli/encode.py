@@ -8,14 +8,18 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rsretrieve.cli._app import (
+    BBoxOpt,
     BatchOpt,
+    CellsOpt,
     CheckpointOpt,
     CompileOpt,
     DashboardOpt,
     DatasetOpt,
+    DatesOpt,
     DeviceChoice,
     DeviceOpt,
     IndexKind,
+    MaxNodataOpt,
     ModalityOrBoth,
     ModelOpt,
     ReadersOpt,
@@ -28,6 +32,7 @@ from rsretrieve.cli._app import (
     app,
     console,
     err,
+    tile_filters,
     make_job,
     modalities_of,
     require_faiss,
@@ -121,12 +126,16 @@ def encode(
     compile: CompileOpt = False,
     readers: ReadersOpt = None,
     dashboard: DashboardOpt = None,
+    cells: CellsOpt = None,
+    bbox: BBoxOpt = None,
+    dates: DatesOpt = None,
+    max_nodata: MaxNodataOpt = None,
     retry_skipped: Annotated[bool, typer.Option("--retry-skipped", help="Read again the patches earlier runs skipped (a file fixed since).")] = False,
 ) -> None:
     """Compute the model's embeddings for every patch not yet in the store (resumable); chunks that
     `rsretrieve verify` finds damaged are encoded again."""
     job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else None,
-                   windows, compile, readers, dashboard)
+                   windows, compile, readers, dashboard, tile_filters(cells, bbox, dates, max_nodata))
     subset_note = f" / {job.selection.subset}" if job.selection.subset else ""
     console.print(f"dataset [cyan]{job.selection.dataset}[/]{subset_note} → store {job.store_path}")
     encode_all(job, modalities_of(modality), retry_skipped)
@@ -136,7 +145,7 @@ def encode(
 @app.command()
 def index(
     modality: Annotated[ModalityOrBoth, typer.Option("--modality", help="s1 | s2 | both")] = ModalityOrBoth.both,
-    kind: Annotated[IndexKind, typer.Option("--index", help="auto: exact below 1M vectors, IVF-PQ with re-ranking above.")] = IndexKind.auto,
+    kind: Annotated[IndexKind, typer.Option("--index", help="auto: exact below 1M vectors, IVF-PQ on disk with re-ranking from the store above.")] = IndexKind.auto,
     dataset: DatasetOpt = None,
     data_root: RootOpt = None,
     subset: SubsetOpt = None,
@@ -151,16 +160,25 @@ def index(
     compile: CompileOpt = False,
     readers: ReadersOpt = None,
     dashboard: DashboardOpt = None,
+    cells: CellsOpt = None,
+    bbox: BBoxOpt = None,
+    dates: DatesOpt = None,
+    max_nodata: MaxNodataOpt = None,
 ) -> None:
     """Encode what is missing for a modality, then build its FAISS index (only what is missing)."""
     from rsretrieve.indexer.jobs import ensure_index
 
     require_faiss()  # before any encoding: the index is the point of this command
     job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, None, windows, compile, readers,
-                   dashboard)
+                   dashboard, tile_filters(cells, bbox, dates, max_nodata))
     encode_all(job, modalities_of(modality))
-    for m in modalities_of(modality):
-        outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search, on_wait=waiting)
-        verb = "built" if outcome.built else "up to date:"
-        console.print(f"{m.upper()}: index {verb} {outcome.kind} over {outcome.vectors} vectors → {outcome.path}")
+    from rsretrieve.indexer.jobs import job_cluster
+
+    with job_cluster(job) as client:  # started only if an ivfpq-disk index adds its parts on it
+        for m in modalities_of(modality):
+            outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search, on_wait=waiting, client=client)
+            verb = "built" if outcome.built else "up to date:"
+            grown = f" (+{outcome.added} new)" if outcome.added is not None else ""
+            console.print(f"{m.upper()}: index {verb} {outcome.kind} over {outcome.vectors} vectors{grown} → {outcome.path}")
+            console.print(f"{m.upper()} index: {outcome.summary()}", highlight=False)
     State.workspace.remember(job.selection)

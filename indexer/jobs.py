@@ -5,15 +5,19 @@ These are what `rsretrieve index` and `rsretrieve eval` run; a notebook can call
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, EncodeSummary, cluster, encode
 from rsretrieve.bands import Modality
 from rsretrieve.errors import StoreError, located
 from rsretrieve.io.locks import exclusive
-from rsretrieve.retrieval.faiss_index import EmbeddingIndex
-from rsretrieve.retrieval.index_meta import index_is_current, read_meta
+from rsretrieve.retrieval.faiss_index import EmbeddingIndex, auto_kind
+from rsretrieve.retrieval.index_meta import growable_meta, index_is_current, read_meta
 from rsretrieve.store import EmbeddingStore
 from rsretrieve.store.integrity import damaged_chunks
 from rsretrieve.workspace import Selection, Workspace
@@ -34,18 +38,24 @@ class Job:
     compile: bool = False  # torch.compile the model on the encoder workers
     readers: int | None = None  # reader processes of the local cluster (default: one per core)
     dashboard: str | None = None  # address of the local cluster's Dask dashboard (None: no dashboard)
+    filters: tuple[tuple[str, object], ...] = ()  # Major TOM: cells, bbox, dates, max_nodata (reader options)
 
     @property
     def store_path(self) -> Path:
         if self.store:
             return Path(self.store)
         path = self.workspace.selection_store(self.selection)
-        # another cut of the tiles is another set of patches: a store of its own
-        return path.with_name(f"{path.stem}-{self.windows}windows.zarr") if self.windows == "grid" else path
+        # another cut of the tiles, or a filtered selection, is another set of patches: a store of its own
+        if self.windows == "grid":
+            path = path.with_name(f"{path.stem}-{self.windows}windows.zarr")
+        if self.filters:
+            digest = hashlib.sha256(json.dumps(self.filters, default=str).encode()).hexdigest()[:8]
+            path = path.with_name(f"{path.stem}-{'-'.join(name for name, _ in self.filters)}-{digest}.zarr")
+        return path
 
     @property
     def dataset_spec(self) -> DatasetSpec:
-        options = (("windows", self.windows),) if self.windows else ()
+        options = ((("windows", self.windows),) if self.windows else ()) + self.filters
         return DatasetSpec(self.selection.dataset, self.selection.root, self.selection.subset, options)
 
     @property
@@ -91,13 +101,32 @@ class IndexOutcome:
     built: bool
     kind: str
     vectors: int
+    params: dict = field(default_factory=dict)  # as in index.json: nlist, m, bytes_per_vector, ...
+    added: int | None = None  # vectors added to the existing index of a grown store (None: built whole)
+
+    @property
+    def bytes_per_vector(self) -> float | None:
+        return self.params.get("bytes_per_vector")
+
+    def summary(self) -> str:
+        """"ivfpq-disk (nlist 16384, PQ64, re-rank from the store), 72 B/vector in RAM"."""
+        p = self.params
+        how = {"flat": "exact", "hnsw": f"HNSW{p.get('hnsw_m', '')}, efSearch {p.get('ef_search', '')}"}.get(self.kind)
+        if how is None:  # the IVF-PQ kinds
+            rerank = "re-rank from the store" if self.kind == "ivfpq-disk" else ("re-rank in RAM" if p.get("refine") == "flat" else "no re-rank")
+            how = f"nlist {p.get('nlist')}, {'OPQ+' if p.get('opq') else ''}PQ{p.get('m')}, nprobe {p.get('nprobe')}, {rerank}"
+        memory = f", {p['bytes_per_vector']:,.0f} B/vector in RAM" if p.get("bytes_per_vector") is not None else ""
+        return f"{self.kind} ({how}){memory}"
 
 
-def ensure_index(job: Job, modality: Modality, kind: str = "auto", use_gpu: bool = False, on_wait=None) -> IndexOutcome:
-    """Build the modality's index from the store unless an intact index of this store is current.
+def ensure_index(job: Job, modality: Modality, kind: str = "auto", use_gpu: bool = False, on_wait=None, client=None) -> IndexOutcome:
+    """Build the modality's index from the store unless an intact index of this store is current;
+    an intact index of a store that has since gained rows gets those rows added (`grow_index`).
 
     Checking is read-only; building holds the store's lock (a second `index` waits, then finds the
-    index current) and refuses a store whose data disagrees with its ledger (`rsretrieve verify`)."""
+    index current) and refuses a store whose data disagrees with its ledger (`rsretrieve verify`).
+    `client`: a Dask client or `cluster` (started only if used) on which an ``ivfpq-disk`` index
+    adds its parts; without one they are added in this process."""
     store = EmbeddingStore(job.store_path)
     directory = job.workspace.index_dir(job.store_path, modality)
     current = _current_index(store, modality, directory, kind)
@@ -112,21 +141,61 @@ def ensure_index(job: Job, modality: Modality, kind: str = "auto", use_gpu: bool
             key, why = next(iter(damaged.items()))
             raise StoreError(located(store.path, f"{len(damaged)} {modality.upper()} chunk(s) disagree with the ledger (first: {key}: {why}); "
                                                  f"run `rsretrieve encode --modality {modality}` to encode them again"))
-        index = EmbeddingIndex.build(store.open(modality), modality, kind=kind, use_gpu=use_gpu)
+        mapper = _lazy_mapper(client)
+        grown = grow_index(store, modality, directory, kind, mapper)
+        if grown:
+            return grown
+        index = EmbeddingIndex.build(store.open(modality, index=False), modality, kind=kind, use_gpu=use_gpu, store_path=store.path,
+                                     mapper=mapper, work_dir=directory.parent)
         index.save(directory, store_id=store.store_id)
-    return IndexOutcome(directory, True, index.kind, index.ntotal)
+    return IndexOutcome(directory, True, index.kind, index.ntotal, dict(index.params))
+
+
+def grow_index(store: EmbeddingStore, modality: Modality, directory: Path, kind: str = "auto", mapper=None) -> IndexOutcome | None:
+    """Add to the saved index the rows the store gained since it was built, if the index is intact,
+    of this store and these embeddings, over the whole archive, holds exactly as many vectors as
+    there are valid rows below its `n_store_rows` (nothing changed there), and is of the kind asked
+    (for `auto`: the kind auto would pick now). None when it must be rebuilt instead."""
+    meta = growable_meta(directory, store.provenance(modality), store.store_id)
+    if meta is None:
+        return None
+    old = int(meta["n_store_rows"])
+    valid = np.asarray(store.zarr_group(modality)["valid"][:], dtype=bool)
+    wanted = auto_kind(int(valid.sum()), on_disk=True) if kind == "auto" else kind
+    if valid.size <= old or meta["kind"] != wanted:
+        return None
+    if int(valid[:old].sum()) != int(meta["ntotal"]) or int((meta.get("selection") or {}).get("n_selected", -1)) != int(meta["ntotal"]):
+        return None
+    index = EmbeddingIndex.load(directory, expected_provenance=store.provenance(modality), use_gpu=False, store_id=store.store_id,
+                                store_path=store.path)
+    added = index.extend(store.open(modality, index=False), modality, np.arange(old, valid.size), mapper=mapper, work_dir=directory.parent)
+    index.save(directory, store_id=store.store_id)
+    return IndexOutcome(directory, True, index.kind, index.ntotal, dict(index.params), added=added)
+
+
+def _lazy_mapper(client):
+    """A Dask mapper over `client` (a Client or a `cluster`, started on first use), or None."""
+    if client is None:
+        return None
+
+    def run(fn, tasks):
+        from rsretrieve.indexer.index_build import dask_mapper
+
+        return dask_mapper(client.get() if hasattr(client, "get") and not hasattr(client, "submit") else client)(fn, tasks)
+
+    return run
 
 
 def _current_index(store: EmbeddingStore, modality: Modality, directory: Path, kind: str) -> IndexOutcome | None:
     """The outcome of an index that is current for this store (intact, built from this store's
     embeddings, all of them (a resumed encode adds rows), of the kind asked for), else None."""
-    group = store.open(modality)
+    group = store.open(modality, index=False)
     n_valid = int(group["valid"].sum())
     if not index_is_current(directory, store.provenance(modality), group.sizes["patch"], selection={"n_selected": n_valid},
                             store_id=store.store_id):
         return None
     meta = read_meta(directory)  # its kind and size, without loading the index itself
-    return IndexOutcome(directory, False, meta["kind"], int(meta["ntotal"])) if kind in ("auto", meta["kind"]) else None
+    return IndexOutcome(directory, False, meta["kind"], int(meta["ntotal"]), meta.get("params") or {}) if kind in ("auto", meta["kind"]) else None
 
 
 def needed_modalities(tasks) -> list[Modality]:

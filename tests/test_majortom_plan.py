@@ -302,3 +302,20 @@ def test_the_fingerprint_of_one_tile_chunks_is_unchanged_and_planned_chunks_name
     a = Chunk("majortom", "k", "s2", "majortom", "/r/part_1.parquet", (), 3, 200, row_groups=(3, 4), tiles=("P/1U_1R", "P/1U_2R"), tile_size=1068)
     b = Chunk("majortom", "k", "s2", "majortom", "/r/part_1.parquet", (), 3, 200, row_groups=(3, 4), tiles=("P/1U_1R", "P/1U_3R"), tile_size=1068)
     assert len({patches_fingerprint([old]), patches_fingerprint([a]), patches_fingerprint([b])}) == 3
+
+
+def test_the_filters_from_the_command_line_make_a_store_of_their_own(tmp_path):
+    import xarray as xr
+
+    from test_cli import assert_clean_error, run
+
+    root = Path(__file__).resolve().parents[1] / "rsretrieve" / "data" / "sample" / "majortom"
+    common = ["index", "--dataset", "majortom", "--data-root", root, "--model", "csmoe-tiny", "--modality", "s2"]
+    run([*common, "--cells", "539U_97R", "--dates", "2017-06-01..2017-06-30"], tmp_path)
+    stores = sorted((tmp_path / "stores").glob("*.zarr"))
+    assert [s.name.split("--")[1].rsplit("-", 1)[0] for s in stores] == ["csmoe-tiny-cells-dates"]
+    cells = set(xr.open_zarr(stores[0], group="s2")["grid_cell"].values.tolist())
+    assert cells == {"539U_97R"}
+    assert_clean_error(run([*common, "--bbox", "1,2,3"], tmp_path, check=False), "bbox")
+    assert_clean_error(run([*common, "--cells", "999U_1R"], tmp_path, check=False), "no tile left", "999U_1R")
+    assert_clean_error(run(["index", "--dataset", "sample", "--model", "csmoe-tiny", "--cells", "539U_97R"], tmp_path, check=False), "--cells", "majortom only")

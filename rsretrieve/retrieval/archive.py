@@ -57,7 +57,9 @@ class Archive:
             if not (directory.exists() and any(directory.iterdir())):
                 raise StoreError(located(self.store.path, f"no {modality.upper()} index yet; run `rsretrieve index --modality {modality}` first"))
             provenance = self.store.provenance(modality)
-            index = EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=self.use_gpu, store_id=store_id)
+            # an ivfpq-disk index maps its lists (instant) and re-ranks with vectors read from the store
+            index = EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=self.use_gpu, store_id=store_id,
+                                        store_path=self.store.path)
             self._check_fresh(index, modality, directory)
             self._indexes[modality] = index
         return self._indexes[modality]
@@ -98,7 +100,7 @@ class Archive:
         kept = [[(float(s), int(r)) for s, r in zip(line_s, line_r) if r >= 0 and r != skip][:k]
                 for line_s, line_r, skip in zip(scores, rows, excluded)]
         wanted = sorted({row for hits in kept for _, row in hits})
-        found = self.store.open(target).drop_vars("embedding").isel(patch=wanted).compute()
+        found = self.store.open(target, index=False).drop_vars("embedding").isel(patch=wanted).compute()
         at = {row: i for i, row in enumerate(wanted)}
         hits = [[self._hit(found, at[row], rank, score, row) for rank, (score, row) in enumerate(line, start=1)] for line in kept]
         self.stats.search_s += time.perf_counter() - t0
@@ -166,7 +168,7 @@ class Archive:
         where: dict[str, tuple[Modality, int, bool]] = {}
         wanted = np.asarray(list(dict.fromkeys(patch_ids)), dtype=str)
         for source in [modality] if modality else self.store.modalities():
-            group = self.store.open(source)
+            group = self.store.open(source, index=False)
             ids = np.asarray(group["patch_id"].values.tolist(), dtype=str)
             rows = np.flatnonzero(np.isin(ids, wanted))
             valid = group["valid"].isel(patch=rows).values if rows.size else []
@@ -188,7 +190,7 @@ class Archive:
         for source in dict.fromkeys(mod for _, mod, _ in found):
             picks = [(i, row) for i, (_, mod, row) in enumerate(found) if mod == source]
             rows = sorted({row for _, row in picks})
-            block = self.store.open(source)["embedding"].isel(patch=rows).values.astype(np.float32)
+            block = self.store.open(source, index=False)["embedding"].isel(patch=rows).values.astype(np.float32)
             at = {row: j for j, row in enumerate(rows)}
             for i, row in picks:
                 out[i] = block[at[row]]
@@ -201,7 +203,7 @@ class Archive:
 
         lats, lons = np.full(len(found), np.nan), np.full(len(found), np.nan)
         for source in dict.fromkeys(mod for _, mod, _ in found):
-            group = self.store.open(source)
+            group = self.store.open(source, index=False)
             if "lat" not in group.coords or "lon" not in group.coords:
                 continue
             picks = [(i, row) for i, (_, mod, row) in enumerate(found) if mod == source]
@@ -221,15 +223,23 @@ class Archive:
         dataset = open_dataset(source["name"], source.get("root") or None, source.get("subset"), **source.get("options", {}))
         if hasattr(dataset, "read_patch"):
             return RawPixels.concat([dataset.read_patch(pid, modality) for pid in patch_ids])
-        spans, _ = self.store.ledger(modality)
-        ids = self.store.open(modality)["patch_id"].values.tolist()
-        chunk_of = {ids[row]: span.key for span in spans for row in range(span.start, span.stop)}
+        chunk_of = self._chunk_keys(modality, patch_ids)
         chunks = {chunk.key: chunk for chunk in dataset.chunks(modality)}
         found: dict[str, RawPixels] = {}
         for key in dict.fromkeys(chunk_of[pid] for pid in patch_ids):
             batch = dataset.read_chunk(chunks[key])
             found.update({pid: batch.pixels.take([i]) for i, pid in enumerate(batch.patch_ids)})
         return RawPixels.concat([found[pid] for pid in patch_ids])
+
+    def _chunk_keys(self, modality: Modality, patch_ids: list[str]) -> dict[str, str]:
+        """{patch id: key of the data chunk holding it}, from the ledger's row ranges (vectorised:
+        an archive of 10^8 rows is not turned into a dict)."""
+        spans, _ = self.store.ledger(modality)
+        ids = np.asarray(self.store.open(modality, index=False)["patch_id"].values)
+        rows = np.flatnonzero(np.isin(ids, np.asarray(patch_ids, dtype=ids.dtype if ids.dtype.kind == "T" else object)))
+        starts = np.array([span.start for span in spans], dtype=np.int64)
+        owner = np.searchsorted(starts, rows, side="right") - 1
+        return {str(ids[row]): spans[i].key for row, i in zip(rows, owner)}
 
     def query_pixels(self, result: QueryResult) -> RawPixels:
         """The query's (first valid) patch, raw: kept in the result, else read again."""

@@ -156,7 +156,7 @@ def evaluate(
         source, target = task[:2], task[2:]
         if target not in archives:
             ds = groups[target]
-            index = EmbeddingIndex.build(ds, kind=index_kind, split=archive_split, pair_ids=pair_list,
+            index = EmbeddingIndex.build(ds, target, kind=index_kind, split=archive_split, pair_ids=pair_list,
                                          batch_size=batch_size, use_gpu=use_gpu)
             archives[target] = (index, _labels(ds))
         index, archive_labels = archives[target]

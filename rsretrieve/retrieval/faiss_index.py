@@ -16,6 +16,9 @@ Index kinds (see docs/RETRIEVAL.md):
   k-means wants one point per centroid, ideally 39): a smaller selection raises a one-line
   `StoreError` pointing to ``flat``, which is exact and the better choice at that size anyway.
 - ``hnsw``  : `IndexHNSWFlat` (M=32, inner product), efSearch tuned the same way.
+- ``ivfpq-disk`` : IVF-PQ whose codes live in a memory-mapped `index.ivfdata`, re-ranked exactly
+  from the store (`ondisk_index.OnDiskIndex`); `auto` picks it from 1M vectors when the index is
+  built from a store on disk. Grows with `extend`, as every kind does.
 
 The store is never loaded whole: `ds.embedding` is read in slices of `batch_size` rows.
 """
@@ -33,12 +36,14 @@ import numpy as np
 from rsretrieve.errors import StoreError, located
 from rsretrieve.provenance import describe, differences, is_random_init
 from rsretrieve.io.files import file_record
-from rsretrieve.retrieval.index_meta import DATA_FILES, FORMAT_VERSION, IDS_FILE, INDEX_FILE, META_FILE, damage, json_default, read_meta
-from rsretrieve.retrieval.ivfpq import build_ivfpq, default_nlist, default_pq_m, ivfpq_min_vectors  # noqa: F401  (public here)
+from rsretrieve.retrieval.index_meta import (FORMAT_VERSION, IDS_FILE, INDEX_FILE, LOAD_CHECKSUM_MAX_BYTES, META_FILE, damage, files_of,
+                                             json_default, read_meta, remove_leftovers, swap_in)
+from rsretrieve.retrieval.ivfpq import (build_ivfpq, default_nlist, default_pq_m, full_storage, ivfpq_min_vectors,  # noqa: F401  (public here)
+                                        memory_bytes, proxy_queries)
 from rsretrieve.store.read import DEFAULT_BATCH, as_strings, coord_values, iter_embeddings, normalise_rows, open_group, provenance_of, selection_mask
 
 AUTO_FLAT_MAX = 1_000_000
-KINDS = ("flat", "ivfpq", "hnsw", "auto")
+KINDS = ("flat", "ivfpq", "hnsw", "ivfpq-disk", "auto")
 
 
 def _faiss():
@@ -50,8 +55,12 @@ def _faiss():
 # -- parameters ------------------------------------------------------------------------------------
 
 
-def auto_kind(n: int) -> str:
-    return "flat" if n < AUTO_FLAT_MAX else "ivfpq"
+def auto_kind(n: int, threshold: int = AUTO_FLAT_MAX, on_disk: bool = False) -> str:
+    """Exact below `threshold` vectors; above, IVF-PQ: on disk with re-ranking from the store when
+    the vectors are in a store on disk (`on_disk`), else in RAM with its refine vectors."""
+    if n < threshold:
+        return "flat"
+    return "ivfpq-disk" if on_disk else "ivfpq"
 
 
 # -- the index -------------------------------------------------------------------------------------
@@ -64,13 +73,13 @@ class EmbeddingIndex:
                  provenance: dict | None = None, selection: dict | None = None, n_store_rows: int | None = None,
                  modality: str | None = None, use_gpu: bool = True):
         self.cpu_index = index
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.patch_ids = as_strings(patch_ids)
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)  # None: faiss ids are store rows (ivfpq-disk)
+        self.patch_ids = None if patch_ids is None else as_strings(patch_ids)
         self.kind = kind
         self.params = dict(params)
         self.provenance = dict(provenance or {})
         self.selection = dict(selection or {})
-        self.n_store_rows = int(n_store_rows if n_store_rows is not None else (self.rows.max() + 1 if self.rows.size else 0))
+        self.n_store_rows = int(n_store_rows if n_store_rows is not None else (self.rows.max() + 1 if rows is not None and len(rows) else 0))
         self.modality = modality
         self._search_index = _to_gpu(index) if use_gpu else index
 
@@ -79,11 +88,15 @@ class EmbeddingIndex:
     def build(cls, source, modality: str | None = None, *, kind: str = "auto", rows=None,
               split: str | Sequence[str] | None = None, pair_ids: Sequence[str] | None = None,
               batch_size: int = DEFAULT_BATCH, use_gpu: bool = True, seed: int = 0,
-              target_recall: float = 0.95, tune: bool = True, **params) -> "EmbeddingIndex":
+              target_recall: float = 0.95, tune: bool = True, store_path: str | Path | None = None, mapper=None,
+              work_dir: str | Path | None = None, auto_threshold: int = AUTO_FLAT_MAX, **params) -> "EmbeddingIndex":
         """Build from a store group. `source` is an opened `xr.Dataset` (one group) or a store path
         (then `modality` names the group). `rows` (bool mask or row indices), `split` and
         `pair_ids` select what to index. `params` override defaults: nlist, m, nbits, nprobe,
-        k_factor, refine ("flat" | "none"), train_size, hnsw_m, ef_construction, ef_search."""
+        k_factor, refine ("flat" | "none"), train_size, hnsw_m, ef_construction, ef_search.
+        ``ivfpq-disk`` re-ranks from the store at `store_path` (default: `source`'s) and takes
+        `mapper(fn, tasks)` (a Dask map: `rsretrieve.indexer.index_build`) and `work_dir`; `auto`
+        is exact below `auto_threshold` vectors."""
         if kind not in KINDS:
             raise ValueError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
         ds = _open(source, modality)
@@ -93,8 +106,23 @@ class EmbeddingIndex:
         if n == 0:
             raise StoreError(f"no embeddings to index in the {modality or 'store'} group (selection is empty)")
         dim = int(ds.sizes["dim"])
+        store = _store_path_of(source, ds, modality, store_path)
         if kind == "auto":
-            kind = auto_kind(n)
+            kind = auto_kind(n, auto_threshold, on_disk=store is not None)
+        selection = {
+            "split": split if split is None or isinstance(split, str) else list(split),
+            "rows": None if rows is None else "explicit",
+            "pair_ids": None if pair_ids is None else len(list(pair_ids)),
+            "n_selected": n,
+        }
+        if kind == "ivfpq-disk":
+            from rsretrieve.retrieval.ondisk_index import OnDiskIndex
+
+            if store is None:
+                raise ValueError("kind 'ivfpq-disk' re-ranks from a store on disk: build it from a store path, or pass store_path=")
+            return OnDiskIndex.build_from(ds, modality or ds.attrs["modality"], selected, store, seed=seed, tune=tune,
+                                          target_recall=target_recall, batch_size=batch_size, mapper=mapper, work_dir=work_dir,
+                                          use_gpu=use_gpu, selection=selection, **params)
         faiss = _faiss()
         if kind == "flat":
             index, chosen = faiss.IndexFlatIP(dim), {"metric": "ip"}
@@ -114,12 +142,7 @@ class EmbeddingIndex:
         all_rows = np.concatenate(rows_parts)
         pids = coord_values(ds, "patch_id")
         patch_ids = as_strings(pids[all_rows]) if pids is not None else as_strings(all_rows)
-        selection = {
-            "split": split if split is None or isinstance(split, str) else list(split),
-            "rows": None if rows is None else "explicit",
-            "pair_ids": None if pair_ids is None else len(list(pair_ids)),
-            "n_selected": n,
-        }
+        chosen["bytes_per_vector"] = round(memory_bytes(index, kind) / max(1, index.ntotal), 1)
         out = cls(index, all_rows, patch_ids, kind, chosen, provenance_of(ds), selection,
                   n_store_rows=int(ds.sizes["patch"]), modality=modality or ds.attrs.get("modality"), use_gpu=False)
         if tune and kind in ("ivfpq", "hnsw") and not _explicit_search_params(kind, params):
@@ -153,6 +176,16 @@ class EmbeddingIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cosine similarities (Q, k) and store rows (Q, k), best first. Rows are -1 where an
         approximate index found fewer than k candidates."""
+        q = self._normalised_queries(queries, k)
+        scores, ids = self._search_index.search(q, k)
+        rows = np.where(ids >= 0, self.rows[np.clip(ids, 0, None)], -1)
+        if self.params.get("metric") == "l2":  # squared L2 between unit vectors -> cosine
+            scores = 1.0 - scores / 2.0
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        return scores, rows
+
+    def _normalised_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """(Q, dim) queries, L2-normalised, after checking their shape and k."""
         queries = np.asarray(queries)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -162,13 +195,7 @@ class EmbeddingIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         if k > self.ntotal:
             raise StoreError(f"k={k} is larger than the archive ({self.ntotal} patches)")
-        q = normalise_rows(queries)
-        scores, ids = self._search_index.search(q, k)
-        rows = np.where(ids >= 0, self.rows[np.clip(ids, 0, None)], -1)
-        if self.params.get("metric") == "l2":  # squared L2 between unit vectors -> cosine
-            scores = 1.0 - scores / 2.0
-        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
-        return scores, rows
+        return normalise_rows(queries)
 
     def search_patch_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like `search`, with patch ids (str, '' where missing) instead of store rows."""
@@ -199,15 +226,8 @@ class EmbeddingIndex:
     def exact_search(self, normalised_queries: np.ndarray, k: int) -> np.ndarray:
         """Exact neighbours (faiss ids) from the full vectors the index keeps (flat storage of
         IndexRefineFlat / IndexHNSWFlat / IndexFlat)."""
-        faiss = _faiss()
-        idx = self.cpu_index
-        if self.kind == "flat":
-            storage = idx
-        elif self.kind == "hnsw":
-            storage = faiss.downcast_index(idx.storage)
-        elif hasattr(idx, "refine_index"):
-            storage = faiss.downcast_index(idx.refine_index)
-        else:
+        storage = full_storage(self.cpu_index, self.kind)
+        if storage is None:
             raise ValueError("this index keeps no full vectors; exact search needs the store")
         _, ids = storage.search(np.ascontiguousarray(normalised_queries, dtype=np.float32), k)
         return ids
@@ -223,7 +243,7 @@ class EmbeddingIndex:
         if self.kind not in ("ivfpq", "hnsw"):
             return 1.0
         k = min(k, self.ntotal)
-        queries = self._tuning_queries(n_queries, seed)
+        queries = proxy_queries(self.cpu_index, self.kind, n_queries, seed)
         truth = self.exact_search(queries, k)
         if self.kind == "hnsw":
             grid = [{"ef_search": ef} for ef in (32, 48, 64, 96, 128, 192, 256, 384, 512, 768)]
@@ -243,49 +263,50 @@ class EmbeddingIndex:
         self.params["target_recall"] = target_recall
         return reached
 
-    def _tuning_queries(self, n_queries: int, seed: int) -> np.ndarray:
-        faiss = _faiss()
-        rng = np.random.default_rng(seed)
-        ids = rng.choice(self.ntotal, size=min(n_queries, self.ntotal), replace=False)
-        storage = None
-        if self.kind == "hnsw":
-            storage = faiss.downcast_index(self.cpu_index.storage)
-        elif hasattr(self.cpu_index, "refine_index"):
-            storage = faiss.downcast_index(self.cpu_index.refine_index)
-        if storage is None:  # no full vectors (refine="none"): decode the PQ codes
-            base = self.cpu_index
-            vectors = np.stack([base.reconstruct(int(i)) for i in ids]) if hasattr(base, "reconstruct") else None
-            if vectors is None:
-                raise ValueError("cannot draw tuning queries")
-            return normalise_rows(vectors)
-        vectors = np.stack([storage.reconstruct(int(i)) for i in ids])
-        _, nn = storage.search(vectors, 2)
-        neighbours = np.stack([storage.reconstruct(int(j)) for j in nn[:, 1]])
-        spread = np.linalg.norm(vectors - neighbours, axis=1, keepdims=True)
-        noise = rng.standard_normal(vectors.shape).astype(np.float32)
-        noise *= spread / np.sqrt(vectors.shape[1])
-        return normalise_rows(vectors + noise)
+    # -- growing ---------------------------------------------------------------------------------------
+    def extend(self, source, modality: str | None = None, rows=None, *, batch_size: int = DEFAULT_BATCH, **_) -> int:
+        """Add the valid store rows `rows` (default: every row past `n_store_rows`, i.e. what a grown
+        store gained; rows already indexed are refused) with `index.add`, trained parts unchanged.
+        Returns the number added."""
+        ds = _open(source, modality or self.modality)
+        n_rows = int(ds.sizes["patch"])
+        wanted = np.arange(self.n_store_rows, n_rows) if rows is None else np.asarray(rows, np.int64)
+        mask = selection_mask(ds, rows=wanted)
+        if np.isin(np.flatnonzero(mask), self.rows).any():
+            raise ValueError("extend adds rows the index has not seen; some of these are in it already")
+        added = [np.zeros(0, np.int64)]
+        for batch_rows, vectors in iter_embeddings(ds, mask, batch_size):
+            self.cpu_index.add(vectors)
+            added.append(batch_rows)
+        added = np.concatenate(added)
+        pids = coord_values(ds, "patch_id")
+        self.rows = np.concatenate([self.rows, added])
+        self.patch_ids = np.concatenate([self.patch_ids, as_strings(pids[added]) if pids is not None else as_strings(added)])
+        self._grown(n_rows, int(added.size))
+        self.params["bytes_per_vector"] = round(memory_bytes(self.cpu_index, self.kind) / max(1, self.ntotal), 1)
+        if self._search_index is not self.cpu_index:
+            self._search_index = _to_gpu(self.cpu_index)
+        return int(added.size)
+
+    def _grown(self, n_store_rows: int, added: int) -> None:
+        self.n_store_rows = int(n_store_rows)
+        self.selection["n_selected"] = int(self.selection.get("n_selected") or 0) + added
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, directory: str | Path, store_id: str | None = None) -> Path:
         """Write index.faiss, ids.parquet (faiss id -> store row, patch_id) and index.json (with the
-        files' sizes and SHA-256, and the id of the store the index belongs to).
+        files' sizes and SHA-256, and the id of the store the index belongs to); an ``ivfpq-disk``
+        index writes index.faiss and index.ivfdata instead of the first two.
 
         The files are written to a folder beside `directory` and swapped in by renames, so a crash
         or a full disk leaves the previous index (or none), never a mix of two."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        faiss = _faiss()
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(directory)
+        remove_leftovers(directory)
         staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.partial")
         staging.mkdir()
         try:
-            faiss.write_index(self.cpu_index, str(staging / INDEX_FILE))
-            pq.write_table(pa.table({"row": pa.array(self.rows, pa.int64()), "patch_id": pa.array(self.patch_ids.tolist(), pa.string())}),
-                           staging / IDS_FILE)
+            self._write_data(staging)
             meta = {
                 "format_version": FORMAT_VERSION,
                 "store_id": store_id,
@@ -298,20 +319,35 @@ class EmbeddingIndex:
                 "selection": self.selection,
                 "provenance": self.provenance,
                 "random_init": is_random_init(self.provenance),
-                "files": {name: file_record(staging / name) for name in DATA_FILES},
+                "files": {name: file_record(staging / name) for name in files_of(self.kind)},
             }
             (staging / META_FILE).write_text(json.dumps(meta, indent=2, default=json_default))
-            _swap_in(staging, directory)
+            swap_in(staging, directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self._saved_to(directory)
         return directory
+
+    def _write_data(self, staging: Path) -> None:
+        """index.faiss and ids.parquet (faiss id -> store row, patch id) into `staging`."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        _faiss().write_index(self.cpu_index, str(staging / INDEX_FILE))
+        pq.write_table(pa.table({"row": pa.array(self.rows, pa.int64()), "patch_id": pa.array(self.patch_ids.tolist(), pa.string())}),
+                       staging / IDS_FILE)
+
+    def _saved_to(self, directory: Path) -> None:
+        """Called once the files are in place (an on-disk index now maps them from there)."""
 
     @classmethod
     def load(cls, directory: str | Path, expected_provenance: dict | None = None, use_gpu: bool = True,
-             store_id: str | None = None) -> "EmbeddingIndex":
-        """Read an index written by `save`, after checking its files against their sizes and
-        SHA-256. With `expected_provenance` (the store's) and `store_id`, an index built from other
-        embeddings or for another store is refused; every refusal is a one-line StoreError."""
+             store_id: str | None = None, store_path: str | Path | None = None) -> "EmbeddingIndex":
+        """Read an index written by `save`, after checking its files against their sizes (and
+        SHA-256, up to `LOAD_CHECKSUM_MAX_BYTES` a file). With `expected_provenance` (the store's)
+        and `store_id`, an index built from other embeddings or for another store is refused; every
+        refusal is a one-line StoreError. An ``ivfpq-disk`` index needs `store_path` (the store it
+        re-ranks from); its lists are memory-mapped, not read."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -330,9 +366,13 @@ class EmbeddingIndex:
                     f"index was built from embeddings of {describe(meta.get('provenance'))}, but the store holds "
                     f"{describe(expected_provenance)} (differs in {', '.join(diff)}); {rebuild}",
                 ))
-        problem = damage(directory, meta)
+        problem = damage(directory, meta, checksums=LOAD_CHECKSUM_MAX_BYTES)
         if problem:
             raise StoreError(located(directory, f"damaged index: {problem}; {rebuild}"))
+        if meta.get("kind") == "ivfpq-disk":
+            from rsretrieve.retrieval.ondisk_index import OnDiskIndex
+
+            return OnDiskIndex.from_saved(directory, meta, store_path, rebuild)
         try:
             index = faiss.read_index(str(directory / INDEX_FILE))
             ids = pq.read_table(directory / IDS_FILE)
@@ -376,30 +416,20 @@ def _open(source, modality: str | None):
     return ds
 
 
+def _store_path_of(source, ds, modality: str | None, given) -> Path | None:
+    """The store on disk the group comes from (a path given, or the one xarray opened), if its
+    group is there: an ivfpq-disk index reads vectors from it at search time."""
+    path = given if given is not None else (source if isinstance(source, (str, Path)) else ds.encoding.get("source"))
+    group = modality or ds.attrs.get("modality")
+    if path is None or group is None or not (Path(path) / group / "embedding").exists():
+        return None
+    return Path(path)
+
+
 def _explicit_search_params(kind: str, params: dict) -> bool:
     if kind == "hnsw":
         return "ef_search" in params
     return "nprobe" in params and ("k_factor" in params or params.get("refine") == "none")
-
-
-def _remove_leftovers(directory: Path, stale_after_s: float = 3600) -> None:
-    """Folders a killed save left beside the index: old copies (always), staging folders an hour old
-    (a younger one may be another save's, in progress)."""
-    import time
-
-    for leftover in directory.parent.glob(f".{directory.name}.*"):
-        old = leftover.name.endswith(".old")
-        if old or (leftover.name.endswith(".partial") and time.time() - leftover.stat().st_mtime > stale_after_s):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _swap_in(staging: Path, directory: Path) -> None:
-    """Put the folder `staging` in place of `directory` by renames (the old one is removed after)."""
-    old = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.old")
-    if directory.exists():
-        directory.rename(old)
-    staging.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _to_gpu(index):

@@ -3,7 +3,13 @@
 An index belongs to one store: its folder is named after the store's identity (`store_id`, made
 when the store is created), and `index.json` records that id, the store's provenance, and the size
 and SHA-256 of `index.faiss` and `ids.parquet`. An index whose files do not match their record, or
-that belongs to another store, is never current and never loaded."""
+that belongs to another store, is never current and never loaded.
+
+Which files an index has depends on its kind: `index.faiss` and `ids.parquet` (faiss id -> store
+row, patch id), or for ``ivfpq-disk`` `index.faiss` and `index.ivfdata` (its inverted lists, memory-
+mapped; faiss ids are store rows, so there is no id map). Loading checks every file's size, but
+hashes only files up to `LOAD_CHECKSUM_MAX_BYTES`: a multi-GB `index.ivfdata` is hashed by
+`rsretrieve verify` alone (`damage(..., checksums=True)`)."""
 
 from __future__ import annotations
 
@@ -21,7 +27,15 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 META_FILE = "index.json"
 FORMAT_VERSION = 2  # 2: store_id and file records
-DATA_FILES = (INDEX_FILE, IDS_FILE)
+IVFDATA_FILE = "index.ivfdata"
+DATA_FILES = (INDEX_FILE, IDS_FILE)  # the files of an in-RAM index (flat, hnsw, ivfpq)
+ONDISK_FILES = (INDEX_FILE, IVFDATA_FILE)  # the files of an ``ivfpq-disk`` index
+LOAD_CHECKSUM_MAX_BYTES = 256 << 20  # hashing costs ~0.2 s per 256 MiB: larger files get a size check on load
+
+
+def files_of(kind: str | None) -> tuple[str, ...]:
+    """The data files an index of this kind is made of (besides index.json)."""
+    return ONDISK_FILES if kind == "ivfpq-disk" else DATA_FILES
 
 
 def jsonable(value: Any) -> Any:
@@ -51,12 +65,13 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
-def damage(directory: str | Path, meta: dict, checksums: bool = True) -> str | None:
+def damage(directory: str | Path, meta: dict, checksums: bool | int = True) -> str | None:
     """What is wrong with an index's files against their record in `index.json` (None: nothing).
-    Sizes always; SHA-256 too unless `checksums=False`."""
+    Sizes always; SHA-256 of every file with `checksums=True`, of none with False, and with a number
+    of the files up to that many bytes (what loading does: `LOAD_CHECKSUM_MAX_BYTES`)."""
     directory = Path(directory)
     records = meta.get("files") or {}
-    for name in DATA_FILES:
+    for name in files_of(meta.get("kind")):
         path, record = directory / name, records.get(name)
         if record is None:
             return f"{name} has no size and checksum in {META_FILE} (written by an older rsretrieve)"
@@ -64,9 +79,15 @@ def damage(directory: str | Path, meta: dict, checksums: bool = True) -> str | N
             return f"{name} is missing"
         if path.stat().st_size != record.get("bytes"):
             return f"{name} is {path.stat().st_size} bytes, {META_FILE} says {record.get('bytes')}"
-        if checksums and sha256_of(path) != record.get("sha256"):
+        if _hashed(checksums, record.get("bytes")) and sha256_of(path) != record.get("sha256"):
             return f"{name} does not match its SHA-256 in {META_FILE}"
     return None
+
+
+def _hashed(checksums: bool | int, size) -> bool:
+    if isinstance(checksums, bool):
+        return checksums
+    return int(size or 0) <= checksums
 
 
 def index_is_current(directory: str | Path, store_provenance: dict, n_rows: int, selection: dict | None = None,
@@ -81,7 +102,7 @@ def index_is_current(directory: str | Path, store_provenance: dict, n_rows: int,
         return False
     if store_id is not None and meta.get("store_id") != store_id:
         return False
-    if damage(directory, meta) is not None:
+    if damage(directory, meta, checksums=LOAD_CHECKSUM_MAX_BYTES) is not None:
         return False
     if differences(meta.get("provenance"), store_provenance):
         return False
@@ -94,7 +115,50 @@ def index_is_current(directory: str | Path, store_provenance: dict, n_rows: int,
     return True
 
 
+def growable_meta(directory: str | Path, store_provenance: dict, store_id: str | None = None) -> dict | None:
+    """The metadata of an intact index of this store and these embeddings over the whole archive
+    (no split, row or pair selection): one that new rows can be added to instead of rebuilding it.
+    None otherwise. Whether it covers what the store held when it was built is the caller's check
+    (`selection["n_selected"]` against the valid rows below `n_store_rows`)."""
+    try:
+        meta = read_meta(directory)
+    except StoreError:
+        return None
+    if store_id is not None and meta.get("store_id") != store_id:
+        return None
+    if damage(directory, meta, checksums=LOAD_CHECKSUM_MAX_BYTES) is not None or differences(meta.get("provenance"), store_provenance):
+        return None
+    selection = meta.get("selection") or {}
+    if any(selection.get(key) is not None for key in ("split", "rows", "pair_ids")) or "n_store_rows" not in meta:
+        return None
+    return meta
+
+
 def index_dir(indexes_dir: str | Path, store_path: str | Path, store_id: str, modality: str) -> Path:
     """Where the index of one store group lives, below a folder of indexes: `<stem>-<id>/<modality>`
     (the stem for people, the store's id so that two stores of one name never share an index)."""
     return Path(indexes_dir) / f"{Path(store_path).stem}-{store_id[:12]}" / modality
+
+
+def remove_leftovers(directory: Path, stale_after_s: float = 3600) -> None:
+    """Folders a killed save or build left beside the index: old copies (always), staging and build
+    folders an hour old (a younger one may be another save's, in progress)."""
+    import shutil
+    import time
+
+    for leftover in directory.parent.glob(f".{directory.name}.*"):
+        old = leftover.name.endswith(".old")
+        if old or (leftover.name.endswith(".partial") and time.time() - leftover.stat().st_mtime > stale_after_s):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def swap_in(staging: Path, directory: Path) -> None:
+    """Put the folder `staging` in place of `directory` by renames (the old one is removed after)."""
+    import shutil
+    import uuid
+
+    old = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}.old")
+    if directory.exists():
+        directory.rename(old)
+    staging.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)

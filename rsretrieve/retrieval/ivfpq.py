@@ -92,3 +92,58 @@ def build_ivfpq(ds, selected: np.ndarray, dim: int, n: int, batch_size: int, see
         index.k_factor = float(params.get("k_factor", 8.0))
         chosen["k_factor"] = float(index.k_factor)
     return index, chosen
+
+
+# -- what an index keeps: full vectors, memory ------------------------------------------------------
+
+
+def full_storage(index, kind: str):
+    """The flat storage of the full vectors an index keeps (IndexFlat itself, IndexHNSWFlat's
+    storage, IndexRefineFlat's refine index), None if it keeps none."""
+    faiss = _faiss()
+    if kind == "flat":
+        return index
+    if kind == "hnsw":
+        return faiss.downcast_index(index.storage)
+    if hasattr(index, "refine_index"):
+        return faiss.downcast_index(index.refine_index)
+    return None
+
+
+def proxy_queries(index, kind: str, n_queries: int, seed: int) -> np.ndarray:
+    """Tuning queries: archive vectors perturbed by noise of the size of their distance to their
+    nearest neighbour (so that none is its own trivial top hit), normalised. Without full vectors
+    (refine="none") the PQ reconstructions themselves."""
+    from rsretrieve.store.read import normalise_rows
+
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(index.ntotal, size=min(n_queries, index.ntotal), replace=False)
+    storage = full_storage(index, kind)
+    if storage is None:
+        if not hasattr(index, "reconstruct"):
+            raise ValueError("cannot draw tuning queries")
+        return normalise_rows(np.stack([index.reconstruct(int(i)) for i in ids]))
+    vectors = np.stack([storage.reconstruct(int(i)) for i in ids])
+    _, nn = storage.search(vectors, 2)
+    neighbours = np.stack([storage.reconstruct(int(j)) for j in nn[:, 1]])
+    spread = np.linalg.norm(vectors - neighbours, axis=1, keepdims=True)
+    noise = rng.standard_normal(vectors.shape).astype(np.float32)
+    noise *= spread / np.sqrt(vectors.shape[1])
+    return normalise_rows(vectors + noise)
+
+
+def memory_bytes(index, kind: str) -> int:
+    """Bytes of the index's own arrays: vectors (flat), graph links + vectors (hnsw), PQ codes +
+    64-bit ids + refine vectors (ivfpq). What `rsretrieve index` reports per vector."""
+    faiss = _faiss()
+    if kind == "flat":
+        return int(index.ntotal * index.code_size)
+    if kind == "hnsw":
+        storage, graph = faiss.downcast_index(index.storage), index.hnsw
+        return int(storage.ntotal * storage.code_size + graph.neighbors.size() * 4 + graph.levels.size() * 4 + graph.offsets.size() * 8)
+    base = faiss.downcast_index(index.base_index) if hasattr(index, "base_index") else index
+    total = base.ntotal * (base.code_size + 8) + base.nlist * base.d * 4 + base.precomputed_table.size() * 4
+    if hasattr(index, "refine_index"):
+        refine = faiss.downcast_index(index.refine_index)
+        total += refine.ntotal * refine.code_size
+    return int(total)
