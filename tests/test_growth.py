@@ -18,6 +18,7 @@ import pytest
 import xarray as xr
 
 from rsretrieve.errors import StoreError
+from rsretrieve.indexer.jobs import grow_index
 from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, encode
 from rsretrieve.retrieval.faiss_index import EmbeddingIndex
 from rsretrieve.store import EmbeddingStore
@@ -80,7 +81,9 @@ def test_a_second_shard_encodes_only_its_tiles_and_the_index_answers_over_both(t
     before = snapshot(store_path)
     old_rows = before.sizes["patch"]
     assert first.patches_total == old_rows > 0
-    old_index = EmbeddingIndex.build(EmbeddingStore(store_path).open("s2"), "s2", kind="flat", use_gpu=False)
+    store, directory = EmbeddingStore(store_path), tmp_path / "indexes" / "s2"
+    old_index = EmbeddingIndex.build(store.open("s2"), "s2", kind="flat", use_gpu=False)
+    old_index.save(directory, store_id=store.store_id)
     query = before["embedding"].values[:3].astype(np.float32)
     old_scores, old_hits = old_index.search(query, 5)
 
@@ -104,9 +107,12 @@ def test_a_second_shard_encodes_only_its_tiles_and_the_index_answers_over_both(t
     # the new rows' timestamps were written through the group's own time encoding
     assert np.issubdtype(after["timestamp"].dtype, np.datetime64) and not np.isnat(after["timestamp"].values[old_rows:]).any()
 
-    # the index, extended by the new rows, answers over both; old hits are unchanged where nothing newer is nearer
-    index = EmbeddingIndex.build(EmbeddingStore(store_path).open("s2"), "s2", kind="flat", use_gpu=False)
-    assert index.ntotal == int(after["valid"].sum())
+    # the saved index gains the new rows only (not rebuilt), and answers over both; old hits keep their order
+    outcome = grow_index(store, "s2", directory, kind="flat")
+    new_valid = int(after["valid"].values[old_rows:].sum())
+    assert outcome is not None and outcome.added == new_valid > 0
+    index = EmbeddingIndex.load(directory, expected_provenance=store.provenance("s2"), use_gpu=False, store_id=store.store_id)
+    assert index.ntotal == int(after["valid"].sum()) == old_index.ntotal + new_valid
     scores, hits = index.search(query, 5)
     for q in range(len(query)):
         old_only = [h for h in hits[q] if h < old_rows]
