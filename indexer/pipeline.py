@@ -273,7 +273,7 @@ def _grow(store: EmbeddingStore, ds, modality: Modality, provenance: dict, spans
     if len(spans) == len(stored) and recorded == provenance["dataset"]["patches_sha256"]:
         return []
     chunks = ds.chunks(modality)
-    new = [chunk for chunk in chunks if chunk.key not in {span.key for span in stored}]
+    _, new = plan_spans(stored, chunks, store.path)  # the chunks past the ledger, as `_plan` found them
     store.grow(modality, spans, new_rows_meta(ds.metadata(modality, locations=False), chunks, new), provenance)
     added = sum(chunk.n_patches for chunk in new)
     return [f"the data grew: {len(new)} new chunk(s), {added} patches appended to the store"] if new else []
