@@ -313,39 +313,12 @@ class EmbeddingStore:
     def write_chunk(self, modality: Modality, span: ChunkSpan, patch_ids: Sequence[str], embeddings: np.ndarray,
                     locations: tuple[Sequence, Sequence] | None = None) -> None:
         """Write one chunk's embeddings into its region (and the patches' lat, lon where the reader
-        found them and the store has none yet), then mark the chunk done."""
-        group = self._group(modality, "r+")
-        region_ids = [str(p) for p in group["patch_id"][span.start : span.stop]]
-        position = {pid: i for i, pid in enumerate(region_ids)}
-        n = span.stop - span.start
-        block = np.full((n, group["embedding"].shape[1]), np.nan, dtype=group["embedding"].dtype)
-        valid = np.zeros(n, dtype=bool)
-        for pid, vector in zip(patch_ids, embeddings):
-            if pid not in position:
-                raise StoreError(located(self.path, f"patch {pid} does not belong to chunk {span.key}"))
-            block[position[pid]] = vector
-            valid[position[pid]] = True
-        group["embedding"][span.start : span.stop] = block
-        group["valid"][span.start : span.stop] = valid
-        if locations is not None and "lat" in group and "lon" in group:
-            self._write_locations(group, span, position, patch_ids, locations)
-        position_in_ledger = self._chunk_index(modality, group, span.key)
-        if "chunk_valid" in group:
-            group["chunk_valid"][position_in_ledger] = int(valid.sum())
-        group["chunk_done"][position_in_ledger] = True  # only after the data is in place
+        found them and the store has none yet), then mark the chunk done: `ShardWriter` for one
+        chunk (a run of many chunks should use one writer, which writes each shard once)."""
+        from rsretrieve.store.writer import ShardWriter
 
-    # -- internals -------------------------------------------------------------------------------
-    @staticmethod
-    def _write_locations(group: zarr.Group, span: ChunkSpan, position: dict, patch_ids: Sequence[str], locations) -> None:
-        lat = np.asarray(group["lat"][span.start : span.stop], dtype="float64")
-        lon = np.asarray(group["lon"][span.start : span.stop], dtype="float64")
-        if np.isfinite(lat).all() and np.isfinite(lon).all():
-            return  # planned with locations already, or written (both: a kill can come between the two writes)
-        for pid, la, lo in zip(patch_ids, *locations):
-            if la is not None and lo is not None:
-                lat[position[pid]], lon[position[pid]] = la, lo
-        group["lat"][span.start : span.stop] = lat
-        group["lon"][span.start : span.stop] = lon
+        with ShardWriter(self, modality, [span]) as writer:
+            writer.add(span, patch_ids, embeddings, locations)
 
     def zarr_group(self, modality: Modality, mode: str = "r") -> zarr.Group:
         """The modality's Zarr group itself (its arrays read without xarray)."""
