@@ -78,6 +78,7 @@ def test_each_shard_is_written_once_whole_and_chunks_are_done_only_after(tmp_pat
             for span, flag in zip(spans, done):
                 assert not flag or written[span.start : span.stop].all(), f"{span.key} done before its rows were written"
             assert done.sum() < len(spans) or i == len(order) - 1
+        assert len(writes) == 4, "each shard is written as soon as its last chunk arrives, not when the writer is left"
     assert sorted(writes) == [(0, 256), (256, 512), (512, 768), (768, 1000)], "one whole write per shard"
     group = store.zarr_group("s2")
     stored, valid = np.asarray(group["embedding"][:]), np.asarray(group["valid"][:])
