@@ -35,12 +35,25 @@ class Served:
         self.log: list[tuple[str, str, int, int]] = []
         self.fail_next = 0  # answer this many requests with 503
         self.ignore_range = False  # answer ranged requests with the whole file (200)
+        self.in_flight = 0  # requests parsed but not yet logged
+
+    def begin(self):
+        with self.lock:
+            self.in_flight += 1
 
     def add(self, *entry):
         with self.lock:
             self.log.append(entry)
+            self.in_flight -= 1
 
-    def clear(self):
+    def clear(self, timeout: float = 5.0):
+        """Forget what was logged, once the requests already answered are logged too: the server
+        logs a request after sending its answer, so the client may be back before the entry is."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
         with self.lock:
             self.log.clear()
 
@@ -103,10 +116,17 @@ class RangeHandler(SimpleHTTPRequestHandler):
         outputfile.write(data)
         self._sent = len(data)
 
+    def parse_request(self):
+        parsed = super().parse_request()
+        if parsed:
+            self._counted = True
+            self.served.begin()
+        return parsed
+
     def handle_one_request(self):
-        self._remaining, self._sent, self._status = None, 0, 0
+        self._remaining, self._sent, self._status, self._counted = None, 0, 0, False
         super().handle_one_request()
-        if getattr(self, "command", None):
+        if self._counted:
             self.served.add(self.command, self.path, self._status, self._sent)
 
     def send_response(self, code, message=None):
