@@ -14,9 +14,14 @@ index built on a Dask LocalCluster, queries re-ranked from the store, recall aga
    re-ranked exactly with vectors read from the store. Recall@10 against exact search, computed by
    streaming every store row through a matrix product (no index involved).
 
-Reported: peak RSS (VmHWM) of this process and of every worker process, bytes per vector in RAM
-(the index's own arrays: PQ codes, ids, centroids) and on disk (store, index), build time (train,
-add, merge, tune), load time, queries/s, recall@10, files in the store.
+Reported: peak RSS (VmHWM) of this process and of every worker process, and the peak of their sum
+(sampled every 0.25 s), bytes per vector in RAM (the index's own arrays: PQ codes, ids, centroids)
+and on disk (store, index), build time (train, add, merge, tune), load time, queries/s, recall@10,
+files in the store. Queries/s are measured twice: cold, with the store's and the index's files
+evicted from the page cache first (an archive of 10^8 rows never fits in it), then warm.
+
+    .venv/bin/python benchmarks/bench_scale.py --n 10000000 --dir /data/run --keep
+    .venv/bin/python benchmarks/bench_scale.py --n 10000000 --dir /data/run --search-only   # search again
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +57,52 @@ def peak_rss_mb(pid: int | str = "self") -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class TotalRss:
+    """The peak of this process's RSS plus its children's, sampled in a thread (VmHWM is per process:
+    their peaks need not coincide, their sum is what the machine must hold)."""
+
+    def __init__(self, every_s: float = 0.25):
+        import psutil
+
+        self.me, self.every_s, self.peak_mb = psutil.Process(), every_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def now_mb(self) -> float:
+        import psutil
+
+        total = 0
+        for proc in [self.me, *self.me.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:  # a process that just ended
+                pass
+        return total / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak_mb = max(self.peak_mb, self.now_mb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mb
+
+
+def evict(*folders: Path) -> None:
+    """Drop the folders' files from the page cache (written back first), as after a reboot."""
+    os.sync()
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
 
 
 def span_rows(n: int, dim: int) -> int:
@@ -133,61 +185,83 @@ def phase(name: str, t0: float) -> None:
 
 
 def run(args) -> list[tuple[str, str]]:
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="rsretrieve-bench-scale-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rss = TotalRss()
+    try:
+        print(f"[{args.n:,} x {args.dim}] in {root}", flush=True)
+        out = [("vectors", f"{args.n:,} x {args.dim} float16")]
+        if args.search_only:
+            store = EmbeddingStore(root / "store.zarr")
+            out.append(("store, build", f"from an earlier run in {root}"))
+        else:
+            store, built = write_and_build(root, args)
+            out += built
+        out += search(root, store, args)
+        out.append(("peak RSS", f"all processes together {rss.stop():,.0f} MB (sampled); this process {peak_rss_mb():,.0f} MB"
+                                + "".join(f", {k} {v:,.0f} MB" for k, v in sorted(getattr(args, "worker_peaks", {}).items()))))
+    finally:
+        rss.stop()
+        if not args.keep and not args.search_only:
+            shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def write_and_build(root: Path, args) -> tuple[EmbeddingStore, list[tuple[str, str]]]:
+    """The store written and the index built on a LocalCluster, saved to `root`/index/s2."""
     from distributed import Client, LocalCluster
 
     from rsretrieve.indexer.index_build import build_index
 
-    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="rsretrieve-bench-scale-"))
-    root.mkdir(parents=True, exist_ok=True)
-    out: list[tuple[str, str]] = []
-    try:
-        print(f"[{args.n:,} x {args.dim}] in {root}", flush=True)
-        store, write_s = write_store(root / "store.zarr", args.n, args.dim)
-        store_bytes, store_files = folder_bytes(store.path)
-        print(f"  store written in {write_s:.0f} s: {store_bytes / 2**30:.2f} GiB in {store_files} files; peak RSS {peak_rss_mb():,.0f} MB",
-              flush=True)
-        overrides = {k: v for k, v in (("nlist", args.nlist), ("m", args.m), ("slice_rows", args.slice_rows)) if v}
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-                Client(cluster) as client:
-            t0 = time.perf_counter()
-            index = build_index(client, store.path, "s2", work_dir=root, target_recall=args.target_recall, **overrides)
-            build_s = time.perf_counter() - t0
-            phase("built", t0)
-            peaks = worker_peaks(client)
-        index.save(root / "index" / "s2", store_id=store.store_id)
-        del index
+    store, write_s = write_store(root / "store.zarr", args.n, args.dim)
+    store_bytes, store_files = folder_bytes(store.path)
+    print(f"  store written in {write_s:.0f} s: {store_bytes / 2**30:.2f} GiB in {store_files} files; peak RSS {peak_rss_mb():,.0f} MB",
+          flush=True)
+    overrides = {k: v for k, v in (("nlist", args.nlist), ("m", args.m), ("slice_rows", args.slice_rows)) if v}
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
         t0 = time.perf_counter()
-        index = EmbeddingIndex.load(root / "index" / "s2", store_path=store.path, use_gpu=False)
-        load_s = time.perf_counter() - t0
-        queries = clustered(args.queries, dim=args.dim, seed=0, points_seed=QUERY_SEED)
-        found, qps, pq_qps = search_all(index, queries, 10, args.batch)
-        phase("searched", t0)
-        truth, exact_s = exact_top10(store, queries)
-        phase("exact search", t0)
-        recall = recall_at_k(found, truth)
-        index_bytes, _ = folder_bytes(root / "index")
-        p = index.params
-        steps = p.get("build_s", {})
-        tune_s = build_s - sum(steps.values())
-        out += [
-            ("vectors", f"{args.n:,} x {args.dim} float16"),
-            ("index", f"ivfpq-disk nlist {p['nlist']} ({p['quantizer']} quantizer), {'OPQ+' if p.get('opq') else ''}PQ{p['m']}x{p['nbits']}, "
-                      f"nprobe {p['nprobe']}, k_factor {p['k_factor']:g} (tuned recall {p.get('tuned_recall')})"),
-            ("store write", f"{write_s:,.0f} s ({args.n / write_s:,.0f} vectors/s)"),
-            ("build", f"{build_s:,.0f} s: train {steps.get('train', 0):,.0f} s (sample {p['train_size']:,}), "
-                      f"add {steps.get('add', 0):,.0f} s ({args.workers} workers), merge {steps.get('merge', 0):,.0f} s, tune {tune_s:,.0f} s"),
-            ("load", f"{load_s * 1000:,.0f} ms (memory-mapped)"),
-            ("queries/s", f"{qps:,.0f} re-ranked from the store, batches of {args.batch} ({pq_qps:,.0f}/s PQ shortlist alone)"),
-            ("recall@10", f"{recall:.4f} vs exact search ({args.queries:,} queries; exact streaming took {exact_s:,.0f} s)"),
-            ("bytes/vector in RAM", f"{p['bytes_per_vector']:,.1f} (PQ codes + ids + centroids)"),
-            ("bytes/vector on disk", f"store {store_bytes / args.n:,.0f}, index {index_bytes / args.n:,.1f}"),
-            ("files in the store", f"{store_files:,}"),
-            ("peak RSS", f"this process {peak_rss_mb():,.0f} MB; " + ", ".join(f"{k} {v:,.0f} MB" for k, v in sorted(peaks.items()))),
-        ]
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-    return out
+        index = build_index(client, store.path, "s2", work_dir=root, target_recall=args.target_recall, **overrides)
+        build_s = time.perf_counter() - t0
+        phase("built", t0)
+        args.worker_peaks = worker_peaks(client)
+    index.save(root / "index" / "s2", store_id=store.store_id)
+    p = index.params
+    steps = p.get("build_s", {})
+    tune_s = build_s - sum(steps.values())
+    return store, [
+        ("store write", f"{write_s:,.0f} s ({args.n / write_s:,.0f} vectors/s)"),
+        ("build", f"{build_s:,.0f} s: train {steps.get('train', 0):,.0f} s (sample {p['train_size']:,}), "
+                  f"add {steps.get('add', 0):,.0f} s ({args.workers} workers), merge {steps.get('merge', 0):,.0f} s, tune {tune_s:,.0f} s"),
+        ("files in the store", f"{store_files:,}"),
+    ]
+
+
+def search(root: Path, store: EmbeddingStore, args) -> list[tuple[str, str]]:
+    """The saved index loaded (memory-mapped) and searched cold, then warm; recall against exact search."""
+    evict(store.path, root / "index")
+    t0 = time.perf_counter()
+    index = EmbeddingIndex.load(root / "index" / "s2", store_path=store.path, use_gpu=False)
+    load_s = time.perf_counter() - t0
+    queries = clustered(args.queries, dim=args.dim, seed=0, points_seed=QUERY_SEED)
+    found, cold_qps, _ = search_all(index, queries, 10, args.batch)
+    _, warm_qps, pq_qps = search_all(index, queries, 10, args.batch)
+    phase("searched", t0)
+    truth, exact_s = exact_top10(store, queries)
+    phase("exact search", t0)
+    store_bytes, _ = folder_bytes(store.path)
+    index_bytes, _ = folder_bytes(root / "index")
+    p = index.params
+    return [
+        ("index", f"ivfpq-disk nlist {p['nlist']} ({p['quantizer']} quantizer), {'OPQ+' if p.get('opq') else ''}PQ{p['m']}x{p['nbits']}, "
+                  f"nprobe {p['nprobe']}, k_factor {p['k_factor']:g} (tuned recall {p.get('tuned_recall')})"),
+        ("load", f"{load_s * 1000:,.0f} ms (memory-mapped, cold)"),
+        ("queries/s", f"{cold_qps:,.0f} cold, {warm_qps:,.0f} warm: re-ranked from the store, batches of {args.batch} "
+                      f"({pq_qps:,.0f}/s PQ shortlist alone)"),
+        ("recall@10", f"{recall_at_k(found, truth):.4f} vs exact search ({args.queries:,} queries; exact streaming took {exact_s:,.0f} s)"),
+        ("bytes/vector in RAM", f"{p['bytes_per_vector']:,.1f} (PQ codes + ids + centroids)"),
+        ("bytes/vector on disk", f"store {store_bytes / args.n:,.0f}, index {index_bytes / args.n:,.1f}"),
+    ]
 
 
 def main() -> None:
@@ -203,6 +277,7 @@ def main() -> None:
     parser.add_argument("--slice-rows", type=int, default=None, help="rows per part (one Dask task each)")
     parser.add_argument("--dir", default=None, help="where the store and index go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the store and index")
+    parser.add_argument("--search-only", action="store_true", help="search the store and index an earlier --keep run left in --dir")
     args = parser.parse_args()
     rows = run(args)
     print("\n" + machine_line())

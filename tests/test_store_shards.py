@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 import zarr
 
+from rsretrieve.errors import StoreError
 from rsretrieve.store import ChunkSpan, EmbeddingStore
 from rsretrieve.store import layout
 from rsretrieve.store.integrity import chunks_with_skips, damaged_chunks
@@ -177,3 +178,19 @@ def test_a_group_created_slab_by_slab_equals_one_created_at_once(tmp_path, monke
     for name in ("patch_id", "lat", "lon", "chunk_key", "chunk_start", "chunk_stop", "chunk_done", "chunk_valid"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
     assert in_slabs.ledger("s2")[0] == at_once.ledger("s2")[0]
+
+
+def test_a_damaged_shard_is_one_line_naming_it_and_other_shards_still_read(tmp_path, small_shards):
+    store, spans = make_store(tmp_path / "s.zarr")
+    vectors = np.random.default_rng(5).standard_normal((1000, DIM)).astype(np.float32)
+    with ShardWriter(store, "s2", spans) as writer:
+        for item in results(spans, vectors):
+            writer.add(*item)
+    reader = RowReader(tmp_path / "s.zarr" / "s2")
+    shard = reader._shard_file(1)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # cut: the index the shard ends with is gone
+    with pytest.raises(StoreError, match=r"embedding.*damaged.*checksum") as caught:
+        reader.read(np.array([300]))
+    assert str(shard) in str(caught.value) and "\n" not in str(caught.value)
+    np.testing.assert_array_equal(reader.read(np.array([3, 900])), vectors[[3, 900]])  # shards 0 and 3 are whole

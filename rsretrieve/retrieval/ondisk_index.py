@@ -367,7 +367,7 @@ def _work_dir(parent: str | Path, modality: str) -> Path:
 def _add_parts(group_path: Path, work: Path, rows: np.ndarray, slice_rows: int, queries, batch_size: int, mapper,
                use_gpu: bool = True) -> list:
     tasks = [disk.SliceTask(str(group_path), str(work / "trained.faiss"), str(work / f"part-{i:05d}.faiss"), part, queries,
-                            batch_size=batch_size, use_gpu=use_gpu)
+                            batch_size=min(batch_size, disk.ADD_BATCH), use_gpu=use_gpu)
              for i, part in enumerate(slices_of(rows, slice_rows))]
     if mapper is None:
         return sequential_map(disk.add_slice, tasks)

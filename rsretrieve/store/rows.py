@@ -6,14 +6,21 @@
 Rows may come in any order and repeat; each distinct row is read once. A store written by
 rsretrieve keeps `embedding` in uncompressed Zarr v3 shards (`store.layout`): a row is then one
 read of `dim * itemsize` bytes at the offset the shard's index gives (the index, 16 bytes per inner
-chunk at the end of the file, is read once per shard). A thousand queries with 100 candidates each
-are 100,000 such reads, a fraction of a second from the page cache. Any other layout (compressed,
-unsharded, older stores) is read through zarr.
+chunk at the end of the file, is read once per shard). Any other layout (compressed, unsharded,
+older stores) is read through zarr.
+
+The reads are positioned reads (`os.preadv`) straight into the result, several at once, and rows
+that lie back to back are one read. Not a memory map: a page fault on a mapped file reads around
+the page (the device's read-ahead, 8 MiB on the machine measured), so each 1.5 KB row of a store
+that is not in the page cache cost a megabytes-long read; threads keep several reads in flight,
+which a virtual disk answers ~3x faster than one at a time (BENCHMARKS.md, "Re-rank reads").
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +29,9 @@ import zarr
 from rsretrieve.errors import StoreError, located
 
 EMPTY = np.uint64(2**64 - 1)  # the sharding index's mark of an inner chunk never written
+READ_THREADS = 8  # reads in flight: past ~8 a virtual disk answers no faster
+READS_PER_TASK = 64  # positioned reads one thread makes in a row (one file open each)
+RUN_BYTES = 8 << 20  # back-to-back rows are read together up to this size
 
 
 class RowReader:
@@ -51,31 +61,34 @@ class RowReader:
         return np.asarray(self.array.get_orthogonal_selection((rows, slice(None))), dtype=np.float32)
 
     def _read_plain(self, rows: np.ndarray) -> np.ndarray:
-        """Rows gathered from each shard file mapped into memory for this call only (vectorised; the
-        mapping is dropped after, so the pages read do not stay in the process's resident set)."""
+        """Rows (sorted, distinct) read from the shard files by byte offset: each shard's rows as
+        runs of back-to-back rows, the runs spread over a few threads."""
         shard_rows, inner_rows = self._plain
         row_bytes = self.dim * self.array.dtype.itemsize
-        out = np.full((rows.size, self.dim), np.nan, dtype=np.float32)
+        raw = np.zeros((rows.size, row_bytes), np.uint8)
+        written = np.zeros(rows.size, bool)
+        tasks = []
         shards = rows // shard_rows
-        order = np.argsort(shards, kind="stable")
-        bounds = np.flatnonzero(np.diff(shards[order])) + 1
-        for at in np.split(order, bounds):
+        for at in np.split(np.arange(rows.size), np.flatnonzero(np.diff(shards)) + 1):
             shard = int(shards[at[0]])
             index = self._shard_index(shard)
             if index is None:
                 continue
             local = rows[at] - shard * shard_rows
-            offsets = index[local // inner_rows, 0]
-            written = offsets != EMPTY
-            if not written.any():
-                continue
-            # inner chunks hold whole rows back to back, so every offset is a whole number of rows
-            first_row = offsets[written].astype(np.int64) // row_bytes + local[written] % inner_rows
-            path = self._shard_file(shard)
-            n_rows = (path.stat().st_size - self._index_bytes()) // row_bytes
-            mapped = np.memmap(path, dtype=self.array.dtype, mode="r", shape=(n_rows, self.dim))
-            out[at[written]] = mapped[first_row]
-            del mapped
+            chunk_offsets = index[local // inner_rows, 0]
+            ok = chunk_offsets != EMPTY
+            # inner chunks hold whole rows back to back: a row lies at its chunk's offset plus its place
+            offsets = chunk_offsets[ok].astype(np.int64) + (local[ok] % inner_rows) * row_bytes
+            written[at[ok]] = True
+            runs = _runs(at[ok], offsets, row_bytes)
+            path = str(self._shard_file(shard))
+            tasks += [(path, runs[i:i + READS_PER_TASK]) for i in range(0, len(runs), READS_PER_TASK)]
+        if len(tasks) > 1:
+            list(_pool(os.getpid()).map(lambda task: _read_runs(*task, raw, row_bytes), tasks))
+        elif tasks:
+            _read_runs(*tasks[0], raw, row_bytes)
+        out = raw.view(self.array.dtype).reshape(rows.size, self.dim).astype(np.float32)
+        out[~written] = np.nan
         return out
 
     def _index_bytes(self) -> int:
@@ -95,15 +108,60 @@ class RowReader:
             path = self._shard_file(shard)
             try:
                 with open(path, "rb") as f:
-                    f.seek(-size, os.SEEK_END)
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - size))
                     raw = f.read(size)
             except FileNotFoundError:
                 self._indexes[shard] = None
                 return None
             except OSError as exc:
-                raise StoreError(located(path, f"unreadable embedding shard ({exc})")) from None
+                raise StoreError(located(path, f"unreadable embedding shard ({exc.strerror})")) from None
+            if len(raw) != size or _crc32c(raw[:-4]) != raw[-4:]:  # the index the spec ends a shard with, checked
+                raise StoreError(located(path, "embedding shard is damaged: its index fails its checksum (truncated?)"))
             self._indexes[shard] = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_inner, 2)
         return self._indexes[shard]
+
+
+def _runs(dest: np.ndarray, offsets: np.ndarray, row_bytes: int) -> list[tuple[int, int, int]]:
+    """(first result row, rows, byte offset) of each run of rows that sit back to back in the file
+    and in the result, at most RUN_BYTES each."""
+    if not dest.size:
+        return []
+    breaks = (np.diff(offsets) != row_bytes) | (np.diff(dest) != 1)
+    starts = np.concatenate([[0], np.flatnonzero(breaks) + 1])
+    lengths = np.diff(np.concatenate([starts, [dest.size]]))
+    most = max(1, RUN_BYTES // row_bytes)
+    out = []
+    for start, length in zip(starts.tolist(), lengths.tolist()):
+        for s in range(start, start + length, most):
+            out.append((int(dest[s]), min(most, start + length - s), int(offsets[s])))
+    return out
+
+
+def _read_runs(path: str, runs: list[tuple[int, int, int]], raw: np.ndarray, row_bytes: int) -> None:
+    """Positioned reads of `runs` from `path` into `raw`'s rows; a short read (a truncated shard) is
+    a StoreError naming the file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise StoreError(located(path, f"unreadable embedding shard ({exc.strerror})")) from None
+    try:
+        for first, count, offset in runs:
+            if os.preadv(fd, [raw[first:first + count]], offset) != count * row_bytes:
+                raise StoreError(located(path, "embedding shard is shorter than its index says (truncated?)"))
+    finally:
+        os.close(fd)
+
+
+def _crc32c(data: bytes) -> bytes:
+    import google_crc32c
+
+    return int(google_crc32c.value(data)).to_bytes(4, "little")
+
+
+@lru_cache(maxsize=1)
+def _pool(pid: int) -> ThreadPoolExecutor:
+    """The reading threads of this process (keyed by pid: a forked child needs threads of its own)."""
+    return ThreadPoolExecutor(READ_THREADS, thread_name_prefix="rsretrieve-rows")
 
 
 def _plain_sharding(array) -> tuple[int, int] | None:
