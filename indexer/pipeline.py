@@ -238,8 +238,8 @@ def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, sp
     again (damaged chunks; with `retry_skipped`, chunks with skipped patches). Returns (the group's
     dtype, notes for the user)."""
     if not store.has(modality):
-        # one row per patch, to create the store; the readers find each patch's lat/lon as they read it
-        meta = ds.metadata(modality, locations=False)
+        # one row per patch, to create the store (a slab at a time); the readers find lat/lon as they read
+        meta = ds.patch_rows(modality)
         if not spans or spans[-1].stop == 0:
             made_from = provenance["dataset"]
             subset = f" / {made_from['subset']}" if made_from.get("subset") else ""
@@ -274,7 +274,7 @@ def _grow(store: EmbeddingStore, ds, modality: Modality, provenance: dict, spans
         return []
     chunks = ds.chunks(modality)
     _, new = plan_spans(stored, chunks, store.path)  # the chunks past the ledger, as `_plan` found them
-    store.grow(modality, spans, new_rows_meta(ds.metadata(modality, locations=False), chunks, new), provenance)
+    store.grow(modality, spans, new_rows_meta(ds.patch_rows(modality), chunks, new), provenance)
     added = sum(chunk.n_patches for chunk in new)
     return [f"the data grew: {len(new)} new chunk(s), {added} patches appended to the store"] if new else []
 

@@ -121,6 +121,27 @@ def test_a_million_tiles_are_planned_without_opening_an_image(tmp_path, monkeypa
     assert len(batch) == 0 and one_line(batch.skipped[0][1], "part_00001.parquet", "unreadable parquet")
 
 
+def test_the_patch_list_is_made_a_slice_at_a_time_equal_to_the_whole_table(tmp_path):
+    ds = open_dataset("majortom", synthetic_collection(tmp_path, 20_000, 1000))
+    rows, whole = ds.patch_rows("s2"), ds.metadata("s2", locations=False)
+    assert rows.num_rows == whole.num_rows == 2_000_000  # 100 windows a tile
+    for offset, length in [(0, 1), (95, 10), (1_234_567, 1000), (1_999_990, 50), (2_000_000, 5)]:
+        assert rows.slice(offset, length).equals(whole.slice(offset, length)), (offset, length)
+
+
+def test_a_hundred_million_windows_are_listed_a_slab_at_a_time(tmp_path):
+    ds = open_dataset("majortom", synthetic_collection(tmp_path, 1_000_000, 1000))
+    ds.chunks("s2")
+    before = pa.total_allocated_bytes()
+    rows = ds.patch_rows("s2")
+    slab = rows.slice(50_000_000 - 7, 1_000_000)  # from the middle of a tile
+    assert rows.num_rows == 100_000_000 and slab.num_rows == 1_000_000
+    assert pa.total_allocated_bytes() - before < 400 * 2**20  # one slab (~0.1 GB), never the 100 M rows (~10 GB)
+    assert slab.slice(0, 10).equals(rows.slice(50_000_000 - 7, 10))
+    # tile 500,000: shard 500's first, cell 250,000 (625U_0R), its first window
+    assert slab["patch_id"][7].as_py() == "S2A_MSIL2A_20200514T101031_N0500_R022_T33UUP_X500/625U_0R/0_0"
+
+
 @pytest.mark.parametrize("modality", ["s2", "s1"])
 def test_the_sample_planned_from_metadata_gives_the_header_paths_patches(tmp_path, modality):
     planned, headers = open_dataset("majortom", SAMPLE), open_dataset("majortom", header_copy(tmp_path))

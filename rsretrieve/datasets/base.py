@@ -66,6 +66,15 @@ class PatchBatch:
         return len(self.patch_ids)
 
 
+class PatchRows(Protocol):
+    """One row per patch, in chunk order, read a slice at a time: a `pa.Table`, or a reader's lazy
+    table for archives whose patch list is too long to hold (`majortom_windows.PlannedWindows`)."""
+
+    num_rows: int
+
+    def slice(self, offset: int = 0, length: int | None = None) -> pa.Table: ...
+
+
 @runtime_checkable
 class PatchDataset(Protocol):
     name: str
@@ -75,6 +84,10 @@ class PatchDataset(Protocol):
     def read_chunk(self, chunk: Chunk) -> PatchBatch: ...
 
     def metadata(self, modality: Modality, locations: bool = True) -> pa.Table: ...
+
+    def patch_rows(self, modality: Modality) -> PatchRows:
+        """The patches a store is created with (no lat/lon: the readers add them as they read)."""
+        ...
 
 
 def patches_fingerprint(chunks: list[Chunk]) -> str:

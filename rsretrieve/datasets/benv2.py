@@ -315,6 +315,9 @@ class BENv2Dataset:
             "product_id": [product_of(n, modality) for n in names],
         }
 
+    def patch_rows(self, modality: Modality) -> pa.Table:
+        return self.metadata(modality, locations=False)
+
     def metadata(self, modality: Modality, locations: bool = True) -> pa.Table:
         """One row per selected patch, in chunk order, without reading pixels. lat/lon come from
         the GeoTIFF headers when a tree is available, else they are null; `locations=False` leaves

@@ -40,7 +40,8 @@ from rsretrieve.bands import Modality, band_groups, bands_for
 from rsretrieve.datasets import majortom_remote as remote_shards
 from rsretrieve.datasets.base import PATCH, Chunk, PatchBatch, empty_batch, meta_table
 from rsretrieve.datasets.majortom_plan import (FRAGMENT_OVERLAP, WINDOW_RULES, Filters, TilePlan, metadata_location, parse_time,
-                                               plan_chunks, plan_metadata, plan_tiles, tile_keys_of, windows)
+                                               plan_chunks, plan_tiles, tile_keys_of, windows)
+from rsretrieve.datasets.majortom_windows import PlannedWindows, plan_metadata
 from rsretrieve.errors import DataError, RSRetrieveError, located
 from rsretrieve.datasets.geotiff_cell import decode_band, decode_pixels
 from rsretrieve.io.files import files_version
@@ -407,6 +408,14 @@ class MajorTOMDataset:
             out.rows.append({**common, "patch_id": patch_id, "pair_id": f"{key}/{r}_{c}", "lat": lat[j], "lon": lon[j], "window": [r, c, hh, ww]})
         if kept:
             out.parts.append(raster.cut(kept))
+
+    def patch_rows(self, modality: Modality) -> PlannedWindows | pa.Table:
+        """The candidate patches, made a slice at a time when planned from metadata.parquet (Major
+        TOM Core's 144 M windows are never one table), else `metadata(locations=False)`."""
+        plan = self.plan(modality)
+        if plan is None:
+            return self.metadata(modality, locations=False)
+        return PlannedWindows(plan, self.patch_size, self.window_rule)
 
     def metadata(self, modality: Modality, locations: bool = True) -> pa.Table:
         """All candidate patches (every full 120 px window of every tile), in chunk order, read-time

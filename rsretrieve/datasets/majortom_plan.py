@@ -12,9 +12,9 @@ Major TOM ships, beside each collection's shards, a `metadata.parquet` with one 
 - their windows: each tile is taken to be Major TOM's nominal 1068 x 1068 px (S2 at 10 m and
   S1RTC alike), unless the metadata has a `tile_px` column or the user gives `tile_size`; a tile
   whose real size differs is reported at read time, never guessed before;
-- chunks of `TILES_PER_CHUNK` tiles of one shard, in shard and row order;
-- every window's lat/lon: the tile centre projected into the tile's `crs` (pyproj), moved by the
-  window's offset at 10 m per pixel, projected back.
+- chunks of `TILES_PER_CHUNK` tiles of one shard, in shard and row order.
+
+The windows' own rows (ids, lat/lon) are `majortom_windows`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rsretrieve.datasets import majortom_remote as remote_shards
-from rsretrieve.datasets.base import META_TYPES, PATCH, Chunk
+from rsretrieve.datasets.base import PATCH, Chunk
 from rsretrieve.errors import DataError, RSRetrieveError, located
 from rsretrieve.io import remote
 from rsretrieve.io.remote import NotFound, is_url, one_line
@@ -243,7 +243,7 @@ def _read_metadata(source: Path | str, extra: tuple[str, ...]) -> pa.Table:
     return table
 
 
-def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
+def dictionary_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
     """(integer code per row, distinct values) of a column."""
     encoded = column.combine_chunks().dictionary_encode()
     return encoded.indices.to_numpy(False).astype(np.int64), encoded.dictionary.to_pylist()
@@ -270,7 +270,7 @@ def key_strings(cells: pa.Array, ranks: np.ndarray) -> pa.Array:
 
 def tile_keys_of(cells: pa.ChunkedArray) -> list[str]:
     """The tile keys of one shard's rows, from its grid_cell column (row order)."""
-    codes, _ = _codes(pc.fill_null(cells, ""))
+    codes, _ = dictionary_codes(pc.fill_null(cells, ""))
     n = len(codes)
     return key_strings(cells.combine_chunks(), _repeat_ranks(np.zeros(n, np.int64), codes, np.arange(n))).to_pylist()
 
@@ -284,8 +284,8 @@ def _shard_index(urls: list, shards: list) -> np.ndarray:
 def plan_tiles(source: Path | str, shards: list, *, tile_size: int | None = None, filters: Filters = Filters()) -> TilePlan:
     """The tiles to read, from the metadata alone (module docstring)."""
     table = _read_metadata(source, ("nodata",) if filters.max_nodata is not None else ())
-    url_codes, urls = _codes(table["parquet_url"])
-    cell_codes, _ = _codes(table["grid_cell"])
+    url_codes, urls = dictionary_codes(table["parquet_url"])
+    cell_codes, _ = dictionary_codes(table["grid_cell"])
     rows = table["parquet_row"].to_numpy().astype(np.int64)
     ranks = _repeat_ranks(url_codes, cell_codes, rows)  # over every row of a shard, before any filter
     try:
@@ -345,7 +345,7 @@ def _crs_names(column: pa.ChunkedArray) -> pa.Array:
     return pc.if_else(bare, pc.binary_join_element_wise("EPSG", text, ":"), text)
 
 
-def _window_sets(px: np.ndarray, size: int, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def window_sets(px: np.ndarray, size: int, rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(window count per tile, first window of each tile's size in `all_windows`, all_windows (N, 4))."""
     sizes, code = np.unique(px, return_inverse=True)
     sets = [np.asarray(windows(int(p), int(p), size, rule), np.int32).reshape(-1, 4) for p in sizes]
@@ -360,7 +360,7 @@ def plan_chunks(plan: TilePlan, dataset: str, modality: str, rel_paths: list[str
     tiles = plan.tiles
     shard, px = tiles["shard"].to_numpy(), tiles["tile_px"].to_numpy()
     n = len(shard)
-    counts, _, _ = _window_sets(px, size, rule)
+    counts, _, _ = window_sets(px, size, rule)
     run_start = np.ones(n, bool)
     run_start[1:] = (shard[1:] != shard[:-1]) | (px[1:] != px[:-1])
     starts_of_runs = np.flatnonzero(run_start)
@@ -377,65 +377,3 @@ def plan_chunks(plan: TilePlan, dataset: str, modality: str, rel_paths: list[str
         out.append(Chunk(dataset, key, modality, "majortom", paths[s], (), rows[a], n_patches,
                          row_groups=tuple(rows[a:b]), tiles=tuple(ids[a:b]), tile_size=p))
     return out
-
-
-def plan_metadata(plan: TilePlan, size: int = PATCH, rule: str = "majortom", locations: bool = True) -> pa.Table:
-    """One row per planned window, in chunk order, with the columns (and types) the shard-reading
-    path gives; lat/lon null when `locations` is False."""
-    tiles = {name: plan.tiles[name].combine_chunks() for name in plan.tiles.column_names}
-    counts, first, all_windows = _window_sets(tiles["tile_px"].to_numpy(), size, rule)
-    tile = np.repeat(np.arange(len(counts)), counts)
-    wins = all_windows[first[tile] + np.arange(len(tile)) - np.repeat(np.cumsum(counts) - counts, counts)]
-    per_window = {name: tiles[name].take(pa.array(tile)) for name in ("key", "product_id", "grid_cell", "timestamp", "source_patch_id")
-                  if name in tiles}
-    row, col = (pa.array(wins[:, i]).cast(pa.string()) for i in (0, 1))
-    pair = pc.binary_join_element_wise(per_window["key"], pc.binary_join_element_wise(row, col, "_"), "/")
-    lat, lon = _window_latlon(tiles, tile, wins, plan.source) if locations else (pa.nulls(len(tile), pa.float64()),) * 2
-    offsets = pa.array(np.arange(0, 4 * len(tile) + 1, 4, dtype=np.int32))
-    columns = {"patch_id": pc.binary_join_element_wise(per_window["product_id"], pair, "/"), "pair_id": pair, "lat": lat, "lon": lon,
-               "grid_cell": per_window["grid_cell"], "timestamp": per_window["timestamp"], "product_id": per_window["product_id"],
-               "window": pa.ListArray.from_arrays(offsets, pa.array(wins.ravel()))}
-    if "source_patch_id" in per_window:
-        columns["source_patch_id"] = per_window["source_patch_id"]
-    return pa.table({name: values.cast(META_TYPES[name]) for name, values in columns.items()})
-
-
-def _projection(src: str, dst: str):
-    """A vectorised (xs, ys) -> (xs, ys) projection: pyproj's, else GDAL's (pyproj comes with
-    geopandas, not with rsretrieve's own dependencies)."""
-    try:
-        from pyproj import Transformer
-    except ImportError:
-        from rasterio.warp import transform
-
-        return lambda xs, ys: tuple(np.asarray(v, np.float64) for v in transform(src, dst, xs, ys))
-    return Transformer.from_crs(src, dst, always_xy=True).transform
-
-
-def _window_latlon(tiles: dict[str, pa.Array], tile: np.ndarray, wins: np.ndarray, source) -> tuple[pa.Array, pa.Array]:
-    """lat, lon of each window centre: the tile centre into the tile's CRS, moved by the window's
-    offset from the tile centre at 10 m per pixel (rows run south), and back; one projection per CRS."""
-    lat = np.full(len(tile), np.nan)
-    lon = np.full(len(tile), np.nan)
-    crs_codes, crs_names = _codes(pa.chunked_array([pc.fill_null(tiles["crs"], "")]))
-    centre_lat = tiles["centre_lat"].to_numpy(False).astype(np.float64)
-    centre_lon = tiles["centre_lon"].to_numpy(False).astype(np.float64)
-    half = tiles["tile_px"].to_numpy().astype(np.float64)[tile] / 2.0
-    dx = (wins[:, 1] + wins[:, 3] / 2.0 - half) * PIXEL_M
-    dy = -(wins[:, 0] + wins[:, 2] / 2.0 - half) * PIXEL_M
-    for code, name in enumerate(crs_names):
-        if not name:
-            continue  # no CRS: no location, as a GeoTIFF without one
-        try:
-            forward, back = _projection("EPSG:4326", name), _projection(name, "EPSG:4326")
-        except Exception as e:  # noqa: BLE001 - pyproj's and GDAL's errors differ; either way the CRS is unknown
-            raise DataError(located(source, f"crs {name!r} is not a coordinate reference system ({one_line(e)})")) from None
-        of_crs = crs_codes == code
-        x, y = forward(centre_lon[of_crs], centre_lat[of_crs])
-        cx, cy = np.full(len(of_crs), np.nan), np.full(len(of_crs), np.nan)
-        cx[of_crs], cy[of_crs] = x, y
-        sel = of_crs[tile]
-        lon[sel], lat[sel] = back(cx[tile[sel]] + dx[sel], cy[tile[sel]] + dy[sel])
-    unknown = ~(np.isfinite(lat) & np.isfinite(lon))  # no centre, or one the CRS cannot hold
-    lat[unknown] = lon[unknown] = np.nan
-    return pa.array(lat, from_pandas=True), pa.array(lon, from_pandas=True)

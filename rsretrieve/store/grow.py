@@ -49,8 +49,9 @@ def plan_spans(stored: Sequence, chunks: Sequence, where) -> tuple[list, list]:
     return spans, new
 
 
-def new_rows_meta(meta: pa.Table, chunks: Sequence, new: Sequence) -> pa.Table:
-    """The metadata rows of the `new` chunks, from the dataset's table (in its chunk order)."""
+def new_rows_meta(meta, chunks: Sequence, new: Sequence) -> pa.Table:
+    """The metadata rows of the `new` chunks, from the dataset's `patch_rows` (a table, or a lazy
+    one: only the new rows are made), in its chunk order."""
     offsets, start = {}, 0
     for chunk in chunks:
         offsets[chunk.key] = (start, chunk.n_patches)

@@ -278,8 +278,9 @@ class EmbeddingStore:
             del group.attrs["skipped"]
             _consolidate(self.path)
 
-    def create(self, modality: Modality, meta: pa.Table, spans: Sequence[ChunkSpan], dim: int, provenance: dict, dtype: str = "float32") -> None:
-        """Allocate the group for these patches.
+    def create(self, modality: Modality, meta, spans: Sequence[ChunkSpan], dim: int, provenance: dict, dtype: str = "float32") -> None:
+        """Allocate the group for these patches. `meta`: one row per patch, a `pa.Table` or a lazy
+        table with `num_rows` and `slice(offset, length)` (a reader's `patch_rows`).
 
         The group is written beside the store and renamed into it when complete, so a crash
         while creating it leaves nothing half-made in the store. Coordinates are written in slabs
@@ -362,7 +363,7 @@ def slab_end(spans: Sequence[ChunkSpan], start: int) -> int:
     return min(end, len(spans))
 
 
-def _append_slabs(group_path: Path, spans: Sequence[ChunkSpan], meta: pa.Table, done: int) -> None:
+def _append_slabs(group_path: Path, spans: Sequence[ChunkSpan], meta, done: int) -> None:
     """Write the coordinates and ledger of chunks `done:` of a group being created, slab by slab."""
     group = zarr.open_group(group_path, mode="r+", zarr_format=3)
     while done < len(spans):
