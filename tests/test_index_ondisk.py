@@ -133,13 +133,36 @@ def test_memory_per_vector_is_the_pq_code_and_id():
     params = disk.disk_params(10_000_000, 768, {})
     assert (params["m"], params["nbits"], params["nlist"], params["quantizer"]) == (64, 8, 16384, "hnsw")
     sample = mixture(3_000, seed=5, dim=768)
-    index = disk.train_empty(sample, disk.disk_params(3_000, 768, {"nlist": 16, "train_size": 3_000, "niter": 2, "opq_niter": 2}))
+    index = disk.train_empty(sample.copy(), disk.disk_params(3_000, 768, {"nlist": 16, "train_size": 3_000, "niter": 2, "opq_niter": 2}))
     index.add_with_ids(sample, np.arange(3_000))
     ivf = disk.ivf_of(index)
     assert ivf.code_size + 8 == 72 <= 100  # 64 B PQ code + 8 B id a vector
     centroids_codebooks_rotation = 16 * 768 * 4 + ivf.pq.centroids.size() * 4 + 768 * 768 * 4
     assert ram_bytes(index) == 3_000 * 72 + centroids_codebooks_rotation
     assert disk.ivf_of(index).use_precomputed_table == -1  # no nlist x M x 256 table in RAM
+
+
+def test_training_in_place_equals_faiss_training_the_rotation_and_the_index_together():
+    """`train_empty` rotates the sample in place instead of letting IndexPreTransform.train hold a
+    rotated copy: the trained index must be the one faiss's own path trains."""
+    import faiss
+
+    sample = mixture(4_000, seed=8, dim=64)
+    params = disk.disk_params(4_000, 64, {"nlist": 16, "m": 8, "train_size": 4_000, "niter": 4, "opq_niter": 3, "quantizer": "flat"})
+    ours = disk.train_empty(sample.copy(), params)
+    ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(64), 64, 16, 8, 8, faiss.METRIC_L2)
+    ivf.cp.niter, ivf.cp.seed = 4, 0
+    rotation = faiss.OPQMatrix(64, 8)
+    rotation.niter = 3
+    reference = faiss.IndexPreTransform(rotation, ivf)
+    reference.train(sample)
+    theirs = disk.ivf_of(reference)
+    np.testing.assert_array_equal(faiss.vector_to_array(faiss.downcast_VectorTransform(ours.chain.at(0)).A), faiss.vector_to_array(rotation.A))
+    np.testing.assert_array_equal(disk.ivf_of(ours).quantizer.reconstruct_n(0, 16), theirs.quantizer.reconstruct_n(0, 16))
+    np.testing.assert_array_equal(faiss.vector_to_array(disk.ivf_of(ours).pq.centroids), faiss.vector_to_array(theirs.pq.centroids))
+    assert ours.is_trained and ours.ntotal == 0
+    with pytest.raises(ValueError, match="float32"):
+        disk.train_empty(sample.astype(np.float64), params)
 
 
 def test_save_load_is_memory_mapped_and_refuses_a_truncated_ivfdata(archive, tmp_path):

@@ -142,8 +142,8 @@ class OnDiskIndex(EmbeddingIndex):
         try:
             t0 = time.perf_counter()
             sample = disk.read_vectors(reader, sample_rows(selected, params["train_size"], seed), batch_size)
-            trained = disk.train_empty(sample, params, seed, use_gpu)
             queries = tuning_queries(sample, TUNING_QUERIES, seed) if tuning else None
+            trained = disk.train_empty(sample, params, seed, use_gpu)  # rotates the sample in place
             del sample
             disk.write_index(trained, work / "trained.faiss")
             t1 = time.perf_counter()

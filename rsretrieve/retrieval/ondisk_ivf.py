@@ -159,8 +159,12 @@ def set_nprobe(index, nprobe: int) -> None:
 
 def train_empty(sample: np.ndarray, params: dict, seed: int = 0, use_gpu: bool = True):
     """An empty IndexIVFPQ (L2 on unit vectors), behind an OPQ rotation if `params["opq"]`,
-    trained on `sample` (normalised float32)."""
+    trained on `sample` (normalised float32, C-contiguous). With OPQ the sample is rotated in place
+    (it is the caller's to drop after): faiss's own `IndexPreTransform.train` would hold a rotated
+    copy beside it, 2 GB more at 10 M vectors."""
     faiss = _faiss()
+    if sample.dtype != np.float32 or not sample.flags.c_contiguous:
+        raise ValueError("train_empty needs a C-contiguous float32 sample (it may rotate it in place)")
     dim = int(sample.shape[1])
     if params["quantizer"] == "hnsw":
         quantizer = faiss.IndexHNSWFlat(dim, params["hnsw_m"])
@@ -173,22 +177,27 @@ def train_empty(sample: np.ndarray, params: dict, seed: int = 0, use_gpu: bool =
     ivf.use_precomputed_table = -1
     ivf.cp.niter = params["niter"]
     ivf.cp.seed = seed
-    index = ivf
+    rotation = None
     if params.get("opq"):
         # a learnt rotation that balances the variance over the M sub-vectors: on clustered 768-d
         # vectors (1M) the true top 10 are in the top 20 of PQ64 for 99.6 % instead of 79.8 %, so
         # re-ranking reads 2-4x fewer rows (BENCHMARKS.md)
         rotation = faiss.OPQMatrix(dim, params["m"])
         rotation.niter = params["opq_niter"]
-        index = faiss.IndexPreTransform(rotation, ivf)
-        index.own_fields = True
-        rotation.this.disown()
-        ivf.this.disown()
+        rotation.train(sample)  # on a subsample of its own (max_train_points)
+        for start in range(0, len(sample), 65_536):
+            sample[start:start + 65_536] = rotation.apply(sample[start:start + 65_536])
     assigner = _kmeans_assigner(dim, params, use_gpu)
     if assigner is not None:  # the k-means step that dominates training: nlist centroids x the sample
         ivf.clustering_index = assigner
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    ivf.train(sample)
     ivf.clustering_index = None
+    if rotation is None:
+        return ivf
+    index = faiss.IndexPreTransform(rotation, ivf)  # trained parts: trained whole
+    index.own_fields = True
+    rotation.this.disown()
+    ivf.this.disown()
     return index
 
 
