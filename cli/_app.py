@@ -199,6 +199,8 @@ CellsOpt = Annotated[Optional[str], typer.Option("--cells", help="Major TOM: onl
 BBoxOpt = Annotated[Optional[str], typer.Option("--bbox", help="Major TOM: tiles whose centre lies in MIN_LON,MIN_LAT,MAX_LON,MAX_LAT.")]
 DatesOpt = Annotated[Optional[str], typer.Option("--dates", help="Major TOM: tiles taken from START..END (ISO dates, inclusive; START.. or ..END open).")]
 MaxNodataOpt = Annotated[Optional[float], typer.Option("--max-nodata", min=0.0, max=1.0, help="Major TOM: tiles with at most this nodata fraction.")]
+PrecisionOpt = Annotated[Optional[bool], typer.Option("--float16/--float32", help="Store embeddings as float16 (half the disk) or float32.",
+                                                       show_default="float16 from 1 M patches, else float32")]
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Embedding store (Zarr) to use.", show_default="one per dataset, subset and model in the workspace")]
 
 
@@ -220,6 +222,11 @@ def tile_filters(cells: str | None = None, bbox: str | None = None, dates: str |
         checked = Filters.build(**out)  # a malformed value fails here, in one line naming the option
         out = {k: v for k, v in vars(checked).items() if v is not None}
     return out
+
+
+def store_dtype(float16: bool | None) -> str | None:
+    """`--float16` / `--float32` as a store dtype (None: the default by archive size)."""
+    return None if float16 is None else ("float16" if float16 else "float32")
 
 
 def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto, batch_size=None, scheduler=None, store=None,

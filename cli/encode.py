@@ -22,6 +22,7 @@ from rsretrieve.cli._app import (
     MaxNodataOpt,
     ModalityOrBoth,
     ModelOpt,
+    PrecisionOpt,
     ReadersOpt,
     RootOpt,
     SchedulerOpt,
@@ -36,6 +37,7 @@ from rsretrieve.cli._app import (
     make_job,
     modalities_of,
     require_faiss,
+    store_dtype,
     waiting,
     warn_if_random,
 )
@@ -121,7 +123,7 @@ def encode(
     batch_size: BatchOpt = None,
     scheduler: SchedulerOpt = None,
     store: StoreOpt = None,
-    float16: Annotated[bool, typer.Option("--float16", help="Store embeddings as float16 (half the disk).")] = False,
+    float16: PrecisionOpt = None,
     windows: WindowsOpt = None,
     compile: CompileOpt = False,
     readers: ReadersOpt = None,
@@ -134,7 +136,7 @@ def encode(
 ) -> None:
     """Compute the model's embeddings for every patch not yet in the store (resumable); chunks that
     `rsretrieve verify` finds damaged are encoded again."""
-    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, "float16" if float16 else None,
+    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, store_dtype(float16),
                    windows, compile, readers, dashboard, tile_filters(cells, bbox, dates, max_nodata))
     subset_note = f" / {job.selection.subset}" if job.selection.subset else ""
     console.print(f"dataset [cyan]{job.selection.dataset}[/]{subset_note} → store {job.store_path}")
@@ -155,6 +157,7 @@ def index(
     batch_size: BatchOpt = None,
     scheduler: SchedulerOpt = None,
     store: StoreOpt = None,
+    float16: PrecisionOpt = None,
     gpu_search: Annotated[bool, typer.Option("--gpu-search", help="Build/search through faiss on a GPU when it has one.")] = False,
     windows: WindowsOpt = None,
     compile: CompileOpt = False,
@@ -169,8 +172,8 @@ def index(
     from rsretrieve.indexer.jobs import ensure_index
 
     require_faiss()  # before any encoding: the index is the point of this command
-    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, None, windows, compile, readers,
-                   dashboard, tile_filters(cells, bbox, dates, max_nodata))
+    job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, store_dtype(float16), windows,
+                   compile, readers, dashboard, tile_filters(cells, bbox, dates, max_nodata))
     encode_all(job, modalities_of(modality))
     from rsretrieve.indexer.jobs import job_cluster
 

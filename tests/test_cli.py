@@ -235,3 +235,17 @@ def test_device_cuda_without_a_gpu_fails_before_writing(tmp_path):
     store = tmp_path / "cuda.zarr"
     assert_clean_error(run(["index", "--device", "cuda", "--model", MODEL, "--store", store], tmp_path, check=False), "no CUDA device")
     assert not store.exists()
+
+
+def test_float16_and_float32_choose_the_store_dtype_and_a_store_keeps_its_own(tmp_path):
+    import zarr
+
+    store = tmp_path / "half.zarr"
+    common = ["encode", "--model", MODEL, "--modality", "s2", "--store", store]
+    run([*common, "--float16"], tmp_path / "ws")
+    assert zarr.open_group(store / "s2", mode="r")["embedding"].dtype == "float16"
+    again = run([*common, "--float32"], tmp_path / "ws", check=False)
+    assert_clean_error(again, str(store), "float16", "float32")
+    run(common, tmp_path / "ws")  # no flag: the store's own dtype
+    run(["encode", "--model", MODEL, "--modality", "s2", "--store", tmp_path / "full.zarr", "--float32"], tmp_path / "ws")
+    assert zarr.open_group(tmp_path / "full.zarr" / "s2", mode="r")["embedding"].dtype == "float32"
