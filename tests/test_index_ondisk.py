@@ -142,6 +142,14 @@ def test_memory_per_vector_is_the_pq_code_and_id():
     assert disk.ivf_of(index).use_precomputed_table == -1  # no nlist x M x 256 table in RAM
 
 
+@pytest.mark.parametrize("n", [10_000_000, 100_000_000, 144_000_000, 238_000_000])
+def test_the_training_sample_keeps_within_its_budget_up_to_major_tom_core(n):
+    params = disk.disk_params(n, 768, {})
+    assert params["train_size"] * 768 * 4 <= disk.TRAIN_BYTES <= 4 << 30  # the float32 sample the client holds
+    assert params["train_size"] >= disk.POINTS_PER_CENTROID * params["nlist"]  # and every centroid its 40 points
+    assert params["nlist"] == (16_384 if n == 10_000_000 else 32_768)
+
+
 def test_training_in_place_equals_faiss_training_the_rotation_and_the_index_together():
     """`train_empty` rotates the sample in place instead of letting IndexPreTransform.train hold a
     rotated copy: the trained index must be the one faiss's own path trains."""

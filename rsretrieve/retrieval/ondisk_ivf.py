@@ -41,6 +41,9 @@ from rsretrieve.store.read import normalise_rows
 KIND = "ivfpq-disk"
 SLICE_ROWS = 262_144  # most rows per part: ~19 MB of codes at PQ64, a minute or so of work each
 POINTS_PER_CENTROID = 40  # faiss's k-means warns below 39
+# The training sample is held whole on the client as float32 (rotated in place, `train_empty`):
+# 4 GiB is 1.4 M vectors of 768-d, 40 for each of 32,768 centroids, within a 6 GB machine.
+TRAIN_BYTES = 4 << 30
 HNSW_QUANTIZER_FROM = 4096  # nlist from which an HNSW coarse quantizer assigns faster than a flat one (2 cores, 768-d)
 
 
@@ -53,20 +56,26 @@ def _faiss():
 # -- parameters ------------------------------------------------------------------------------------
 
 
-def disk_nlist(n: int) -> int:
+def disk_nlist(n: int, dim: int = 768) -> int:
     """The power of two nearest 4*sqrt(N), halved until every centroid has 40 training points
-    (1M -> 4096, 10M -> 16384, 100M -> 32768)."""
+    within the training sample's budget (768-d: 1M -> 4096, 10M -> 16384, 100M -> 32768, Major
+    TOM Core's 144M -> 32768 where 4*sqrt(N) alone would give 65536 and a 10 GB sample)."""
     nlist = 2 ** max(0, round(math.log2(max(1.0, 4 * math.sqrt(n)))))
-    while nlist > 1 and nlist * POINTS_PER_CENTROID > n:
+    while nlist > 1 and nlist * POINTS_PER_CENTROID > min(n, max_train_points(dim)):
         nlist //= 2
     return nlist
+
+
+def max_train_points(dim: int) -> int:
+    """The most training vectors the client holds: TRAIN_BYTES of float32."""
+    return TRAIN_BYTES // (4 * dim)
 
 
 def disk_params(n: int, dim: int, overrides: dict) -> dict:
     """Build parameters for N vectors of `dim`; `overrides` wins. PQ with ~12 dims per byte (768 ->
     PQ64: 64 B codes), an HNSW coarse quantizer from nlist 4096 (assigning 10M vectors to 16384
     flat centroids costs ~1e14 MACs; HNSW32 assigns ~20k vectors/s on 2 cores)."""
-    nlist = int(overrides.get("nlist", disk_nlist(n)))
+    nlist = int(overrides.get("nlist", disk_nlist(n, dim)))
     nbits = int(overrides.get("nbits", 8))
     m = int(overrides.get("m", default_pq_m(dim, dims_per_code=12)))
     if dim % m:
@@ -77,7 +86,7 @@ def disk_params(n: int, dim: int, overrides: dict) -> dict:
     quantizer = overrides.get("quantizer", "hnsw" if nlist >= HNSW_QUANTIZER_FROM else "flat")
     if quantizer not in ("hnsw", "flat"):
         raise ValueError(f"unknown quantizer {quantizer!r}; expected 'hnsw' or 'flat'")
-    train_size = min(n, int(overrides.get("train_size", max(POINTS_PER_CENTROID * nlist, 39 * 2 ** nbits))))
+    train_size = min(n, int(overrides.get("train_size", min(max_train_points(dim), max(POINTS_PER_CENTROID * nlist, 39 * 2 ** nbits)))))
     return {"metric": "l2", "nlist": nlist, "m": m, "nbits": nbits, "quantizer": quantizer,
             "hnsw_m": int(overrides.get("hnsw_m", 32)), "train_size": train_size, "niter": int(overrides.get("niter", 10)),
             "nprobe": int(overrides.get("nprobe", min(nlist, 32))), "k_factor": float(overrides.get("k_factor", 4.0)),

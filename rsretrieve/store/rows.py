@@ -65,7 +65,7 @@ class RowReader:
         runs of back-to-back rows, the runs spread over a few threads."""
         shard_rows, inner_rows = self._plain
         row_bytes = self.dim * self.array.dtype.itemsize
-        raw = np.zeros((rows.size, row_bytes), np.uint8)
+        raw = np.empty((rows.size, row_bytes), np.uint8)  # rows never written are NaN below
         written = np.zeros(rows.size, bool)
         tasks = []
         shards = rows // shard_rows
