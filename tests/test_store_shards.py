@@ -194,3 +194,25 @@ def test_a_damaged_shard_is_one_line_naming_it_and_other_shards_still_read(tmp_p
         reader.read(np.array([300]))
     assert str(shard) in str(caught.value) and "\n" not in str(caught.value)
     np.testing.assert_array_equal(reader.read(np.array([3, 900])), vectors[[3, 900]])  # shards 0 and 3 are whole
+
+
+def test_ids_are_found_a_slab_at_a_time_stopping_when_all_are_found(tmp_path, monkeypatch):
+    from rsretrieve.store import read
+
+    store, _ = make_store(tmp_path / "s.zarr")
+    monkeypatch.setattr(read, "ID_SLAB", 100)
+    array = store.zarr_group("s2")["patch_id"]
+    slabs = []
+
+    class Spy:
+        shape = array.shape
+
+        def __getitem__(self, key):
+            slabs.append(key)
+            return array[key]
+
+    assert read.find_rows(Spy(), ["p99", "p100", "p0", "nope", "p0"]) == {"p99": 99, "p100": 100, "p0": 0}
+    assert len(slabs) == 10 and all(s.stop - s.start == 100 for s in slabs)  # "nope": every slab, each of 100 ids
+    slabs.clear()
+    assert read.find_rows(Spy(), ["p250", "p3"]) == {"p250": 250, "p3": 3} and len(slabs) == 3  # stops at the third
+    assert store.rows_of("s2", ["p999", "p7"]) == {"p999": 999, "p7": 7}

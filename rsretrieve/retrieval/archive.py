@@ -166,14 +166,11 @@ class Archive:
         """((id, modality, store row) of each id found, in order; (id, one-line reason) of the others).
         Each group's ids are read once, whatever the number of queries."""
         where: dict[str, tuple[Modality, int, bool]] = {}
-        wanted = np.asarray(list(dict.fromkeys(patch_ids)), dtype=str)
         for source in [modality] if modality else self.store.modalities():
-            group = self.store.open(source, index=False)
-            ids = np.asarray(group["patch_id"].values.tolist(), dtype=str)
-            rows = np.flatnonzero(np.isin(ids, wanted))
-            valid = group["valid"].isel(patch=rows).values if rows.size else []
-            for row, ok in zip(rows.tolist(), valid):
-                where.setdefault(str(ids[row]), (source, row, bool(ok)))
+            rows = {pid: row for pid, row in self.store.rows_of(source, patch_ids).items() if pid not in where}
+            ordered = sorted(rows.values())
+            valid = dict(zip(ordered, self.store.open(source, index=False)["valid"].isel(patch=ordered).values.tolist())) if ordered else {}
+            where.update({pid: (source, row, bool(valid[row])) for pid, row in rows.items()})
         found, failed = [], []
         for pid in patch_ids:
             if pid not in where:
@@ -235,11 +232,10 @@ class Archive:
         """{patch id: key of the data chunk holding it}, from the ledger's row ranges (vectorised:
         an archive of 10^8 rows is not turned into a dict)."""
         spans, _ = self.store.ledger(modality)
-        ids = np.asarray(self.store.open(modality, index=False)["patch_id"].values)
-        rows = np.flatnonzero(np.isin(ids, np.asarray(patch_ids, dtype=ids.dtype if ids.dtype.kind == "T" else object)))
+        rows = self.store.rows_of(modality, patch_ids)
         starts = np.array([span.start for span in spans], dtype=np.int64)
-        owner = np.searchsorted(starts, rows, side="right") - 1
-        return {str(ids[row]): spans[i].key for row, i in zip(rows, owner)}
+        owner = np.searchsorted(starts, np.fromiter(rows.values(), np.int64, len(rows)), side="right") - 1
+        return {pid: spans[i].key for pid, i in zip(rows, owner.tolist())}
 
     def query_pixels(self, result: QueryResult) -> RawPixels:
         """The query's (first valid) patch, raw: kept in the result, else read again."""

@@ -16,6 +16,7 @@ import numpy as np
 from rsretrieve.errors import StoreError
 
 DEFAULT_BATCH = 65_536
+ID_SLAB = 1 << 20  # patch ids compared a slab at a time: one shard of the coordinate (`store.layout`)
 # the resumability ledger: coordinates on `chunk` (data variables in stores written before)
 LEDGER = ("chunk_key", "chunk_start", "chunk_stop", "chunk_done", "chunk_valid")
 
@@ -157,3 +158,26 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return stat.st_ino, stat.st_mtime_ns
+
+
+def find_rows(patch_id_array, patch_ids: Sequence[str]) -> dict[str, int]:
+    """{id: the first row holding it} for those of `patch_ids` that a group's 1-d `patch_id` array
+    (a zarr array) holds. The ids are read and matched (pyarrow's hash `is_in`) a slab of ID_SLAB
+    at a time, stopping once all are found: an archive of 10^8 ids (~10 GB as Python strings) is
+    never held whole."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = list(dict.fromkeys(map(str, patch_ids)))
+    value_set = pa.array(wanted, pa.string())
+    found: dict[str, int] = {}
+    n = int(patch_id_array.shape[0])
+    for start in range(0, n, ID_SLAB):
+        if len(found) == len(wanted):
+            break
+        ids = pa.array(np.asarray(patch_id_array[start:start + ID_SLAB]).astype(object), pa.string())
+        hits = np.flatnonzero(pc.is_in(ids, value_set=value_set).to_numpy(zero_copy_only=False))
+        for row in hits.tolist():
+            found.setdefault(ids[row].as_py(), start + row)
+    return found
+

@@ -321,6 +321,12 @@ class EmbeddingStore:
         with ShardWriter(self, modality, [span]) as writer:
             writer.add(span, patch_ids, embeddings, locations)
 
+    def rows_of(self, modality: Modality, patch_ids: Sequence[str]) -> dict[str, int]:
+        """{id: store row} of those of `patch_ids` the group holds (read a slab at a time: `find_rows`)."""
+        from rsretrieve.store.read import find_rows
+
+        return find_rows(self._group(modality, "r")["patch_id"], patch_ids)
+
     def zarr_group(self, modality: Modality, mode: str = "r") -> zarr.Group:
         """The modality's Zarr group itself (its arrays read without xarray)."""
         return self._group(modality, mode)
