@@ -63,11 +63,27 @@ class RowReader:
     def _read_plain(self, rows: np.ndarray) -> np.ndarray:
         """Rows (sorted, distinct) read from the shard files by byte offset: each shard's rows as
         runs of back-to-back rows, the runs spread over a few threads."""
-        shard_rows, inner_rows = self._plain
         row_bytes = self.dim * self.array.dtype.itemsize
         raw = np.empty((rows.size, row_bytes), np.uint8)  # rows never written are NaN below
         written = np.zeros(rows.size, bool)
         tasks = []
+        for path, at, offsets in self._locations(rows):
+            written[at] = True
+            runs = _runs(at, offsets, row_bytes)
+            tasks += [(str(path), runs[i:i + READS_PER_TASK]) for i in range(0, len(runs), READS_PER_TASK)]
+        if len(tasks) > 1:
+            list(_pool(os.getpid()).map(lambda task: _read_runs(*task, raw, row_bytes), tasks))
+        elif tasks:
+            _read_runs(*tasks[0], raw, row_bytes)
+        out = raw.view(self.array.dtype).reshape(rows.size, self.dim).astype(np.float32)
+        out[~written] = np.nan
+        return out
+
+    def _locations(self, rows: np.ndarray):
+        """(shard file, positions in `rows`, byte offsets) of the rows (sorted, distinct) that were
+        written, shard by shard."""
+        shard_rows, inner_rows = self._plain
+        row_bytes = self.dim * self.array.dtype.itemsize
         shards = rows // shard_rows
         for at in np.split(np.arange(rows.size), np.flatnonzero(np.diff(shards)) + 1):
             shard = int(shards[at[0]])
@@ -78,18 +94,7 @@ class RowReader:
             chunk_offsets = index[local // inner_rows, 0]
             ok = chunk_offsets != EMPTY
             # inner chunks hold whole rows back to back: a row lies at its chunk's offset plus its place
-            offsets = chunk_offsets[ok].astype(np.int64) + (local[ok] % inner_rows) * row_bytes
-            written[at[ok]] = True
-            runs = _runs(at[ok], offsets, row_bytes)
-            path = str(self._shard_file(shard))
-            tasks += [(path, runs[i:i + READS_PER_TASK]) for i in range(0, len(runs), READS_PER_TASK)]
-        if len(tasks) > 1:
-            list(_pool(os.getpid()).map(lambda task: _read_runs(*task, raw, row_bytes), tasks))
-        elif tasks:
-            _read_runs(*tasks[0], raw, row_bytes)
-        out = raw.view(self.array.dtype).reshape(rows.size, self.dim).astype(np.float32)
-        out[~written] = np.nan
-        return out
+            yield self._shard_file(shard), at[ok], chunk_offsets[ok].astype(np.int64) + (local[ok] % inner_rows) * row_bytes
 
     def _index_bytes(self) -> int:
         shard_rows, inner_rows = self._plain
