@@ -23,6 +23,7 @@ import numpy as np
 
 from rsretrieve.errors import StoreError, located
 from rsretrieve.retrieval import ondisk_ivf as disk
+from rsretrieve.retrieval import rerank
 from rsretrieve.retrieval.faiss_index import EmbeddingIndex
 from rsretrieve.retrieval.index_meta import INDEX_FILE, IVFDATA_FILE
 from rsretrieve.store.read import as_strings, normalise_rows
@@ -88,7 +89,7 @@ class OnDiskIndex(EmbeddingIndex):
     # -- search ------------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = self._normalised_queries(queries, k)
-        return disk.search_reranked(self.cpu_index, self.vectors, q, k, float(self.params["k_factor"]))
+        return rerank.search_reranked(self.cpu_index, self.vectors, q, k, float(self.params["k_factor"]))
 
     def search_patch_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, rows = self.search(queries, k)
@@ -157,7 +158,7 @@ class OnDiskIndex(EmbeddingIndex):
             raise
         out = cls(index, store_path, modality, params, provenance_of(ds), selection, int(ds.sizes["patch"]), work / IVFDATA_FILE, work)
         if tuning:
-            truth = disk.merge_topk([(r.scores, r.rows) for r in results if r.scores is not None], 10)[1]
+            truth = rerank.merge_topk([(r.scores, r.rows) for r in results if r.scores is not None], 10)[1]
             out.tune(target_recall=target_recall, seed=seed, queries=queries, truth=truth)
         out.params["bytes_per_vector"] = round(ram_bytes(index) / max(1, index.ntotal), 1)
         return out
@@ -287,7 +288,7 @@ def ram_bytes(index) -> int:
 
 def exact_topk(reader, rows: np.ndarray, queries: np.ndarray, k: int, batch_size: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of normalised queries over the store rows `rows`, streamed batch by batch."""
-    best = disk.TopK(queries, k)
+    best = rerank.TopK(queries, k)
     for start in range(0, rows.size, batch_size):
         ids = rows[start:start + batch_size]
         best.update(disk.read_vectors(reader, ids, ids.size), ids)
