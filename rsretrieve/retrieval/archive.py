@@ -164,7 +164,7 @@ class Archive:
 
     def _locate_ids(self, patch_ids: Sequence[str], modality: Modality | None) -> tuple[list[tuple[str, Modality, int]], list[tuple[str, str]]]:
         """((id, modality, store row) of each id found, in order; (id, one-line reason) of the others).
-        Each group's ids are read once, whatever the number of queries."""
+        Each group's ids are scanned once (a slab at a time), whatever the number of queries."""
         where: dict[str, tuple[Modality, int, bool]] = {}
         for source in [modality] if modality else self.store.modalities():
             rows = {pid: row for pid, row in self.store.rows_of(source, patch_ids).items() if pid not in where}

@@ -180,4 +180,3 @@ def find_rows(patch_id_array, patch_ids: Sequence[str]) -> dict[str, int]:
         for row in hits.tolist():
             found.setdefault(ids[row].as_py(), start + row)
     return found
-
