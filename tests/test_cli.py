@@ -245,7 +245,7 @@ def test_float16_and_float32_choose_the_store_dtype_and_a_store_keeps_its_own(tm
     run([*common, "--float16"], tmp_path / "ws")
     assert zarr.open_group(store / "s2", mode="r")["embedding"].dtype == "float16"
     again = run([*common, "--float32"], tmp_path / "ws", check=False)
-    assert_clean_error(again, str(store), "float16", "float32")
+    assert_clean_error(again, str(store), "as float16, not float32", "--float16/--float32")
     run(common, tmp_path / "ws")  # no flag: the store's own dtype
     run(["encode", "--model", MODEL, "--modality", "s2", "--store", tmp_path / "full.zarr", "--float32"], tmp_path / "ws")
     assert zarr.open_group(tmp_path / "full.zarr" / "s2", mode="r")["embedding"].dtype == "float32"

@@ -205,6 +205,9 @@ class EmbeddingStore:
         existing = self.provenance(modality)
         asked = {**provenance, "dtype": dtype or existing.get("dtype")}
         diff = differences(existing, asked)
+        if diff == ["dtype"]:
+            raise StoreError(located(self.path, f"holds {modality.upper()} embeddings as {existing.get('dtype')}, not {dtype}: a store keeps "
+                                                "the dtype it was created with — leave out --float16/--float32, or use another --store"))
         if diff:
             raise StoreError(
                 located(
