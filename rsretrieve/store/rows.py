@@ -153,6 +153,8 @@ def _read_runs(path: str, runs: list[tuple[int, int, int]], raw: np.ndarray, row
         for first, count, offset in runs:
             if os.preadv(fd, [raw[first:first + count]], offset) != count * row_bytes:
                 raise StoreError(located(path, "embedding shard is shorter than its index says (truncated?)"))
+    except OSError as exc:  # an I/O error, or an offset the file system refuses
+        raise StoreError(located(path, f"unreadable embedding shard ({exc.strerror})")) from None
     finally:
         os.close(fd)
 
