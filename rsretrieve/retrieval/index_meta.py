@@ -95,18 +95,8 @@ def index_is_current(directory: str | Path, store_provenance: dict, n_rows: int,
     """True if `directory` holds an intact index (files matching their record) built from this store
     (`store_id`) and embeddings with this provenance, from a store group of `n_rows` rows (and, if
     given, with this selection, compared key by key)."""
-    directory = Path(directory)
-    try:
-        meta = read_meta(directory)
-    except StoreError:
-        return False
-    if store_id is not None and meta.get("store_id") != store_id:
-        return False
-    if damage(directory, meta, checksums=LOAD_CHECKSUM_MAX_BYTES) is not None:
-        return False
-    if differences(meta.get("provenance"), store_provenance):
-        return False
-    if int(meta.get("n_store_rows", -1)) != int(n_rows):
+    meta = _intact_meta(directory, store_provenance, store_id)
+    if meta is None or int(meta.get("n_store_rows", -1)) != int(n_rows):
         return False
     if selection:
         stored = meta.get("selection") or {}
@@ -120,6 +110,19 @@ def growable_meta(directory: str | Path, store_provenance: dict, store_id: str |
     (no split, row or pair selection): one that new rows can be added to instead of rebuilding it.
     None otherwise. Whether it covers what the store held when it was built is the caller's check
     (`selection["n_selected"]` against the valid rows below `n_store_rows`)."""
+    meta = _intact_meta(directory, store_provenance, store_id)
+    if meta is None:
+        return None
+    selection = meta.get("selection") or {}
+    if any(selection.get(key) is not None for key in ("split", "rows", "pair_ids")) or "n_store_rows" not in meta:
+        return None
+    return meta
+
+
+def _intact_meta(directory: str | Path, store_provenance: dict, store_id: str | None) -> dict | None:
+    """index.json of `directory` if the index is intact (files matching their record) and was built
+    from this store (`store_id`, when given) and embeddings with this provenance; else None."""
+    directory = Path(directory)
     try:
         meta = read_meta(directory)
     except StoreError:
@@ -127,9 +130,6 @@ def growable_meta(directory: str | Path, store_provenance: dict, store_id: str |
     if store_id is not None and meta.get("store_id") != store_id:
         return None
     if damage(directory, meta, checksums=LOAD_CHECKSUM_MAX_BYTES) is not None or differences(meta.get("provenance"), store_provenance):
-        return None
-    selection = meta.get("selection") or {}
-    if any(selection.get(key) is not None for key in ("split", "rows", "pair_ids")) or "n_store_rows" not in meta:
         return None
     return meta
 
