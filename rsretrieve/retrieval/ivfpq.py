@@ -139,11 +139,16 @@ def memory_bytes(index, kind: str) -> int:
     if kind == "flat":
         return int(index.ntotal * index.code_size)
     if kind == "hnsw":
-        storage, graph = faiss.downcast_index(index.storage), index.hnsw
-        return int(storage.ntotal * storage.code_size + graph.neighbors.size() * 4 + graph.levels.size() * 4 + graph.offsets.size() * 8)
+        storage = faiss.downcast_index(index.storage)
+        return int(storage.ntotal * storage.code_size + graph_bytes(index.hnsw))
     base = faiss.downcast_index(index.base_index) if hasattr(index, "base_index") else index
     total = base.ntotal * (base.code_size + 8) + base.nlist * base.d * 4 + base.precomputed_table.size() * 4
     if hasattr(index, "refine_index"):
         refine = faiss.downcast_index(index.refine_index)
         total += refine.ntotal * refine.code_size
     return int(total)
+
+
+def graph_bytes(hnsw) -> int:
+    """Bytes of an HNSW graph's links: neighbour ids (int32), levels (int32), offsets (uint64)."""
+    return int(hnsw.neighbors.size() * 4 + hnsw.levels.size() * 4 + hnsw.offsets.size() * 8)

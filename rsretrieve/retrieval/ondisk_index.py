@@ -26,6 +26,7 @@ from rsretrieve.retrieval import ondisk_ivf as disk
 from rsretrieve.retrieval import rerank
 from rsretrieve.retrieval.faiss_index import EmbeddingIndex
 from rsretrieve.retrieval.index_meta import INDEX_FILE, IVFDATA_FILE
+from rsretrieve.retrieval.ivfpq import graph_bytes
 from rsretrieve.store.read import as_strings, normalise_rows
 
 TUNING_QUERIES = 500
@@ -282,7 +283,7 @@ def ram_bytes(index) -> int:
     if isinstance(index, faiss.IndexPreTransform):  # the OPQ rotation: dim x dim floats
         total += sum(faiss.downcast_VectorTransform(index.chain.at(i)).A.size() * 4 for i in range(index.chain.size()))
     if hasattr(quantizer, "hnsw"):
-        total += quantizer.hnsw.neighbors.size() * 4 + quantizer.hnsw.offsets.size() * 8 + quantizer.hnsw.levels.size() * 4
+        total += graph_bytes(quantizer.hnsw)
     return int(total)
 
 
