@@ -156,7 +156,8 @@ def grow_index(store: EmbeddingStore, modality: Modality, directory: Path, kind:
     of this store and these embeddings, over the whole archive, holds exactly as many vectors as
     there are valid rows below its `n_store_rows` (nothing changed there), and is of the kind asked
     (for `auto`: the kind auto would pick now). None when it must be rebuilt instead."""
-    meta = growable_meta(directory, store.provenance(modality), store.store_id)
+    provenance = store.provenance(modality)
+    meta = growable_meta(directory, provenance, store.store_id)
     if meta is None:
         return None
     old = int(meta["n_store_rows"])
@@ -166,7 +167,7 @@ def grow_index(store: EmbeddingStore, modality: Modality, directory: Path, kind:
         return None
     if int(valid[:old].sum()) != int(meta["ntotal"]) or int((meta.get("selection") or {}).get("n_selected", -1)) != int(meta["ntotal"]):
         return None
-    index = EmbeddingIndex.load(directory, expected_provenance=store.provenance(modality), use_gpu=False, store_id=store.store_id,
+    index = EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=False, store_id=store.store_id,
                                 store_path=store.path)
     added = index.extend(store.open(modality, index=False), modality, np.arange(old, valid.size), mapper=mapper, work_dir=directory.parent)
     index.save(directory, store_id=store.store_id)
@@ -189,9 +190,8 @@ def _lazy_mapper(client):
 def _current_index(store: EmbeddingStore, modality: Modality, directory: Path, kind: str) -> IndexOutcome | None:
     """The outcome of an index that is current for this store (intact, built from this store's
     embeddings, all of them (a resumed encode adds rows), of the kind asked for), else None."""
-    group = store.open(modality, index=False)
-    n_valid = int(group["valid"].sum())
-    if not index_is_current(directory, store.provenance(modality), group.sizes["patch"], selection={"n_selected": n_valid},
+    n_rows = int(store.zarr_group(modality)["valid"].shape[0])
+    if not index_is_current(directory, store.provenance(modality), n_rows, selection={"n_selected": store.valid_count(modality)},
                             store_id=store.store_id):
         return None
     meta = read_meta(directory)  # its kind and size, without loading the index itself
