@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -98,15 +100,25 @@ def main_options(
 
 
 def set_log_level(verbose: int) -> None:
-    """rsretrieve's and Dask's loggers: errors only by default (Dask's own warnings about ports,
-    event loops and scratch space are not the user's business), more with -v/-vv."""
+    """rsretrieve's logger: errors only by default, more with -v/-vv. Dask's: nothing below -vv
+    (its warnings about ports, event loops and scratch space, and the heartbeat tracebacks of a
+    cluster shutting down, are not the user's business; a failed task is reported by rsretrieve)."""
     import logging
 
     level = {0: logging.ERROR, 1: logging.INFO}.get(verbose, logging.DEBUG)
     if verbose:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    for name in ("rsretrieve", "distributed", "dask"):
-        logging.getLogger(name).setLevel(level)
+    logging.getLogger("rsretrieve").setLevel(level)
+    dask_level = "debug" if verbose >= 2 else "critical"
+    # `import distributed` sets its loggers from Dask's config (info by default), here and in every
+    # worker process: the config says it, through the environment the workers inherit
+    os.environ["DASK_LOGGING__DISTRIBUTED"] = dask_level
+    if "dask.config" in sys.modules:
+        import dask.config
+
+        dask.config.set({"logging.distributed": dask_level})
+    for name in ("distributed", "dask", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(dask_level.upper())
 
 
 def status(message: str):
@@ -173,6 +185,23 @@ def local_store(store: str | None) -> Path | None:
     return Path(store) if store is not None else None
 
 
+def selected_store(store: str | None, subset: str | None = None, windows: WindowRule | None = None) -> Path:
+    """The store a reading command uses: --store, else the current selection's (its remembered
+    Major TOM windows and filters included). When the workspace holds other stores of the same
+    dataset and model, which one was taken is said on stderr."""
+    if store is not None:
+        return local_store(store)
+    ws = State.workspace
+    selection = ws.select(subset=subset, remember=False, windows=windows.value if windows else None)
+    path = ws.selection_store(selection)
+    others = ws.sibling_stores(selection)
+    if others and not State.quiet:
+        options = selection.describe_options() or "the default windows, no filters"
+        err.print(f"[yellow]note:[/] searching {path.name} ({options}); the workspace also holds "
+                  f"{', '.join(p.name for p in others)}: --windows or --store picks another", highlight=False)
+    return path
+
+
 def waiting(who: str) -> None:
     """What a command says while another process holds the store it must write."""
     err.print(f"[yellow]waiting:[/] the store is being written by {who}; this command continues when it is done", highlight=False)
@@ -201,6 +230,10 @@ DatesOpt = Annotated[Optional[str], typer.Option("--dates", help="Major TOM: til
 MaxNodataOpt = Annotated[Optional[float], typer.Option("--max-nodata", min=0.0, max=1.0, help="Major TOM: tiles with at most this nodata fraction.")]
 PrecisionOpt = Annotated[Optional[bool], typer.Option("--float16/--float32", help="Store embeddings as float16 (half the disk) or float32.",
                                                        show_default="float16 from 1 M patches, else float32")]
+MaxSkippedOpt = Annotated[Optional[float], typer.Option("--max-skipped", min=0.0, max=1.0, metavar="FRACTION",
+                                                        help="Share of the selection's patches that may be unreadable (a known-incomplete "
+                                                             "download); more fails the run, on every run. Nodata windows do not count.",
+                                                        show_default="0.05")]
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Embedding store (Zarr) to use.", show_default="one per dataset, subset and model in the workspace")]
 
 
@@ -230,7 +263,8 @@ def store_dtype(float16: bool | None) -> str | None:
 
 
 def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto, batch_size=None, scheduler=None, store=None,
-             dtype=None, windows=None, compile=False, readers=None, dashboard=None, filters: dict | None = None):
+             dtype=None, windows=None, compile=False, readers=None, dashboard=None, filters: dict | None = None,
+             max_skipped: float | None = None):
     from rsretrieve.indexer.jobs import Job
 
     from rsretrieve.io.remote import as_location, is_url
@@ -245,7 +279,8 @@ def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.
         from rsretrieve.datasets.subsets import get_subset
 
         subset = get_subset(subset).name  # unknown names fail here, with the known ones listed
-    selection = State.workspace.select(dataset.value if dataset else None, data_root, model, checkpoint, subset, remember=False)
+    selection = State.workspace.select(dataset.value if dataset else None, data_root, model, checkpoint, subset, remember=False,
+                                       windows=windows.value if windows else None, filters=filters)
     if data_root is not None and selection.dataset == "sample":
         raise RSRetrieveError(f"{data_root}: --data-root needs --dataset benv2 or majortom (the bundled sample has its own)")
     if windows is not None and selection.dataset != "majortom":
@@ -254,5 +289,5 @@ def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.
         raise RSRetrieveError("--dashboard: applies to the local cluster; a --scheduler serves its own dashboard")
     if filters and selection.dataset != "majortom":
         raise RSRetrieveError(f"--{next(iter(filters)).replace('_', '-')}: applies to --dataset majortom only")
-    return Job(State.workspace, selection, store, device.value, batch_size, scheduler, dtype, windows.value if windows else None,
-               compile, readers, dashboard, tuple(sorted((filters or {}).items())))
+    job = Job(State.workspace, selection, store, device.value, batch_size, scheduler, dtype, compile, readers, dashboard)
+    return job if max_skipped is None else replace(job, max_skipped=max_skipped)

@@ -20,6 +20,7 @@ from rsretrieve.cli._app import (
     DeviceOpt,
     IndexKind,
     MaxNodataOpt,
+    MaxSkippedOpt,
     ModalityOrBoth,
     ModelOpt,
     PrecisionOpt,
@@ -41,10 +42,12 @@ from rsretrieve.cli._app import (
     waiting,
     warn_if_random,
 )
+from rsretrieve.errors import ModalityAbsent
 
 
 def _encode_with_progress(job, modality: str, client=None, retry_skipped: bool = False):
     from rsretrieve.indexer.jobs import ensure_embeddings
+    from rsretrieve.indexer.pipeline import TooManySkipped
 
     columns = (
         TextColumn(f"[bold]{modality.upper()}[/] {{task.fields[stage]}}"),
@@ -70,21 +73,47 @@ def _encode_with_progress(job, modality: str, client=None, retry_skipped: bool =
             done = progress.tasks[task].completed
             progress.update(task, rate=f"{done / elapsed:.1f}" if elapsed else "-", stage="encoding")
 
-        summary = ensure_embeddings(job, modality, client=client, on_start=on_start, on_chunk=on_chunk, on_wait=waiting,
-                                    retry_skipped=retry_skipped)
+        try:
+            summary = ensure_embeddings(job, modality, client=client, on_start=on_start, on_chunk=on_chunk, on_wait=waiting,
+                                        retry_skipped=retry_skipped, on_model=warn_if_random)
+        except TooManySkipped as exc:
+            progress.stop()
+            _print_encode_summary(exc.summary)  # what was encoded and skipped, before the one-line error
+            raise
     _print_encode_summary(summary)
     return summary
 
 
-def encode_all(job, modalities, retry_skipped: bool = False) -> None:
-    """Encode what is missing or damaged for each modality, on one cluster started only if there is work."""
+def encode_all(job, modalities, retry_skipped: bool = False, both: bool = False) -> list[str]:
+    """Encode what is missing or damaged for each modality, on one cluster started only if there is
+    work; returns the modalities encoded. A modality with too many unreadable patches does not stop
+    the others: every modality is encoded, then the first such failure is raised (the same one on
+    every run). With `both` (the user asked for both modalities, or left it to the default), a
+    modality the data root holds none of is left out with a note."""
     from rsretrieve.indexer.jobs import job_cluster
+    from rsretrieve.indexer.pipeline import TooManySkipped
 
     if job.scheduler and not State.quiet:
         err.print(f"connecting to the Dask scheduler at {job.scheduler} (if there is work; waits up to 20 s)", highlight=False)
+    failures, absent = [], []
     with job_cluster(job, on_connect=_say_dashboard if job.dashboard else None) as client:
         for m in modalities:
-            _encode_with_progress(job, m, client, retry_skipped)
+            try:
+                _encode_with_progress(job, m, client, retry_skipped)
+            except TooManySkipped as exc:
+                failures.append(exc)
+            except ModalityAbsent as exc:
+                if not both or len(absent) == len(modalities) - 1:
+                    raise
+                absent.append(m)
+                State.status_console().print(f"[yellow]note:[/] {m.upper()} is absent ({exc}): only "
+                                             f"{', '.join(x.upper() for x in modalities if x != m)} encoded", highlight=False)
+    if len(failures) > 1:
+        State.status_console().print(f"[red]{len(failures) - 1} more modality failed:[/] " + "; ".join(map(str, failures[1:])),
+                                     highlight=False)
+    if failures:
+        raise failures[0]
+    return [m for m in modalities if m not in absent]
 
 
 def _say_dashboard(client) -> None:
@@ -132,15 +161,16 @@ def encode(
     bbox: BBoxOpt = None,
     dates: DatesOpt = None,
     max_nodata: MaxNodataOpt = None,
+    max_skipped: MaxSkippedOpt = None,
     retry_skipped: Annotated[bool, typer.Option("--retry-skipped", help="Read again the patches earlier runs skipped (a file fixed since).")] = False,
 ) -> None:
     """Compute the model's embeddings for every patch not yet in the store (resumable); chunks that
     `rsretrieve verify` finds damaged are encoded again."""
     job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, store_dtype(float16),
-                   windows, compile, readers, dashboard, tile_filters(cells, bbox, dates, max_nodata))
+                   windows, compile, readers, dashboard, tile_filters(cells, bbox, dates, max_nodata), max_skipped)
     subset_note = f" / {job.selection.subset}" if job.selection.subset else ""
     console.print(f"dataset [cyan]{job.selection.dataset}[/]{subset_note} → store {job.store_path}")
-    encode_all(job, modalities_of(modality), retry_skipped)
+    encode_all(job, modalities_of(modality), retry_skipped, both=modality is ModalityOrBoth.both)
     State.workspace.remember(job.selection)
 
 
@@ -167,18 +197,19 @@ def index(
     bbox: BBoxOpt = None,
     dates: DatesOpt = None,
     max_nodata: MaxNodataOpt = None,
+    max_skipped: MaxSkippedOpt = None,
 ) -> None:
     """Encode what is missing for a modality, then build its FAISS index (only what is missing)."""
     from rsretrieve.indexer.jobs import ensure_index
 
     require_faiss()  # before any encoding: the index is the point of this command
     job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, store_dtype(float16), windows,
-                   compile, readers, dashboard, tile_filters(cells, bbox, dates, max_nodata))
-    encode_all(job, modalities_of(modality))
+                   compile, readers, dashboard, tile_filters(cells, bbox, dates, max_nodata), max_skipped)
+    encoded = encode_all(job, modalities_of(modality), both=modality is ModalityOrBoth.both)
     from rsretrieve.indexer.jobs import job_cluster
 
     with job_cluster(job) as client:  # started only if an ivfpq-disk index adds its parts on it
-        for m in modalities_of(modality):
+        for m in encoded:
             outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search, on_wait=waiting, client=client)
             verb = "built" if outcome.built else "up to date:"
             grown = f" (+{outcome.added} new)" if outcome.added is not None else ""

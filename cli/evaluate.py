@@ -16,6 +16,7 @@ from rsretrieve.cli._app import (
     DatasetChoice,
     DeviceChoice,
     DeviceOpt,
+    MaxSkippedOpt,
     ModelOpt,
     RootOpt,
     SchedulerOpt,
@@ -45,6 +46,7 @@ def evaluate(
     device: DeviceOpt = DeviceChoice.auto,
     batch_size: BatchOpt = None,
     scheduler: SchedulerOpt = None,
+    max_skipped: MaxSkippedOpt = None,
 ) -> None:
     """F1 of the CSMoE paper (Table VI): queries = validation split, archive = test split."""
     import json
@@ -64,7 +66,8 @@ def evaluate(
         check_writable(output)
     on_sample = subset.name == "sample"
     dataset = DatasetChoice.sample if on_sample else DatasetChoice.benv2
-    job = make_job(dataset, data_root, None if on_sample else subset.name, model, checkpoint, device, batch_size, scheduler)
+    job = make_job(dataset, data_root, None if on_sample else subset.name, model, checkpoint, device, batch_size, scheduler,
+                   max_skipped=max_skipped)
     encode_all(job, needed_modalities(task_list))
     k = k or subset.default_k
     result = evaluate_subset(job, subset.name, task_list, k)

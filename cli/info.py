@@ -24,7 +24,9 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
     data = {
         "workspace": str(ws.path.resolve()),
         "workspace_exists": ws.path.exists(),
-        "current": {"dataset": selection.dataset, "subset": selection.subset, "root": selection.root, "model": selection.model, "checkpoint": selection.checkpoint},
+        "current": {"dataset": selection.dataset, "subset": selection.subset, "root": selection.root, "model": selection.model,
+                    "checkpoint": selection.checkpoint, "windows": selection.windows, "filters": dict(selection.filters),
+                    "store": str(ws.selection_store(selection))},
         "datasets": ws.load_config().get("datasets", {}),
         "stores": stores,
     }
@@ -32,7 +34,10 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = 
         print_json(data)
         return
     console.print(f"[bold]workspace[/] {data['workspace']}" + ("" if ws.path.exists() else " [dim](not created yet)[/]"))
-    console.print(f"[bold]current[/]   dataset [cyan]{selection.dataset}{' / ' + selection.subset if selection.subset else ''}[/] model [cyan]{selection.model}[/]" + (f" checkpoint {selection.checkpoint}" if selection.checkpoint else ""))
+    options = f" ({selection.describe_options()})" if selection.reader_options else ""
+    console.print(f"[bold]current[/]   dataset [cyan]{selection.dataset}{' / ' + selection.subset if selection.subset else ''}[/]{options} "
+                  f"model [cyan]{selection.model}[/]" + (f" checkpoint {selection.checkpoint}" if selection.checkpoint else ""), highlight=False)
+    console.print(f"[bold]store[/]     {ws.selection_store(selection).name} [dim](what query and eval use)[/]", highlight=False)
     if not stores:
         console.print("[dim]no embedding stores yet: run `rsretrieve index --modality s1`[/]")
         return

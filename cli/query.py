@@ -18,12 +18,13 @@ from rsretrieve.cli._app import (
     State,
     StoreOpt,
     SubsetOpt,
+    WindowRule,
     app,
     check_writable,
     console,
     err,
-    local_store,
     require_faiss,
+    selected_store,
     status,
     warn_if_random,
 )
@@ -61,6 +62,8 @@ def query(
                                                                          "with their thumbnails, scores and labels.")] = None,
     store: StoreOpt = None,
     subset: SubsetOpt = None,
+    windows: Annotated[Optional[WindowRule], typer.Option("--windows", help="Major TOM: search the store of this window rule.",
+                                                        show_default="the one the last index used")] = None,
     gpu_search: Annotated[bool, typer.Option("--gpu-search", help="Search through faiss on a GPU when it has one.")] = False,
 ) -> None:
     """Search an archive with tiles (or archive patches) in the same or the other modality.
@@ -79,7 +82,8 @@ def query(
     if html is not None:
         check_writable(html)
     keep_pixels = (mosaic is not None and not inputs.batch) or (html is not None and bool(inputs.tiles))  # a tile is not read twice
-    archive, results = _run(inputs, target.value, k, modality.value if modality else None, store, subset, gpu_search, keep_pixels=keep_pixels)
+    store_path = selected_store(store, subset, windows)
+    archive, results = _run(inputs, target.value, k, modality.value if modality else None, store_path, gpu_search, keep_pixels=keep_pixels)
     _emit(results, to_stdout, to_file, output, wide, single=not inputs.batch)
     if mosaic is not None:
         _mosaics(archive, results, mosaic, inputs.batch)
@@ -93,11 +97,12 @@ def query(
     _fail_if_any(results, len(inputs))
 
 
-def _run(inputs, target, k, modality, store, subset, gpu_search, keep_pixels):
+def _run(inputs, target, k, modality, store_path, gpu_search, keep_pixels):
     from rsretrieve.retrieval.archive import Archive
 
-    ws = State.workspace
-    archive = Archive.open(local_store(store) or ws.selection_store(ws.select(subset=subset, remember=False)), ws.indexes_dir, use_gpu=gpu_search)
+    archive = Archive.open(store_path, State.workspace.indexes_dir, use_gpu=gpu_search)
+    if archive.store.has(target):
+        warn_if_random(archive.store.provenance(target))  # before anything can fail: the model it loads is random
     what = f"{len(inputs.tiles)} tile{'s' if len(inputs.tiles) != 1 else ''}" if inputs.tiles else f"{len(inputs.ids)} patch id(s)"
     with status(f"querying with {what}"):
         if inputs.tiles:

@@ -54,7 +54,7 @@ def local_layout(device: str = "auto", readers: int | None = None, small_model: 
     def worker(resources: dict, env: dict) -> dict:
         # OMP_WAIT_POLICY: a model's idle threads sleep rather than spin on cores others read on
         env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MALLOC_TRIM_THRESHOLD_": str(1 << 28), **env}
-        return {"cls": Nanny, "options": {"nthreads": 1, "resources": resources, "env": env, "silence_logs": logging.ERROR}}
+        return {"cls": Nanny, "options": {"nthreads": 1, "resources": resources, "env": env, "silence_logs": dask_log_level()}}
 
     if not gpus and small_model:
         both = {READER_RESOURCE: 1, ENCODER_RESOURCE: 1}
@@ -82,7 +82,14 @@ def local_cluster(device: str = "auto", readers: int | None = None, small_model:
     workers = local_layout(device, readers, small_model)
     for spec in workers.values():
         spec["options"]["host"] = "127.0.0.1"
-    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR, name="rsretrieve")
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=dask_log_level(), name="rsretrieve")
+
+
+def dask_log_level() -> int:
+    """The level the cluster's processes log at: debug when this process's `distributed` logger
+    is at debug (`-vv`), else nothing (a worker's heartbeat to a scheduler that is shutting down
+    fails with a CommClosedError traceback; what goes wrong in a task is reported by the driver)."""
+    return logging.DEBUG if logging.getLogger("distributed").getEffectiveLevel() <= logging.DEBUG else logging.CRITICAL
 
 
 def _require_bokeh() -> None:

@@ -5,14 +5,12 @@ These are what `rsretrieve index` and `rsretrieve eval` run; a notebook can call
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, EncodeSummary, cluster, encode
+from rsretrieve.indexer.pipeline import MAX_FAILED_SHARE, DatasetSpec, EncoderSpec, EncodeSummary, cluster, encode
 from rsretrieve.bands import Modality
 from rsretrieve.errors import StoreError, located
 from rsretrieve.io.locks import exclusive
@@ -34,29 +32,19 @@ class Job:
     batch_size: int | None = None
     scheduler: str | None = None
     dtype: str | None = None  # float32/float16 for a new store; None: an existing store's
-    windows: str | None = None  # Major TOM: "majortom" (its fragmenter, the default) or "grid" (the paper's 8 x 8)
     compile: bool = False  # torch.compile the model on the encoder workers
     readers: int | None = None  # reader processes of the local cluster (default: one per core)
     dashboard: str | None = None  # address of the local cluster's Dask dashboard (None: no dashboard)
-    filters: tuple[tuple[str, object], ...] = ()  # Major TOM: cells, bbox, dates, max_nodata (reader options)
+    max_skipped: float = MAX_FAILED_SHARE  # share of the selection that may be unreadable (a known-incomplete download)
 
     @property
     def store_path(self) -> Path:
-        if self.store:
-            return Path(self.store)
-        path = self.workspace.selection_store(self.selection)
-        # another cut of the tiles, or a filtered selection, is another set of patches: a store of its own
-        if self.windows == "grid":
-            path = path.with_name(f"{path.stem}-{self.windows}windows.zarr")
-        if self.filters:
-            digest = hashlib.sha256(json.dumps(self.filters, default=str).encode()).hexdigest()[:8]
-            path = path.with_name(f"{path.stem}-{'-'.join(name for name, _ in self.filters)}-{digest}.zarr")
-        return path
+        """--store, else the selection's own (dataset, subset, model, Major TOM windows and filters)."""
+        return Path(self.store) if self.store else self.workspace.selection_store(self.selection)
 
     @property
     def dataset_spec(self) -> DatasetSpec:
-        options = ((("windows", self.windows),) if self.windows else ()) + self.filters
-        return DatasetSpec(self.selection.dataset, self.selection.root, self.selection.subset, options)
+        return DatasetSpec(self.selection.dataset, self.selection.root, self.selection.subset, self.selection.reader_options)
 
     @property
     def encoder_spec(self) -> EncoderSpec:
@@ -91,6 +79,7 @@ def ensure_embeddings(job: Job, modality: Modality, client=None, **options) -> E
         client=client,
         scheduler=job.scheduler,
         dtype=job.dtype,
+        max_failed_share=job.max_skipped,
         **options,
     )
 

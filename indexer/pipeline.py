@@ -40,7 +40,7 @@ __all__ = ["ENCODER_RESOURCE", "READER_RESOURCE", "DatasetSpec", "EncodeInterrup
            "TooManySkipped", "cluster", "encode", "local_cluster"]
 
 FLOAT16_FROM = 1_000_000  # archives at least this large are stored as float16 unless a dtype is asked for
-MAX_FAILED_SHARE = 0.05  # unreadable inputs tolerated before a run fails (nodata windows are not failures)
+MAX_FAILED_SHARE = 0.05  # share of a selection's patches that may be unreadable (--max-skipped; nodata windows are not failures)
 DATA_GAP = "invalid pixel(s)"  # a window with nodata: the data has a gap, nothing is broken
 
 
@@ -140,13 +140,14 @@ def encode(
     max_failed_share: float = MAX_FAILED_SHARE,
     retry_skipped: bool = False,
     on_wait: Callable[[str], None] | None = None,
+    on_model: Callable[[dict], None] | None = None,
 ) -> EncodeSummary:
     """Encode every patch of `modality` not yet in the store.
 
     Patches that cannot be read are skipped, counted by reason and recorded in the store's
     attributes. The run fails (`TooManySkipped`) when no patch of the modality is encoded, or when
-    more than `max_failed_share` of this run's patches were unreadable (nodata windows, a gap in
-    the data rather than a failure, do not count).
+    more than `max_failed_share` of the selection's patches are not in the store (nodata windows, a
+    gap in the data rather than a failure, do not count), on this run and every later one.
 
     `client`: an existing dask.distributed Client; else `scheduler` (an address) is connected to;
     else a local cluster sized to the machine (`indexer.cluster.local_layout`) is started for this
@@ -154,6 +155,8 @@ def encode(
     `on_start(total_patches, patches_to_do)` and `on_chunk(patches_written, patches_skipped)` drive
     a progress bar. `chunk_hook(chunk)` runs on the encoder worker before each chunk is encoded,
     `read_hook(chunk)` on the reader before each chunk is read (tests inject faults with them).
+    `on_model(provenance)` runs once the model is known, whatever happens next (the CLI's
+    random-weights notice).
 
     A store group that is complete and intact is only read (no lock, no write). Otherwise the run
     holds the store's lock (`on_wait(who)` is called if another process holds it, then it waits),
@@ -167,12 +170,15 @@ def encode(
     store = EmbeddingStore(store_path)
     chunks, spans, held = _plan(store, modality, ds.chunks(modality))
     provenance, dim = _provenance(dataset, ds, chunks, encoder)
+    if on_model:
+        on_model(provenance)
     if store.has(modality):
         store.check(modality, provenance, spans, dtype, held)  # another model or other data is refused here
-        if held is None and not _work_left(store, modality, retry_skipped):  # read-only: nothing written, no lock
+        moved = store.moved_root(modality, provenance) is not None
+        if held is None and not moved and not _work_left(store, modality, retry_skipped):  # read-only: nothing written, no lock
             summary = _finish(EncodeSummary(modality, Path(store_path), len(chunks), len(chunks), provenance=store.provenance(modality),
                                             patches_total=spans[-1].stop), ds, on_start, started)
-            _check_skipped(store, modality, summary, 0, max_failed_share)
+            _check_skipped(store, modality, summary, max_failed_share)
             return summary
     with exclusive(store.path, on_wait):  # one writer per store; a second run waits, then finds the work done
         chunks, spans, held = _plan(store, modality, ds.chunks(modality))  # again, under the lock
@@ -188,7 +194,7 @@ def encode(
             if summary.skipped:
                 store.record_skipped(modality, skip_counts(summary.skipped), [m for _, m in summary.skipped[:5]])
         summary.seconds = time.perf_counter() - started
-        _check_skipped(store, modality, summary, sum(span.stop - span.start for _, span in todo), max_failed_share)
+        _check_skipped(store, modality, summary, max_failed_share)
     return summary
 
 
@@ -251,7 +257,7 @@ def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, sp
         note = f"{spans[-1].stop:,} patches: embeddings stored as float16 (half the disk)" if chosen != (dtype or "float32") else None
         return chosen, [note] if note else []
     dtype = store.check(modality, provenance, spans, dtype, held)
-    notes = _grow(store, ds, modality, provenance, spans)
+    notes = _record_move(store, modality, provenance) + _grow(store, ds, modality, provenance, spans)
     store.consolidate_if_needed(modality)
     damaged = damaged_chunks(store, modality)
     if damaged:
@@ -264,6 +270,15 @@ def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, sp
         store.clear_skipped(modality)
         notes.append(f"{len(retried)} chunk(s) with skipped patches are read again")
     return dtype, notes
+
+
+def _record_move(store: EmbeddingStore, modality: Modality, provenance: dict) -> list[str]:
+    """The same patches found at another root: the store serves them from there now."""
+    old = store.moved_root(modality, provenance)
+    if old is None:
+        return []
+    store.record_root(modality, provenance["dataset"]["root"])
+    return [f"the data moved from {old} to {provenance['dataset']['root']} (the same patches): the store now reads it there"]
 
 
 def _grow(store: EmbeddingStore, ds, modality: Modality, provenance: dict, spans: list[ChunkSpan]) -> list[str]:
@@ -291,19 +306,32 @@ def _finish(summary: EncodeSummary, ds, on_start, started: float | None, todo_pa
     return summary
 
 
-def _check_skipped(store: EmbeddingStore, modality: Modality, summary: EncodeSummary, attempted: int, max_share: float) -> None:
-    """TooManySkipped when the store holds no patch of the modality, or this run failed to read
-    more than `max_share` of the patches it attempted."""
+def _check_skipped(store: EmbeddingStore, modality: Modality, summary: EncodeSummary, max_share: float) -> None:
+    """TooManySkipped when the store holds no patch of the modality, or when more than `max_share`
+    of the selection's patches are not in it (unreadable; nodata windows, a gap in the data rather
+    than a failure, do not count). Counted over the whole selection on every run, so a run says
+    the same as the one before it until the data or `max_share` changes."""
     label = modality.upper()
-    if store.valid_count(modality) == 0:
-        recorded = store.skipped(modality)
-        why = summary.skip_summary() if summary.skipped else (
-            "; ".join(f"{n} {reason}" for reason, n in recorded.get("by_reason", {}).items()) + "; first: " + "; ".join(recorded.get("examples", [])))
-        raise TooManySkipped(f"{label}: none of the {summary.patches_total} patches could be encoded: {why}", summary)
-    failed = sum(1 for _, message in summary.skipped if DATA_GAP not in skip_reason(message))
-    if attempted and failed / attempted > max_share:
-        raise TooManySkipped(f"{label}: {failed} of {attempted} patches ({failed / attempted:.0%}) could not be read, more than "
-                             f"the {max_share:.0%} allowed; the others are in the store: {summary.skip_summary()}", summary)
+    recorded = store.skipped(modality)
+    by_reason = recorded.get("by_reason", {}) or skip_counts(summary.skipped)
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items(), key=lambda item: -item[1]))
+    examples = [m for _, m in summary.skipped[:3]] or list(recorded.get("examples", []))[:3]
+    why = f"{reasons}; first: {'; '.join(examples)}" if reasons else "no reason recorded"
+    valid, total = store.valid_count(modality), summary.patches_total
+    if valid == 0:
+        raise TooManySkipped(f"{label}: none of the {total} patches could be encoded: {why}", summary)
+    gaps = min(sum(n for reason, n in by_reason.items() if DATA_GAP in reason), total - valid)
+    missing = total - valid - gaps
+    if total and missing / total > max_share:
+        raise TooManySkipped(f"{label}: {missing} of {total} patches ({missing / total:.0%}) could not be read, more than the "
+                             f"{max_share:.0%} allowed ({why}); the others are in the store — fix the files and run "
+                             f"`rsretrieve encode --retry-skipped`, or accept the gap with --max-skipped {_share_text(missing / total)}",
+                             summary)
+
+
+def _share_text(share: float) -> str:
+    """The smallest two-decimal fraction at or above `share` (what --max-skipped must be at least)."""
+    return f"{min(1.0, -(-round(share * 100, 6) // 1) / 100):.2f}"
 
 
 def _run(client, dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook) -> None:

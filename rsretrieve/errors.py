@@ -9,6 +9,11 @@ class DataError(RSRetrieveError):
     """Unreadable or invalid input data (GeoTIFF, parquet, LMDB, query tile)."""
 
 
+class ModalityAbsent(DataError):
+    """A dataset root holds none of one modality (e.g. only Major TOM's Core-S2L2A was downloaded).
+    A command asked for both modalities encodes the other and says so; asked for this one, it fails."""
+
+
 class CheckpointError(RSRetrieveError):
     """A checkpoint that cannot be read or does not match its config."""
 

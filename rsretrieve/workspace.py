@@ -7,8 +7,10 @@ so that `index`, `query` and `eval` need no paths.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from rsretrieve.io.locks import exclusive
 DEFAULT_WORKSPACE = "rsretrieve-workspace"
 DEFAULT_MODEL = "csmoe-p16"
 DEFAULT_DATASET = "sample"
+DEFAULT_WINDOWS = "majortom"  # Major TOM's own fragmenter; "grid" is the CSMoE paper's 8 x 8
 ROOT_ENV = {"benv2": "RSRETRIEVE_BENV2_ROOT", "majortom": "RSRETRIEVE_MAJORTOM_ROOT"}
 
 
@@ -36,6 +39,19 @@ class Selection:
     checkpoint: str | None
     subset: str | None = None  # a named subset (BENv2-14k, BENv2-243k) of the dataset
     config: str | None = None  # the registered config a checkpoint's weights fit (--model with --checkpoint)
+    # Major TOM: the window rule ("grid"; None is the fragmenter's, the default) and the tile filters
+    # (cells, bbox, dates, max_nodata): another cut or choice of tiles is other patches, a store of its own
+    windows: str | None = None
+    filters: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def reader_options(self) -> tuple[tuple[str, object], ...]:
+        """The reader options that make this selection's patches (part of its store's identity)."""
+        return ((("windows", self.windows),) if self.windows else ()) + tuple(self.filters)
+
+    def describe_options(self) -> str:
+        """'windows grid, cells 539U_97R' ('' for the defaults): what makes its store one of its own."""
+        return ", ".join(f"{name.replace('_', ' ')} {_option_text(value)}" for name, value in self.reader_options)
 
     @property
     def model_spec(self) -> str:
@@ -65,7 +81,22 @@ class Workspace:
         return self.stores_dir / f"{dataset}--{_slug(model)}.zarr"
 
     def selection_store(self, selection: Selection) -> Path:
-        return self.store_path(selection.dataset + (f"-{selection.subset}" if selection.subset else ""), selection.model)
+        """The store of a selection: one per dataset, subset, model, window rule and tile filters."""
+        path = self.store_path(selection.dataset + (f"-{selection.subset}" if selection.subset else ""), selection.model)
+        if selection.windows:
+            path = path.with_name(f"{path.stem}-{selection.windows}windows.zarr")
+        if selection.filters:
+            digest = hashlib.sha256(json.dumps(list(selection.filters), default=str).encode()).hexdigest()[:8]
+            path = path.with_name(f"{path.stem}-{'-'.join(name for name, _ in selection.filters)}-{digest}.zarr")
+        return path
+
+    def sibling_stores(self, selection: Selection) -> list[Path]:
+        """Other stores of the selection's dataset, subset and model (other windows or filters):
+        the stores a command without those options could have meant."""
+        plain = self.selection_store(Selection(selection.dataset, None, selection.model, None, selection.subset))
+        chosen = self.selection_store(selection)
+        own = re.compile(re.escape(plain.stem) + r"(-\w+windows)?(-[a-z_-]+-[0-9a-f]{8})?\.zarr")
+        return [p for p in self.stores() if p != chosen and own.fullmatch(p.name)]
 
     def index_dir(self, store_path: Path, modality: str) -> Path:
         """Where the index of one store's group lives: named after the store's identity, not only
@@ -114,13 +145,24 @@ class Workspace:
         checkpoint: str | Path | None = None,
         subset: str | None = None,
         remember: bool = True,
+        windows: str | None = None,
+        filters: dict | None = None,
     ) -> Selection:
         """Resolve what to act on from explicit choices, then the remembered ones, then defaults;
-        remember explicit choices for the next command."""
+        remember explicit choices for the next command.
+
+        The window rule and the tile filters are remembered together, with the dataset they belong
+        to: a command that gives any of them gives them all (`--windows majortom` alone is the
+        default store again)."""
         config = self.load_config()
         current = config.get("current", {})
-        if subset is None and dataset in (None, current.get("dataset")):
+        same_dataset = dataset in (None, current.get("dataset"))
+        if subset is None and same_dataset:
             subset = current.get("subset")  # the remembered subset belongs to the remembered dataset
+        if windows is None and not filters and same_dataset:
+            windows, filters = current.get("windows"), dict(current.get("filters") or {})
+        windows = None if windows == DEFAULT_WINDOWS else windows
+        filters_items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (filters or {}).items()))
         dataset = dataset or current.get("dataset") or DEFAULT_DATASET
         root_str = _normalise_root(root) if root else self.dataset_root(dataset)
         config = None
@@ -134,7 +176,8 @@ class Workspace:
             model = current.get("model") or DEFAULT_MODEL
             checkpoint = current.get("checkpoint")
             config = current.get("config")
-        selection = Selection(dataset=dataset, root=root_str, model=model, checkpoint=checkpoint, subset=subset, config=config)
+        selection = Selection(dataset=dataset, root=root_str, model=model, checkpoint=checkpoint, subset=subset, config=config,
+                              windows=windows, filters=filters_items)
         if remember:
             self.remember(selection)
         return selection
@@ -146,6 +189,9 @@ class Workspace:
         both land (the last one's selection is current) and neither corrupts the file."""
         current = {"dataset": selection.dataset, "subset": selection.subset, "model": selection.model,
                    "checkpoint": selection.checkpoint, "config": selection.config}
+        if selection.reader_options:  # absent for the defaults: a config written before them reads the same
+            current.update(windows=selection.windows, filters={k: v for k, v in selection.filters})
+        current = json.loads(json.dumps(current))  # as config.json holds it: tuples are lists
         if self._remembered(self.load_config(), selection, current):
             return  # nothing changes: no lock, no write (a read-only workspace stays usable)
         with exclusive(self.config_path):
@@ -181,6 +227,10 @@ def _normalise_root(root: str | Path) -> str:
 
     location = as_location(root)
     return location if isinstance(location, str) else str(location.expanduser().resolve())
+
+
+def _option_text(value) -> str:
+    return ",".join(str(v) for v in value if v is not None) if isinstance(value, (tuple, list)) else str(value)
 
 
 def _slug(name: str) -> str:

@@ -74,8 +74,9 @@ def test_help_and_version(tmp_path):
 def test_info_json_reports_workspace_and_stores(workspace):
     data = json.loads(run(["info", "--json"], workspace).stdout)
     assert Path(data["workspace"]) == workspace.resolve()
-    assert data["current"] == {"dataset": "sample", "subset": None, "root": None, "model": MODEL, "checkpoint": None}
     (store,) = data["stores"]
+    assert data["current"] == {"dataset": "sample", "subset": None, "root": None, "model": MODEL, "checkpoint": None,
+                               "windows": None, "filters": {}, "store": store["path"]}
     for modality in ("s1", "s2"):
         row = store["modalities"][modality]
         assert row["encoded"] == row["patches"] == 24 and row["complete"] and row["random_init"]

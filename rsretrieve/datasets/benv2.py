@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from rsretrieve.bands import Modality, bands_for
 from rsretrieve.datasets.base import PATCH, Chunk, PatchBatch, empty_batch, meta_table
-from rsretrieve.errors import DataError, RSRetrieveError, located
+from rsretrieve.errors import DataError, ModalityAbsent, RSRetrieveError, located
 from rsretrieve.geo import centres_to_wgs84, pixel_to_xy
 from rsretrieve.datasets.benv2_patch import read_lmdb_patch, read_patch_folder, stack_raw
 from rsretrieve.io.lmdb import open_env
@@ -132,6 +132,8 @@ def check_layout(root: Path, names: list[str], modality: Modality) -> None:
         return
     expected = patch_dir(root, probe[0], modality)
     folder = S2_DIR if modality == "s2" else S1_DIR
+    if not (Path(root) / folder).is_dir():
+        raise ModalityAbsent(located(Path(root) / folder, f"no such folder: this root holds no {modality.upper()} patches"))
     pattern = "<product>/<patch_id>" if modality == "s2" else "<product>/<s1_name> (product = s1_name without _<tile>_<row>_<col>)"
     old = Path(root) / folder / _NAME_RC.match(probe[0]).group(1) / probe[0]
     hint = f"; found {old.parent.name}/ instead, a pre-release layout: move each patch folder up to its product folder" if old.is_dir() else ""

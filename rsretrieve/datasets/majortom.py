@@ -42,7 +42,7 @@ from rsretrieve.datasets.base import PATCH, Chunk, PatchBatch, empty_batch, meta
 from rsretrieve.datasets.majortom_plan import (FRAGMENT_OVERLAP, WINDOW_RULES, Filters, TilePlan, metadata_location, parse_time,
                                                plan_chunks, plan_tiles, tile_keys_of, windows)
 from rsretrieve.datasets.majortom_windows import PlannedWindows, plan_metadata
-from rsretrieve.errors import DataError, RSRetrieveError, located
+from rsretrieve.errors import DataError, ModalityAbsent, RSRetrieveError, located
 from rsretrieve.datasets.geotiff_cell import decode_band, decode_pixels
 from rsretrieve.io.files import files_version
 from rsretrieve.io.remote import as_location, is_url, probe, relative
@@ -262,7 +262,7 @@ class MajorTOMDataset:
     def shards(self, modality: Modality) -> list[Path] | list[str]:
         shards = find_shards(self.root, modality)
         if not shards:
-            raise DataError(located(self.root, f"no Core-{COLLECTIONS[modality]} parquet shards found"))
+            raise ModalityAbsent(located(self.root, f"no Core-{COLLECTIONS[modality]} parquet shards found"))
         return shards
 
     def plan(self, modality: Modality) -> TilePlan | None:

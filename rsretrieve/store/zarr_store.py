@@ -218,7 +218,7 @@ class EmbeddingStore:
                 )
             )
         made_from, asked_from = existing.get("dataset"), provenance.get("dataset")
-        diff = dataset_differences(made_from, asked_from)
+        diff = [key for key in dataset_differences(made_from, asked_from) if not (key == "root" and _moved(made_from, asked_from))]
         grown = set(diff) <= GROWTH_KEYS and held_sha256 is not None and held_sha256 == (made_from or {}).get("patches_sha256")
         if asked_from is not None and diff and not grown:
             raise StoreError(
@@ -235,6 +235,20 @@ class EmbeddingStore:
                 located(self.path, f"was created for a different set or chunking of {modality.upper()} patches; use another --store")
             )
         return str(existing.get("dtype"))
+
+    def moved_root(self, modality: Modality, provenance: dict) -> str | None:
+        """The root a group was made from, when `provenance` reads the same patches from another
+        one (the data moved: equal fingerprint, another path); else None."""
+        made_from, asked_from = self.provenance(modality).get("dataset") or {}, provenance.get("dataset") or {}
+        moved = made_from.get("root") != asked_from.get("root") and _moved(made_from, asked_from)
+        return made_from.get("root") if moved else None
+
+    def record_root(self, modality: Modality, root: str | None) -> None:
+        """Record the data's new root in a group's provenance (the same patches, moved)."""
+        group = self._group(modality, "r+")
+        provenance = dict(group.attrs["provenance"])
+        group.attrs["provenance"] = {**provenance, "dataset": {**(provenance.get("dataset") or {}), "root": root}}
+        _consolidate(self.path)
 
     def grow(self, modality: Modality, spans: Sequence[ChunkSpan], meta: pa.Table, provenance: dict) -> None:
         """Append the chunks `spans` lists past the ledger (their metadata `meta`), recording the
@@ -361,6 +375,13 @@ class EmbeddingStore:
                         f"{describe(provenance)} cannot join them (cross-modal search compares the two); use another --store",
                     )
                 )
+
+
+def _moved(made_from: dict | None, asked: dict | None) -> bool:
+    """Whether two dataset records name the same patches (equal fingerprints, both known), wherever
+    they lie: a moved root is the same data, and its new path is recorded (`record_root`)."""
+    fingerprint = (made_from or {}).get("patches_sha256")
+    return fingerprint is not None and fingerprint == (asked or {}).get("patches_sha256")
 
 
 def slab_end(spans: Sequence[ChunkSpan], start: int) -> int:
