@@ -316,7 +316,7 @@ def _check_skipped(store: EmbeddingStore, modality: Modality, summary: EncodeSum
     by_reason = recorded.get("by_reason", {}) or skip_counts(summary.skipped)
     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items(), key=lambda item: -item[1]))
     examples = [m for _, m in summary.skipped[:3]] or list(recorded.get("examples", []))[:3]
-    why = f"{reasons}; first: {'; '.join(examples)}" if reasons else "no reason recorded"
+    why = f"{sum(by_reason.values())} skipped: {reasons}; first: {'; '.join(examples)}" if reasons else "no reason recorded"
     valid, total = store.valid_count(modality), summary.patches_total
     if valid == 0:
         raise TooManySkipped(f"{label}: none of the {total} patches could be encoded: {why}", summary)

@@ -1,6 +1,7 @@
 """Per-modality FAISS indexes over an embedding store group, built by streaming the store.
 
-Vectors are the store's [CLS] embeddings, L2-normalised in float32 batch by batch, so that inner
+Vectors are the store's embeddings (the model's retrieval vector: CSMoE's [CLS] token, CSMAE's
+fc_norm of the mean patch token), L2-normalised in float32 batch by batch, so that inner
 product = cosine similarity (the ranking CSMAE's retrieval.py uses: L2 on L2-normalised features,
 which orders neighbours identically). `search` always returns cosine similarities, whatever the
 index kind computes internally.
