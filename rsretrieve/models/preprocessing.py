@@ -96,7 +96,7 @@ def _cubic_weights(t: torch.Tensor) -> torch.Tensor:
     def far(x):  # 1 < |x| < 2
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
-    return torch.stack([far(t + 1), near(t), near(1 - t), far((1 - t) + 1)], dim=-1)
+    return torch.stack([far(t + 1), near(t), near(1 - t), far((1 - t) + 1)], dim=-1)  # aten's own sums, for its rounding
 
 
 def _taps(n: torch.Tensor, origin: torch.Tensor, top: torch.Tensor, size: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +121,9 @@ def _taps(n: torch.Tensor, origin: torch.Tensor, top: torch.Tensor, size: int, m
 
 def upsample_cells(blocks: torch.Tensor, cell: torch.Tensor, size: int, method: str) -> torch.Tensor:
     """(B, C, K, K) 20 m blocks and their (B, 6) cells (`RawPixels.coarse_cell`) -> (B, C, size, size):
-    each cell upsampled whole by `method` and cut at its window, computed from the block alone
-    (separable: rows, then columns; one gather per tap, so memory stays a few blocks)."""
+    each cell upsampled whole by `method` and cut at its window, computed from the block alone.
+    Separable, one gather per tap (memory stays a few blocks); gathers rather than a matmul with
+    an interpolation matrix, which TF32 would round (and nearest would no longer be exact)."""
     b, c, k, _ = blocks.shape
     rows, row_w = _taps(cell[:, 0], cell[:, 2], cell[:, 4], size, method)
     cols, col_w = _taps(cell[:, 1], cell[:, 3], cell[:, 5], size, method)
