@@ -38,6 +38,19 @@ def dataset_differences(made_from: dict | None, asked: dict | None) -> list[str]
     return differences(made_from, asked, DATASET_KEYS)
 
 
+def upsampling_differences(made: dict | None, asked: dict | None) -> list[str]:
+    """["reader.coarse"] when a store's embeddings (provenance `made`) and those asked differ only
+    in who upsampled the 20 m bands of odd Major TOM windows: stores written before the reader
+    recorded `coarse: "model"` hold its nearest upsampling there (whole tiles of the default
+    windows), which equals the model's own only when that is nearest too."""
+    old = ((made or {}).get("dataset") or {}).get("reader") or {}
+    new = ((asked or {}).get("dataset") or {}).get("reader") or {}
+    upsample = ((asked or {}).get("preprocessing") or {}).get("upsample", "nearest")
+    stale = (new.get("coarse") == "model" and old.get("coarse") != "model" and old.get("windows") not in (None, "grid")
+             and upsample != "nearest")  # the grid's windows are all on the 20 m grid: nothing was upsampled by the reader
+    return ["reader.coarse"] if stale else []
+
+
 def describe_dataset(dataset: dict | None) -> str:
     """'benv2 / BENv2-14k at /data/benv2 (options {...})' from provenance["dataset"]."""
     dataset = dataset or {}

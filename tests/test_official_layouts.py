@@ -193,7 +193,7 @@ def test_major_tom_reader_cuts_whole_cells_and_records_the_rule(tmp_path):
     write_synthetic_tiles(tmp_path)
     whole = open_dataset("majortom", tmp_path)
     batch = whole.read_chunk(whole.chunks("s2")[0])
-    assert len(batch) == 100 and batch.pixels.coarse is None  # odd origins: 20 m bands on the 10 m grid
+    assert len(batch) == 100 and batch.pixels.coarse_cell is not None  # odd origins: 20 m blocks and their place in the cell
     assert sorted({w[0] for w in batch.meta.column("window").to_pylist()})[-1] == 948
     assert whole.describe()["windows"] == "majortom"
     paper = open_dataset("majortom", tmp_path, windows="grid")

@@ -201,3 +201,26 @@ def test_major_tom_shards_encode_and_pair_by_grid_cell(tmp_path, client):
     assert sorted(s1["pair_id"].values.tolist()) == sorted(s2["pair_id"].values.tolist())
     assert all("_" in cell and cell[-1] in "LR" for cell in s2["grid_cell"].values.tolist())
     assert np.isfinite(s2["lat"].values).all()
+
+
+def test_major_tom_store_of_reader_nearest_odd_windows_is_refused_for_a_bicubic_model(tmp_path, client):
+    """A Major TOM store written when the reader nearest-upsampled odd windows (its record of the
+    reader has no `coarse`) holds other embeddings than CSMAE makes now; a nearest model's are the same."""
+    import zarr
+
+    from rsretrieve.datasets import sample_root
+
+    spec = DatasetSpec("majortom", str(sample_root() / "majortom"))
+    for model, refused in (("csmae-tiny", True), (MODEL, False)):
+        path = tmp_path / f"{model}.zarr"
+        encode(spec, "s2", path, EncoderSpec(model, "cpu", 8), client=client)
+        group = zarr.open_group(path / "s2", mode="r+", zarr_format=3)
+        provenance = dict(group.attrs["provenance"])
+        reader = {k: v for k, v in provenance["dataset"]["reader"].items() if k != "coarse"}
+        assert provenance["dataset"]["reader"]["coarse"] == "model" and reader["windows"] == "majortom"
+        group.attrs["provenance"] = {**provenance, "dataset": {**provenance["dataset"], "reader": reader}}
+        if refused:
+            with pytest.raises(StoreError, match="nearest-upsampled by the reader"):
+                encode(spec, "s2", path, EncoderSpec(model, "cpu", 8), client=client)
+        else:
+            assert encode(spec, "s2", path, EncoderSpec(model, "cpu", 8), client=client).patches_encoded == 0

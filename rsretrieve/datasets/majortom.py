@@ -14,7 +14,8 @@ patches discarded. The window of each patch is in its metadata. A patch with any
 reported in `PatchBatch.skipped`: S1 nodata (-32768), non-positive or non-finite linear power;
 S2 the declared nodata, or 0 (L2A no-data) when none is declared. S1 is converted to dB
 (10 log10). Pixels ship raw (`preprocess.RawPixels`: S2 uint16 digital numbers, the 20 m bands at
-native resolution where the windows allow; S1 float32 dB); the model's preprocessing does the rest.
+native resolution, cut around odd windows with their place in the tile; S1 float32 dB); the
+model's preprocessing does the rest, upsampling included.
 
 Planning: with the collection's `metadata.parquet`, chunks (a few tiles of one shard) and windows
 come from it alone, filters apply (`majortom_plan`); without it, one tile per chunk, its size and
@@ -47,7 +48,7 @@ from rsretrieve.datasets.geotiff_cell import decode_band, decode_pixels
 from rsretrieve.io.files import files_version
 from rsretrieve.io.remote import as_location, is_url, probe, relative
 from rsretrieve.io.remote import one_line as _one_line
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.preprocess import RawPixels, cut_windows
 
 S1_NODATA = -32768.0
 COLLECTIONS = {"s2": "S2L2A", "s1": "S1RTC"}
@@ -118,17 +119,10 @@ class TileRaster:
     invalid: np.ndarray
 
     def cut(self, wins: list[tuple[int, int, int, int]]) -> RawPixels:
-        """Raw pixels of these windows. The 20 m bands stay at native resolution when every window
-        lies on the 20 m grid (even origin and size); otherwise they are cut from a nearest
-        upsampling to 10 m, the only way to cut them at odd positions."""
-        fine = np.stack([self.fine[:, r : r + h, c : c + w] for r, c, h, w in wins])
-        if self.coarse is None:
-            return RawPixels(fine, self.fine_bands)
-        if all(v % 2 == 0 for win in wins for v in win):
-            coarse = np.stack([self.coarse[:, r // 2 : (r + h) // 2, c // 2 : (c + w) // 2] for r, c, h, w in wins])
-            return RawPixels(fine, self.fine_bands, coarse, self.coarse_bands)
-        up = np.stack([self.coarse[:, (r + np.arange(h))[:, None] // 2, (c + np.arange(w))[None, :] // 2] for r, c, h, w in wins])
-        return RawPixels(np.concatenate([fine, up], axis=1), self.fine_bands + self.coarse_bands)
+        """Raw pixels of these windows (`preprocess.cut_windows`): the 20 m bands of a window on the
+        20 m grid (even origin) as its native crop; of any other, a block of the tile's 20 m pixels
+        and the window's place in the tile, for the model to upsample as it would the whole tile."""
+        return cut_windows(self.fine, self.fine_bands, self.coarse, self.coarse_bands, wins)
 
 
 def _invalid_s1(a: np.ndarray, nodata) -> np.ndarray:
@@ -255,8 +249,10 @@ class MajorTOMDataset:
 
     def describe(self) -> dict:
         """How patches are cut and which tiles are taken, for the store's provenance."""
+        # coarse "model": odd windows' 20 m bands reach the model raw (`cut_windows`); a store written
+        # before this was recorded holds the reader's nearest upsampling there (provenance.upsampling_differences)
         out = {"windows": self.window_rule, "patch_size": self.patch_size,
-               "overlap": FRAGMENT_OVERLAP if self.window_rule == "majortom" else 0.0}
+               "overlap": FRAGMENT_OVERLAP if self.window_rule == "majortom" else 0.0, "coarse": "model"}
         return {**out, "filters": self.filters.describe()} if self.filters.describe() else out
 
     def shards(self, modality: Modality) -> list[Path] | list[str]:

@@ -42,9 +42,8 @@ def embed_raw(model, raw: RawPixels, modality: Modality, device: str | None = No
         current = pending
         if side is not None:  # the copy must be done; and its memory kept until this stream used it
             torch.cuda.current_stream(device).wait_stream(side)
-            for tensor in (current.fine, current.coarse):
-                if tensor is not None:
-                    tensor.record_stream(torch.cuda.current_stream(device))
+            for tensor in current.tensors():
+                tensor.record_stream(torch.cuda.current_stream(device))
         pending = send(starts[k + 1]) if k + 1 < len(starts) else None
         with torch.inference_mode():
             x = finish(current, modality, config.preprocessing, config.img_size)

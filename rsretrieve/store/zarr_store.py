@@ -42,7 +42,8 @@ import zarr
 
 from rsretrieve.bands import MODALITIES, Modality
 from rsretrieve.errors import StoreError, located
-from rsretrieve.provenance import MODEL_KEYS, dataset_differences, describe, describe_dataset, differences, is_random_init
+from rsretrieve.provenance import (MODEL_KEYS, dataset_differences, describe, describe_dataset, differences, is_random_init,
+                                   upsampling_differences)
 from rsretrieve.store.grow import GROWTH_KEYS, extend_ledger, resize_and_fill
 from rsretrieve.store import layout
 from rsretrieve.store.layout import NOT_NORMALISED, skeleton
@@ -217,6 +218,11 @@ class EmbeddingStore:
                     "different models are never mixed — use another --store or delete this one",
                 )
             )
+        if upsampling_differences(existing, provenance):
+            method = (provenance.get("preprocessing") or {}).get("upsample")
+            raise StoreError(located(self.path, f"its {modality.upper()} embeddings had the 20 m bands of odd Major TOM windows nearest-upsampled "
+                                                f"by the reader (an older rsretrieve), this model upsamples them {method}: "
+                                                "use another --store or delete this one"))
         made_from, asked_from = existing.get("dataset"), provenance.get("dataset")
         diff = [key for key in dataset_differences(made_from, asked_from) if not (key == "root" and _moved(made_from, asked_from))]
         grown = set(diff) <= GROWTH_KEYS and held_sha256 is not None and held_sha256 == (made_from or {}).get("patches_sha256")
