@@ -97,11 +97,13 @@ class QueryResult:
 
 class QueryResults(list):
     """The results of a batch of queries, in the order given, without the queries that failed:
-    those are in `failed` as (tile path or patch id, one-line reason)."""
+    those are in `failed` as (tile path or patch id, one-line reason). `notes`: one-line remarks
+    for the user (e.g. fewer results than asked: the archive is smaller than k)."""
 
-    def __init__(self, results: Iterable[QueryResult] = (), failed: Sequence[tuple[str, str]] = ()):
+    def __init__(self, results: Iterable[QueryResult] = (), failed: Sequence[tuple[str, str]] = (), notes: Sequence[str] = ()):
         super().__init__(results)
         self.failed: list[tuple[str, str]] = list(failed)
+        self.notes: list[str] = list(notes)
 
     def to_dataframe(self) -> "pd.DataFrame":
         return results_to_dataframe(self)
