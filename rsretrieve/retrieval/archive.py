@@ -230,14 +230,14 @@ class Archive:
         source = self.store.provenance(modality).get("dataset") or {"name": "sample"}
         dataset = open_dataset(source["name"], source.get("root") or None, source.get("subset"), **source.get("options", {}))
         if hasattr(dataset, "read_patch"):
-            return RawPixels.concat([dataset.read_patch(pid, modality) for pid in patch_ids])
+            return _pictures([dataset.read_patch(pid, modality) for pid in patch_ids])
         chunk_of = self._chunk_keys(modality, patch_ids)
         chunks = {chunk.key: chunk for chunk in dataset.chunks(modality)}
         found: dict[str, RawPixels] = {}
         for key in dict.fromkeys(chunk_of[pid] for pid in patch_ids):
             batch = dataset.read_chunk(chunks[key])
             found.update({pid: batch.pixels.take([i]) for i, pid in enumerate(batch.patch_ids)})
-        return RawPixels.concat([found[pid] for pid in patch_ids])
+        return _pictures([found[pid] for pid in patch_ids])
 
     def _chunk_keys(self, modality: Modality, patch_ids: list[str]) -> dict[str, str]:
         """{patch id: key of the data chunk holding it}, from the ledger's row ranges (vectorised:
@@ -353,3 +353,12 @@ def tile_footprint(path: str | Path, modality: Modality | None = None):
 
 
 __all__ = ["Archive", "Hit", "QueryResult", "QueryResults", "short_id", "tile_footprint"]
+
+
+def _pictures(parts: list[RawPixels]) -> RawPixels:
+    """One batch of patches for pictures: as read, or, when their bands are laid out differently
+    (20 m bands at 60 px in some, on the 10 m grid in others), every band on the 10 m grid."""
+    try:
+        return RawPixels.concat(parts)
+    except ValueError:
+        return RawPixels.concat([RawPixels(p.stacked(parts[0].bands), parts[0].bands) for p in parts])
