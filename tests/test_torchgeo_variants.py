@@ -87,15 +87,6 @@ def test_int16_s1_is_read_as_float32_with_unchanged_values(tmp_path):
     tile = read_tile(folder)
     assert tile.modality == "s1" and tile.pixels.fine.dtype == np.float32
     np.testing.assert_array_equal(tile.pixels.fine[0], np.round(original.read_patch(folder.name, "s1").fine[0]))
-    # and a 2-band int16 S1 GeoTIFF stacked from it (it said "expected float32")
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    from stack_bands import stack
-
-    stacked = read_tile(stack(folder, tmp_path / "s1_int16.tif"))
-    assert rasterio.open(tmp_path / "s1_int16.tif").dtypes[0] == "int16"
-    np.testing.assert_array_equal(stacked.pixels.fine, tile.pixels.fine)
 
 
 def test_20m_bands_that_are_nearest_upsampled_give_the_release_patch_and_model_input(tmp_path):

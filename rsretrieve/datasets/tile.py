@@ -12,10 +12,9 @@ Rules (GeoTIFF):
 - Band order: band descriptions when they name the bands (e.g. "B04", "VV"); otherwise position
   (S2 10 bands: B02 B03 B04 B05 B06 B07 B08 B8A B11 B12; 12 bands: B01 B02 ... B8A B09 B11 B12,
   B01 and B09 dropped; S1: VV, VH).
-- dtype: S2 integer or float DN (uint8 and complex are rejected); S1 float or 8/16-bit integers
-  (to float32, values unchanged, as TorchGeo's BigEarthNetV2 fixture has them), in dB, or linear
-  power (converted to dB) when no value is negative (`s1_units="auto"`) or when told so. A patch
-  folder's bands follow `benv2_patch.assemble` (integer S1, 20 m bands at 120 px).
+- dtype: S2 integer or float DN (uint8 and complex are rejected); S1 float, in dB, or linear power
+  (converted to dB) when no value is negative (`s1_units="auto"`) or when told so. (A BigEarthNet
+  patch folder follows `benv2_patch.assemble`: integer S1 dB and 20 m bands at 120 px are read.)
 - Size: smaller than 120 px on a side -> the whole tile is resized to 120 x 120 (bilinear);
   otherwise cut into floor(H/120) x floor(W/120) patches of 120 px (partial edges dropped). Each
   patch is embedded; a query uses the mean of its patch embeddings.
@@ -170,8 +169,8 @@ def _check_header(ds, modality: Modality | None, where: str) -> tuple[Modality, 
     if len(dtypes) != 1:
         raise DataError(located(where, f"mixed band dtypes {sorted(dtypes)}"))
     dtype = np.dtype(dtypes.pop())
-    if detected == "s1" and dtype.kind != "f" and not (dtype.kind in "iu" and np.can_cast(dtype, np.float32, "safe")):
-        raise DataError(located(where, f"Sentinel-1 tile has dtype {dtype}; expected float32 (dB or linear power) or 8/16-bit integers"))
+    if detected == "s1" and dtype.kind != "f":
+        raise DataError(located(where, f"Sentinel-1 tile has dtype {dtype}; expected float32 (dB or linear power)"))
     if detected == "s2" and (dtype.kind not in "uif" or dtype.itemsize < 2):
         raise DataError(located(where, f"Sentinel-2 tile has dtype {dtype}; expected uint16 reflectance DN"))
     return detected, dtype, [i + 1 for i in _order(list(ds.descriptions), detected, n, where)]
