@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import replace
@@ -15,6 +14,7 @@ from rich.console import Console
 
 from rsretrieve import __version__
 from rsretrieve.errors import RSRetrieveError
+from rsretrieve.io.jsontext import dumps as json_text
 from rsretrieve.provenance import is_random_init
 from rsretrieve.workspace import Workspace
 
@@ -138,8 +138,8 @@ def require_faiss() -> None:
 
 
 def print_json(data) -> None:
-    """Plain JSON on stdout (no colour codes), for pipes."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Plain JSON on stdout (no colour codes), for pipes: valid JSON always (null for NaN, `jsontext`)."""
+    sys.stdout.write(json_text(data, indent=2) + "\n")
 
 
 RANDOM_INIT_WARNING = (

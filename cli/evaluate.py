@@ -49,9 +49,8 @@ def evaluate(
     max_skipped: MaxSkippedOpt = None,
 ) -> None:
     """F1 of the CSMoE paper (Table VI): queries = validation split, archive = test split."""
-    import json
-
     from rsretrieve.indexer.jobs import evaluate_subset, needed_modalities
+    from rsretrieve.io.jsontext import dumps as json_text
     from rsretrieve.datasets.subsets import get_subset
 
     require_faiss()  # before any encoding
@@ -80,7 +79,7 @@ def evaluate(
     else:
         _print_eval(result, subset.name, k)
     if output is not None and str(output) != "-":
-        output.write_text(json.dumps(data, indent=2, default=str))
+        output.write_text(json_text(data, indent=2))
         err.print(f"all figures written to {output}")
 
 

@@ -111,6 +111,8 @@ def _run(inputs, target, k, modality, store_path, gpu_search, keep_pixels):
             results = archive.query_ids(inputs.ids, target, k, modality, skip_bad=inputs.batch, keep_pixels=keep_pixels)
     if results:
         warn_if_random(results[0].provenance)  # before any score is shown
+    for note in results.notes if not State.quiet else ():
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     return archive, results
 
 

@@ -13,7 +13,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,7 @@ class ChunkResult:
     embeddings: np.ndarray  # (n, D) float32
     skipped: list[tuple[str, str]]
     locations: tuple[list, list] | None = None  # the patches' lat, lon as the reader found them
+    converted: list[tuple[str, str]] = field(default_factory=list)  # (patch_id, what the reader converted)
 
 
 def encode_group(batches: list[PatchBatch], chunks: list[Chunk], spec: EncoderSpec,
@@ -70,15 +71,24 @@ def encode_group(batches: list[PatchBatch], chunks: list[Chunk], spec: EncoderSp
             chunk_hook(chunk)
     device = spec.resolved_device()  # the local cluster pins one GPU per encoder worker (CUDA_VISIBLE_DEVICES)
     model = worker_model(spec, device)
-    filled = [b for b in batches if len(b)]
-    embeddings = (embed_raw(model, RawPixels.concat([b.pixels for b in filled]), chunks[0].modality, device,
-                            spec.resolved_batch_size()) if filled else np.zeros((0, model.config.embed_dim), np.float32))
-    results, start = [], 0
-    for chunk, batch in zip(chunks, batches):
+    # batches of one band layout are embedded together (a chunk whose 20 m bands came on the 10 m
+    # grid does not stack with one whose bands are at their native 60 px: `benv2_patch.assemble`)
+    layouts: dict[tuple, list[int]] = {}
+    for i, batch in enumerate(batches):
+        if len(batch):
+            layouts.setdefault((batch.pixels.fine_bands, batch.pixels.coarse_bands), []).append(i)
+    embedded = {i: np.zeros((0, model.config.embed_dim), np.float32) for i in range(len(batches))}
+    for members in layouts.values():
+        vectors = embed_raw(model, RawPixels.concat([batches[i].pixels for i in members]), chunks[0].modality, device,
+                            spec.resolved_batch_size())
+        ends = np.cumsum([len(batches[i]) for i in members])
+        embedded.update({i: part for i, part in zip(members, np.split(vectors, ends[:-1]))})
+    results = []
+    for i, (chunk, batch) in enumerate(zip(chunks, batches)):
         names = batch.meta.column_names
         locations = (batch.meta["lat"].to_pylist(), batch.meta["lon"].to_pylist()) if "lat" in names and "lon" in names else None
-        results.append(ChunkResult(chunk.key, list(batch.patch_ids), embeddings[start : start + len(batch)], list(batch.skipped), locations))
-        start += len(batch)
+        results.append(ChunkResult(chunk.key, list(batch.patch_ids), embedded[i], list(batch.skipped), locations,
+                                   list(getattr(batch, "converted", []))))
     return results, model.provenance
 
 

@@ -71,6 +71,14 @@ class EncodeSummary:
     provenance: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. a subset count that differs from the paper's
     patches_total: int = 0
+    converted: list[tuple[str, str]] = field(default_factory=list)  # (patch_id, what the reader converted)
+
+    def conversion_note(self) -> str | None:
+        """'converted on reading: 18 patches: S1 integer dB converted to float32' (one line), or None."""
+        if not self.converted:
+            return None
+        counts = Counter(what for _, what in self.converted)
+        return "converted on reading: " + ", ".join(f"{n} patch{'es' if n != 1 else ''}: {what}" for what, n in counts.most_common())
 
     def skip_summary(self, examples: int = 3) -> str:
         """'3 skipped: 2 missing band file, 1 invalid pixel(s) ...; first: <path>, ...' (one line)."""
@@ -193,6 +201,8 @@ def encode(
                 _run(workers.get(), dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook)
             if summary.skipped:
                 store.record_skipped(modality, skip_counts(summary.skipped), [m for _, m in summary.skipped[:5]])
+            if summary.converted:
+                summary.notes.append(summary.conversion_note())
         summary.seconds = time.perf_counter() - started
         _check_skipped(store, modality, summary, max_failed_share)
     return summary
@@ -389,6 +399,7 @@ def _collect(client, tracker, spans_of, pending, submit_next, writer, summary, d
                 summary.chunks_encoded += 1
                 summary.patches_encoded += len(result.patch_ids)
                 summary.skipped.extend(result.skipped)
+                summary.converted.extend(result.converted)
                 if on_chunk:
                     on_chunk(span.stop - span.start, len(result.skipped))
             future.release()

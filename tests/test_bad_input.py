@@ -87,16 +87,18 @@ def test_nan_in_s1_skipped(tree):
     assert [s[0] for s in batch.skipped] == [bad] and np.isfinite(batch.pixels.stacked()).all()
 
 
-def test_wrong_band_shape_in_tree(tree):
+@pytest.mark.parametrize("size", [120, 100])
+def test_wrong_band_shape_in_tree(tree, size):
+    """B05 alone at 120 px, not a nearest-upsampled copy (the others at 60 px), or at 100 px."""
     ds = open_dataset("benv2", tree)
     bad, _ = first(ds)
-    p = band_path(tree, bad, "s2", "B05")  # 20 m band written at 120 px
+    p = band_path(tree, bad, "s2", "B05")
     with rasterio.open(p) as src:
         prof = src.profile
-    prof.update(width=120, height=120)
+    prof.update(width=size, height=size)
     with rasterio.open(p, "w", **prof) as dst:
-        dst.write(np.ones((1, 120, 120), np.uint16))
-    with pytest.raises(DataError, match="B05") as e:
+        dst.write(np.arange(size * size, dtype=np.uint16).reshape(1, size, size))
+    with pytest.raises(DataError, match="mixed sizes: B05 at 120 px" if size == 120 else r"B05 is \(100, 100\)") as e:
         ds.read_patch(bad, "s2")
     one_line(e.value, bad)
 

@@ -147,7 +147,10 @@ def test_query_wrong_modality(workspace, s1_tile):
 
 
 def test_query_k_larger_than_archive(workspace, s1_tile):
-    assert_clean_error(run(["query", s1_tile, "--target", "s2", "-k", "100"], workspace, check=False), "k=100", "24")
+    """A k over the archive's size gives the whole archive, and says so in a one-line note."""
+    proc = run(["query", s1_tile, "--target", "s2", "-k", "100", "--format", "json"], workspace)
+    assert len(json.loads(proc.stdout)["results"]) == 24
+    assert "note: the archive holds 24 S2 patches; returning 24 results, not 100" in proc.stderr
 
 
 def test_query_corrupt_tile(workspace, tmp_path, s1_tile):

@@ -151,11 +151,14 @@ def test_load_refuses_other_provenance(tmp_path):
     assert "\n" not in message and "checkpoint_sha256" in message and "rebuild" in message
 
 
-def test_k_larger_than_archive(tmp_path):
-    ds = make_store(tmp_path / "s.zarr", np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32))
-    index = EmbeddingIndex.build(ds)
-    with pytest.raises(StoreError, match=r"k=20 is larger than the archive \(6 patches\)"):
-        index.search(np.ones((1, 8), np.float32), 20)
+@pytest.mark.parametrize("kind,n,params", [("flat", 6, {}), ("hnsw", 6, {}), ("ivfpq", 300, {"nlist": 4, "m": 4, "nprobe": 4})])
+def test_k_larger_than_archive_is_clamped(tmp_path, kind, n, params):
+    """A k over the archive's size returns the whole archive (once each, best first), for every kind."""
+    vectors = np.random.default_rng(0).standard_normal((n, 16)).astype(np.float32)
+    index = EmbeddingIndex.from_vectors(vectors, kind=kind, use_gpu=False, tune=False, **params)
+    scores, rows = index.search(vectors[:1], n + 14)
+    assert scores.shape == rows.shape == (1, n) and sorted(rows[0].tolist()) == list(range(n))
+    assert np.all(np.diff(scores[0]) <= 1e-5)  # best first
 
 
 def test_selection_by_split_mask_and_indices(tmp_path):

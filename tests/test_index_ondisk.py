@@ -302,3 +302,11 @@ def test_outcome_line_and_archive_queries(archive, tmp_path):
     hits = Archive(store, tmp_path).search(queries[:2], "s2", 5)
     _, rows = index.search(queries[:2], 5)
     assert [h.patch_id for h in hits[0]] == [f"p{r:06d}" for r in rows[0]]
+
+
+def test_k_larger_than_the_archive_is_clamped(archive):
+    store, _, index, queries = archive
+    scores, rows = index.search(queries[:1], N + 5)
+    assert scores.shape == rows.shape == (1, N)
+    found = rows[0][rows[0] >= 0]
+    assert len(found) == len(set(found.tolist())) and (np.diff(scores[0][rows[0] >= 0]) <= 0).all()

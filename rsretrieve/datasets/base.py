@@ -61,6 +61,7 @@ class PatchBatch:
     patch_ids: list[str]
     meta: pa.Table  # one row per patch in `pixels`
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (patch_id, one-line reason)
+    converted: list[tuple[str, str]] = field(default_factory=list)  # (patch_id, what the reader converted), e.g. int16 S1
 
     def __len__(self) -> int:
         return len(self.patch_ids)

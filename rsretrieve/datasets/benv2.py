@@ -31,7 +31,7 @@ from rsretrieve.bands import Modality, bands_for
 from rsretrieve.datasets.base import PATCH, Chunk, PatchBatch, empty_batch, meta_table
 from rsretrieve.errors import DataError, ModalityAbsent, RSRetrieveError, located
 from rsretrieve.geo import centres_to_wgs84, pixel_to_xy
-from rsretrieve.datasets.benv2_patch import read_lmdb_patch, read_patch_folder, stack_raw
+from rsretrieve.datasets.benv2_patch import at_10m, read_lmdb_patch, read_patch_folder, stack_raw
 from rsretrieve.io.lmdb import open_env
 from rsretrieve.labels import multi_hot
 from rsretrieve.preprocess import RawPixels
@@ -94,9 +94,10 @@ def find_lmdb(root: Path) -> Path | None:
     return None
 
 
-def read_tree_patch(root: Path, name: str, modality: Modality):
-    """Raw (10 m bands, 20 m bands) and the patch centre (x, y, crs) or None, from the GeoTIFF tree."""
-    raw, transform, crs = read_patch_folder(patch_dir(root, name, modality), modality, name)
+def read_tree_patch(root: Path, name: str, modality: Modality, converted: list[str] | None = None):
+    """Raw (10 m bands, 20 m bands) and the patch centre (x, y, crs) or None, from the GeoTIFF tree
+    (conversions made appended to `converted`, see `benv2_patch.assemble`)."""
+    raw, transform, crs = read_patch_folder(patch_dir(root, name, modality), modality, name, converted)
     centre = None
     if crs is not None:
         x, y = pixel_to_xy(transform, PATCH / 2.0, PATCH / 2.0)
@@ -344,7 +345,7 @@ class BENv2Dataset:
         import rasterio
 
         modality = chunk.modality
-        pixels, names, centres, skipped = [], [], [], []
+        pixels, names, centres, skipped, converted = [], [], [], [], []
         index = self._index()
         with rasterio.Env(**GDAL_ENV):
             # the process's one LMDB environment; a read transaction of this thread's own
@@ -354,11 +355,12 @@ class BENv2Dataset:
                     if name not in index:
                         skipped.append((name, located(self.metadata_path, f"{name} is not in the selected metadata")))
                         continue
+                    notes: list[str] = []
                     try:
                         if chunk.source == "tree":
-                            raw, centre = read_tree_patch(Path(chunk.path), name, modality)
+                            raw, centre = read_tree_patch(Path(chunk.path), name, modality, notes)
                         else:
-                            raw = read_lmdb_patch(Path(chunk.path), name, modality, txn)
+                            raw = read_lmdb_patch(Path(chunk.path), name, modality, txn, notes)
                             centre = tree_centre(self.tree_root, name, modality) if self.tree_root else None
                     except DataError as e:
                         skipped.append((name, str(e)))
@@ -366,12 +368,29 @@ class BENv2Dataset:
                     pixels.append(raw)
                     names.append(name)
                     centres.append(centre)
+                    converted.extend((name, note) for note in notes)
             finally:
                 if txn is not None:
                     txn.abort()
+        keep = self._one_layout(chunk, pixels, names, skipped)
+        pixels, names, centres = [pixels[i] for i in keep], [names[i] for i in keep], [centres[i] for i in keep]
+        converted = [(name, note) for name, note in converted if name in set(names)]
         if not names:
             return empty_batch(modality, BATCH_COLUMNS, skipped)
-        return PatchBatch(stack_raw(pixels, modality), names, meta_table(self._meta_columns(names, modality, centres)), skipped)
+        return PatchBatch(stack_raw(pixels, modality), names, meta_table(self._meta_columns(names, modality, centres)), skipped, converted)
+
+    def _one_layout(self, chunk: Chunk, pixels: list, names: list[str], skipped: list) -> list[int]:
+        """Positions of the patches a chunk's batch keeps: all, unless some have their 20 m bands at
+        60 px and others on the 10 m grid (not nearest-upsampled copies, `benv2_patch.assemble`),
+        which one batch cannot hold; then the release's 60 px ones, the others skipped, named."""
+        full = [at_10m(p, chunk.modality) for p in pixels]
+        if all(full) or not any(full):
+            return list(range(len(pixels)))
+        for name in (n for n, f in zip(names, full) if f):
+            where = patch_dir(Path(chunk.path), name, chunk.modality) if chunk.source == "tree" else f"{chunk.path}[{name}]"
+            skipped.append((name, located(where, "20 m bands at 120 px beside patches with them at 60 px in one chunk "
+                                                 "(one layout per chunk; re-export them at 60 px)")))
+        return [i for i, f in enumerate(full) if not f]
 
     # --- convenience
     def describe(self) -> dict:

@@ -13,7 +13,8 @@ Rules (GeoTIFF):
   (S2 10 bands: B02 B03 B04 B05 B06 B07 B08 B8A B11 B12; 12 bands: B01 B02 ... B8A B09 B11 B12,
   B01 and B09 dropped; S1: VV, VH).
 - dtype: S2 integer or float DN (uint8 and complex are rejected); S1 float, in dB, or linear power
-  (converted to dB) when no value is negative (`s1_units="auto"`) or when told so.
+  (converted to dB) when no value is negative (`s1_units="auto"`) or when told so. (A BigEarthNet
+  patch folder follows `benv2_patch.assemble`: integer S1 dB and 20 m bands at 120 px are read.)
 - Size: smaller than 120 px on a side -> the whole tile is resized to 120 x 120 (bilinear);
   otherwise cut into floor(H/120) x floor(W/120) patches of 120 px (partial edges dropped). Each
   patch is embedded; a query uses the mean of its patch embeddings.

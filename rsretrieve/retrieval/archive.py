@@ -83,10 +83,10 @@ class Archive:
     def search_many(self, vectors: np.ndarray, target: Modality, k: int, exclude_rows: Sequence[int | None] | None = None) -> list[list[Hit]]:
         """The top-k hits of each row of `vectors` (N, D), in one faiss search for all rows; the
         hits' labels and coordinates in one store read. `exclude_rows[i]` (a store row, or None) is
-        left out of row i's hits: a stored patch used as its own query."""
+        left out of row i's hits: a stored patch used as its own query. A k larger than the archive
+        gives what it holds (`short_note` says so)."""
         index = self.index(target)
-        if k > index.ntotal:
-            raise StoreError(located(self.store.path, f"k={k} is larger than the {target.upper()} archive ({index.ntotal} patches)"))
+        k = min(k, index.ntotal)
         vectors = np.atleast_2d(np.asarray(vectors, np.float32))  # a wrong width is the index's ValueError, not a reshape
         if not vectors.size:
             return []
@@ -105,6 +105,17 @@ class Archive:
         hits = [[self._hit(found, at[row], rank, score, row) for rank, (score, row) in enumerate(line, start=1)] for line in kept]
         self.stats.search_s += time.perf_counter() - t0
         return hits
+
+    def short_note(self, target: Modality, k: int, hits: Sequence[Sequence[Hit]]) -> str | None:
+        """A one-line note when queries got fewer than `k` results because the archive is smaller
+        (its own patch left out of a stored patch's results counts too), else None."""
+        n = self.index(target).ntotal
+        got = max((len(line) for line in hits), default=0)
+        if k < n or got >= k:
+            return None
+        own = " (a query's own patch is left out of its results)" if got < min(k, n) else ""
+        return (f"the archive holds {n} {target.upper()} patch{'es' if n != 1 else ''}; returning {got} "
+                f"result{'s' if got != 1 else ''}, not {k}{own}")
 
     def query_vector(self, vector: np.ndarray, source: Modality, target: Modality, k: int, label: str, pixels: RawPixels | None = None,
                      exclude_row=None) -> QueryResult:
@@ -137,7 +148,7 @@ class Archive:
         provenance = self.store.provenance(target)
         results = [QueryResult(tile.label, tile.modality, target, found, provenance, tile.first, str(path), "tile",
                                tile_footprint(path, tile.modality)) for (path, tile), found in zip(done, hits)]
-        return QueryResults(results, failed)
+        return QueryResults(results, failed, [note] if (note := self.short_note(target, k, hits)) and results else [])
 
     def query_id(self, patch_id: str, target: Modality, k: int = 10, modality: Modality | None = None) -> QueryResult:
         """Query with an archive patch's stored embedding (the patch itself is left out of the results)."""
@@ -160,7 +171,7 @@ class Archive:
         results = [QueryResult(f"{pid} ({source.upper()})", source, target, h, provenance,
                                self.read_pixels(source, [pid]) if keep_pixels else None, pid, "id", shape)
                    for (pid, source, _), h, shape in zip(found, hits, self._stored_footprints(found))]
-        return QueryResults(results, failed)
+        return QueryResults(results, failed, [note] if (note := self.short_note(target, k, hits)) and results else [])
 
     def _locate_ids(self, patch_ids: Sequence[str], modality: Modality | None) -> tuple[list[tuple[str, Modality, int]], list[tuple[str, str]]]:
         """((id, modality, store row) of each id found, in order; (id, one-line reason) of the others).
@@ -219,14 +230,14 @@ class Archive:
         source = self.store.provenance(modality).get("dataset") or {"name": "sample"}
         dataset = open_dataset(source["name"], source.get("root") or None, source.get("subset"), **source.get("options", {}))
         if hasattr(dataset, "read_patch"):
-            return RawPixels.concat([dataset.read_patch(pid, modality) for pid in patch_ids])
+            return _pictures([dataset.read_patch(pid, modality) for pid in patch_ids])
         chunk_of = self._chunk_keys(modality, patch_ids)
         chunks = {chunk.key: chunk for chunk in dataset.chunks(modality)}
         found: dict[str, RawPixels] = {}
         for key in dict.fromkeys(chunk_of[pid] for pid in patch_ids):
             batch = dataset.read_chunk(chunks[key])
             found.update({pid: batch.pixels.take([i]) for i, pid in enumerate(batch.patch_ids)})
-        return RawPixels.concat([found[pid] for pid in patch_ids])
+        return _pictures([found[pid] for pid in patch_ids])
 
     def _chunk_keys(self, modality: Modality, patch_ids: list[str]) -> dict[str, str]:
         """{patch id: key of the data chunk holding it}, from the ledger's row ranges (vectorised:
@@ -342,3 +353,12 @@ def tile_footprint(path: str | Path, modality: Modality | None = None):
 
 
 __all__ = ["Archive", "Hit", "QueryResult", "QueryResults", "short_id", "tile_footprint"]
+
+
+def _pictures(parts: list[RawPixels]) -> RawPixels:
+    """One batch of patches for pictures: as read, or, when their bands are laid out differently
+    (20 m bands at 60 px in some, on the 10 m grid in others), every band on the 10 m grid."""
+    try:
+        return RawPixels.concat(parts)
+    except ValueError:
+        return RawPixels.concat([RawPixels(p.stacked(parts[0].bands), parts[0].bands) for p in parts])

@@ -176,8 +176,9 @@ class EmbeddingIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cosine similarities (Q, k) and store rows (Q, k), best first. Rows are -1 where an
-        approximate index found fewer than k candidates."""
-        q = self._normalised_queries(queries, k)
+        approximate index found fewer than k candidates. A k larger than the index is clamped to
+        its size (the arrays are then (Q, ntotal)): an archive returns what it holds."""
+        q, k = self._normalised_queries(queries, k)
         scores, ids = self._search_index.search(q, k)
         rows = np.where(ids >= 0, self.rows[np.clip(ids, 0, None)], -1)
         if self.params.get("metric") == "l2":  # squared L2 between unit vectors -> cosine
@@ -185,8 +186,8 @@ class EmbeddingIndex:
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, rows
 
-    def _normalised_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
-        """(Q, dim) queries, L2-normalised, after checking their shape and k."""
+    def _normalised_queries(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+        """((Q, dim) queries, L2-normalised, after checking their shape; k clamped to the index's size)."""
         queries = np.asarray(queries)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -194,9 +195,9 @@ class EmbeddingIndex:
             raise ValueError(f"queries must be (Q, {self.dim}), got shape {queries.shape}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if k > self.ntotal:
-            raise StoreError(f"k={k} is larger than the archive ({self.ntotal} patches)")
-        return normalise_rows(queries)
+        if self.ntotal < 1:
+            raise StoreError("the index holds no vectors")
+        return normalise_rows(queries), min(k, self.ntotal)
 
     def search_patch_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like `search`, with patch ids (str, '' where missing) instead of store rows."""

@@ -89,7 +89,7 @@ class OnDiskIndex(EmbeddingIndex):
 
     # -- search ------------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = self._normalised_queries(queries, k)
+        q, k = self._normalised_queries(queries, k)
         return rerank.search_reranked(self.cpu_index, self.vectors, q, k, float(self.params["k_factor"]))
 
     def search_patch_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

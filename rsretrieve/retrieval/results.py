@@ -24,6 +24,7 @@ import numpy as np
 
 from rsretrieve.bands import Modality
 from rsretrieve.errors import RSRetrieveError, located
+from rsretrieve.io.jsontext import dumps as json_text
 from rsretrieve.preprocess import RawPixels
 from rsretrieve.provenance import is_random_init
 
@@ -96,11 +97,13 @@ class QueryResult:
 
 class QueryResults(list):
     """The results of a batch of queries, in the order given, without the queries that failed:
-    those are in `failed` as (tile path or patch id, one-line reason)."""
+    those are in `failed` as (tile path or patch id, one-line reason). `notes`: one-line remarks
+    for the user (e.g. fewer results than asked: the archive is smaller than k)."""
 
-    def __init__(self, results: Iterable[QueryResult] = (), failed: Sequence[tuple[str, str]] = ()):
+    def __init__(self, results: Iterable[QueryResult] = (), failed: Sequence[tuple[str, str]] = (), notes: Sequence[str] = ()):
         super().__init__(results)
         self.failed: list[tuple[str, str]] = list(failed)
+        self.notes: list[str] = list(notes)
 
     def to_dataframe(self) -> "pd.DataFrame":
         return results_to_dataframe(self)
@@ -231,7 +234,7 @@ def results_geojson(results: Sequence[QueryResult]) -> dict:
 def results_text(results: Sequence[QueryResult], fmt: str, single: bool = False) -> str:
     """The text of a batch in a text format: jsonl, csv, json or geojson."""
     if fmt == "jsonl":
-        return "".join(json.dumps(row) + "\n" for row in result_rows(results))
+        return "".join(json_text(row) + "\n" for row in result_rows(results))
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
@@ -240,9 +243,9 @@ def results_text(results: Sequence[QueryResult], fmt: str, single: bool = False)
             writer.writerow({**row, "labels": "; ".join(row["labels"]), "lat": _blank(row["lat"]), "lon": _blank(row["lon"])})
         return out.getvalue()
     if fmt == "json":
-        return json.dumps(results_json(results, single), indent=2, default=str) + "\n"
+        return json_text(results_json(results, single), indent=2) + "\n"
     if fmt == "geojson":
-        return json.dumps(results_geojson(results), indent=2, default=str) + "\n"
+        return json_text(results_geojson(results), indent=2) + "\n"
     raise ValueError(f"not a text format: {fmt!r} (one of {', '.join(FORMATS)})")
 
 
@@ -273,7 +276,7 @@ def geoparquet_table(results: Sequence[QueryResult]):
     geo = {"version": GEOPARQUET_VERSION, "primary_column": "geometry", "columns": {"geometry": geometry}}
     first = results[0] if results else None
     ours = {"random_init": any(r.random_init for r in results), "provenance": first.to_dict()["provenance"] if first else None}
-    return table.replace_schema_metadata({b"geo": json.dumps(geo).encode(), b"rsretrieve": json.dumps(ours, default=str).encode()})
+    return table.replace_schema_metadata({b"geo": json_text(geo).encode(), b"rsretrieve": json_text(ours).encode()})
 
 
 def write_geoparquet(results: Sequence[QueryResult], where) -> None:
