@@ -197,7 +197,7 @@ def selected_store(store: str | None, subset: str | None = None, windows: Window
     others = ws.sibling_stores(selection)
     if others and not State.quiet:
         options = selection.describe_options() or "the default windows, no filters"
-        err.print(f"[yellow]note:[/] searching {path.name} ({options}); the workspace also holds "
+        err.print(f"[yellow]note:[/] using {path.name} ({options}); the workspace also holds "
                   f"{', '.join(p.name for p in others)}: --windows or --store picks another", highlight=False)
     return path
 

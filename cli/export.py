@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from rsretrieve.cli._app import ModalityOrBoth, State, app, check_writable, err, warn_if_random
+from rsretrieve.cli._app import ModalityOrBoth, State, app, check_writable, err, selected_store, warn_if_random
 from rsretrieve.errors import RSRetrieveError, StoreError, located
 
 
@@ -39,11 +39,7 @@ def export(
 
     out = second if second is not None else first
     check_writable(out)  # before any work
-    if second is not None:
-        store = first
-    else:
-        ws = State.workspace
-        store = ws.selection_store(ws.select(remember=False))
+    store = first if second is not None else selected_store(None)  # says which, when the workspace holds others
     if not store.exists():
         hint = "" if second is not None else "; run `rsretrieve index`, or name a store"
         raise StoreError(located(store, f"no such store{hint}"))

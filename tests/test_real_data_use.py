@@ -84,7 +84,7 @@ def test_windows_rule_is_part_of_the_selection_query_uses(tmp_path):
     some_id = "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP/539U_97R/0_0"
 
     plain = ok(cli("query", "--id", some_id, "--target", "s2", "-k", "2", "--format", "json", workspace=ws))
-    assert f"searching majortom--{MODEL}-gridwindows.zarr (windows grid)" in plain.stderr  # which one, said
+    assert f"using majortom--{MODEL}-gridwindows.zarr (windows grid)" in plain.stderr  # which one, said
     assert f"majortom--{MODEL}.zarr" in plain.stderr  # and the other one it could have meant
     info = json.loads(ok(cli("info", "--json", workspace=ws)).stdout)
     assert (info["current"]["windows"], Path(info["current"]["store"]).name) == ("grid", f"majortom--{MODEL}-gridwindows.zarr")
@@ -92,7 +92,7 @@ def test_windows_rule_is_part_of_the_selection_query_uses(tmp_path):
     shutil.rmtree(ws / "stores" / f"majortom--{MODEL}.zarr")  # the grid store alone: it is found, not "no embeddings yet"
     alone = ok(cli("query", "--id", some_id, "--target", "s2", "-k", "2", "--format", "json", workspace=ws))
     assert json.loads(alone.stdout)["results"] == json.loads(plain.stdout)["results"]
-    assert "searching" not in alone.stderr  # nothing else it could mean: no note
+    assert "note: using" not in alone.stderr  # nothing else it could mean: no note
 
     back = ok(cli("index", *mt, "--windows", "majortom", workspace=ws))  # --windows majortom: the default store again
     assert (ws / "stores" / f"majortom--{MODEL}.zarr").is_dir() and "gridwindows" not in back.stdout
