@@ -63,14 +63,20 @@ def _first_id(store: Path, modality: str) -> str:
 
 
 # -- 2. a store serves the data it was made from ---------------------------------------------------
-def test_a_store_refuses_another_data_root(tmp_path):
+def test_a_store_refuses_other_patches_at_another_data_root(tmp_path):
+    """Another root holding other patches is other data; the same patches elsewhere (a moved root,
+    tests/test_real_data_use.py) are not."""
+    import pyarrow.parquet as pq
+
     ws = tmp_path / "ws"
     first, second = tmp_path / "first", tmp_path / "second"
     shutil.copytree(sample_root(), first, ignore=shutil.ignore_patterns("majortom"))
-    shutil.copytree(first, second)  # the same patch count, another root
+    shutil.copytree(first, second)
+    meta = pq.read_table(second / "metadata.parquet")
+    pq.write_table(meta.take([*range(1, meta.num_rows), 0]), second / "metadata.parquet")  # the same patches, another order
     run(["encode", "--dataset", "benv2", "--data-root", first, "--modality", "s2", "--model", MODEL], ws)
     proc = run(["encode", "--dataset", "benv2", "--data-root", second, "--modality", "s2"], ws, check=False)
-    assert_clean_error(proc, "made from benv2 at", str(first), str(second), "root")
+    assert_clean_error(proc, "made from benv2 at", str(first), str(second), "root", "patches_sha256")
 
 
 def test_the_patch_fingerprint_tells_other_patches_apart():
