@@ -188,3 +188,47 @@ def test_a_million_unknown_ids_are_a_count_and_five_lines_and_the_list_on_reques
     assert {row.split('"query": "')[1].split('"')[0] for row in proc.stdout.splitlines()} == {known}
     without = query(ws, "--ids-file", ids, "-k", "2", "--format", "jsonl")
     assert "--unknown-ids FILE lists them all" in without.stderr and len(without.stderr.splitlines()) < 20
+
+
+# -- checkpoints whose config lies about their tensors --------------------------------------------
+CHECKPOINT_PROBE = """
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # the old loader's 51 GB model fails here, not on the machine
+from rsretrieve.models.checkpoint import load_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.monotonic()
+try:
+    load_model(sys.argv[1])
+    print("loaded")
+except Exception as exc:
+    print(type(exc).__name__ + ": " + str(exc))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, round(time.monotonic() - start, 2))
+"""
+
+
+def test_a_checkpoint_claiming_embed_dim_65536_is_refused_before_its_model_is_built(tmp_path):
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    from rsretrieve.models.checkpoint import FORMAT
+    from rsretrieve.models.csmoe import create_model
+
+    model = create_model("csmoe-tiny")
+    lie = dataclasses.replace(model.config, embed_dim=65536)
+    path = tmp_path / "liar.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"format": FORMAT, "config": lie.to_json()})
+    assert json.loads(lie.to_json())["embed_dim"] == 65536 and path.stat().st_size < 8 << 20
+    proc = subprocess.run([sys.executable, "-c", CHECKPOINT_PROBE, str(path)], capture_output=True, text=True, timeout=300)
+    message, figures = proc.stdout.strip().splitlines()
+    growth_mb, seconds = figures.split()
+    assert message.startswith(f"CheckpointError: {path}: checkpoint does not match config 'csmoe-tiny': "), proc.stdout + proc.stderr[-2000:]
+    assert "shape mismatch: " in message and " vs model (" in message and "65536" in message
+    import re
+
+    key, ours, theirs = re.search(r"shape mismatch: (\S+) (\([^)]*\)) vs model (\([^)]*\))", message).groups()
+    assert (key, ours, theirs) == ("cls_token", "(1, 1, 64)", "(1, 1, 65536)"), message  # the key and both shapes
+    assert int(growth_mb) < 500, figures  # was the 51 GB model first
+    print(f"\nembed_dim 65536 checkpoint: refused after {seconds} s, peak RSS growth {growth_mb} MB")
