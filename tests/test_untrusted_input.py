@@ -232,3 +232,24 @@ def test_a_checkpoint_claiming_embed_dim_65536_is_refused_before_its_model_is_bu
     assert (key, ours, theirs) == ("cls_token", "(1, 1, 64)", "(1, 1, 65536)"), message  # the key and both shapes
     assert int(growth_mb) < 500, figures  # was the 51 GB model first
     print(f"\nembed_dim 65536 checkpoint: refused after {seconds} s, peak RSS growth {growth_mb} MB")
+
+
+def test_a_checkpoint_of_nan_weights_stops_the_encode_in_one_line_naming_it(tmp_path):
+    import torch
+
+    from rsretrieve.models.checkpoint import save_model
+    from rsretrieve.models.csmoe import create_model
+    from test_cli import RSRETRIEVE, assert_clean_error
+
+    model = create_model("csmoe-tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    path = save_model(model, tmp_path / "nan.safetensors")
+    env = {**os.environ, "RSRETRIEVE_WORKSPACE": str(tmp_path / "ws"), "COLUMNS": "200", "PYTHONWARNINGS": "ignore"}
+    try:
+        proc = subprocess.run([*RSRETRIEVE, "index", "--model", str(path), "--modality", "s2"], capture_output=True, text=True,
+                              env=env, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("index with NaN weights still running after 300 s")
+    assert_clean_error(proc, str(path), "non-finite embeddings (NaN or inf) for 24 of 24 patches of chunk sample:s2:000000")
