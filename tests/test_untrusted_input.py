@@ -253,3 +253,28 @@ def test_a_checkpoint_of_nan_weights_stops_the_encode_in_one_line_naming_it(tmp_
     except subprocess.TimeoutExpired:
         pytest.fail("index with NaN weights still running after 300 s")
     assert_clean_error(proc, str(path), "non-finite embeddings (NaN or inf) for 24 of 24 patches of chunk sample:s2:000000")
+
+
+# -- duplicate ids in a dataset's metadata --------------------------------------------------------
+def test_a_duplicated_metadata_row_is_refused_before_encoding_naming_the_id(tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rsretrieve.datasets import sample_root
+    from test_cli import RSRETRIEVE, assert_clean_error
+
+    root = tmp_path / "BigEarthNet-v2"
+    shutil.copytree(sample_root(), root, ignore=shutil.ignore_patterns("majortom"))
+    table = pq.read_table(root / "metadata.parquet")
+    pq.write_table(pa.concat_tables([table, table.slice(2, 1)]), root / "metadata.parquet")
+    twice = table.column("patch_id")[2].as_py()
+    env = {**os.environ, "RSRETRIEVE_WORKSPACE": str(tmp_path / "ws"), "COLUMNS": "200", "PYTHONWARNINGS": "ignore"}
+    try:
+        proc = subprocess.run([*RSRETRIEVE, "encode", "--dataset", "benv2", "--data-root", str(root), "--modality", "s2",
+                               "--model", "csmoe-tiny"], capture_output=True, text=True, env=env, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("encode over a duplicated row still running after 300 s")
+    assert_clean_error(proc, str(root / "metadata.parquet"), f"1 patch_id value(s) on more than one row: {twice}")
+    assert not list((tmp_path / "ws").rglob("*.zarr"))  # refused before a store was made
