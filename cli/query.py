@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -65,6 +66,11 @@ def query(
     windows: Annotated[Optional[WindowRule], typer.Option("--windows", help="Major TOM: search the store of this window rule.",
                                                         show_default="the one the last index used")] = None,
     gpu_search: Annotated[bool, typer.Option("--gpu-search", help="Search through faiss on a GPU when it has one.")] = False,
+    unknown_ids: Annotated[Optional[Path], typer.Option("--unknown-ids", metavar="FILE", help="Write every query that failed (an unknown id, a patch skipped when encoding, a bad tile) to FILE, one a line; "
+                                                                                    "the terminal shows the first 5 and a count.")] = None,
+    max_tile_pixels: Annotated[Optional[int], typer.Option("--max-tile-pixels", min=1, metavar="N", envvar="RSRETRIEVE_MAX_TILE_PIXELS", show_envvar=True,
+                                                           help="Refuse a tile declaring more than N pixels (width x height) or a side above 4 x sqrt(N), before reading it.",
+                                                           show_default="268435456, twice a full Sentinel-2 tile")] = None,
 ) -> None:
     """Search an archive with tiles (or archive patches) in the same or the other modality.
 
@@ -72,6 +78,8 @@ def query(
     from rsretrieve.retrieval.inputs import collect_queries
 
     require_faiss()
+    if max_tile_pixels is not None:  # read by the tile readers (`datasets.limits.max_pixels`)
+        os.environ["RSRETRIEVE_MAX_TILE_PIXELS"] = str(max_tile_pixels)
     k = k_alias or top_k
     inputs = collect_queries(tiles or [], patch_ids or [], ids_file, sys.stdin)
     to_stdout, to_file = _output_formats(fmt, as_json, output)
@@ -81,6 +89,8 @@ def query(
         check_writable(_mosaic_path(mosaic, 1, inputs.batch))
     if html is not None:
         check_writable(html)
+    if unknown_ids is not None:
+        check_writable(unknown_ids)
     keep_pixels = (mosaic is not None and not inputs.batch) or (html is not None and bool(inputs.tiles))  # a tile is not read twice
     store_path = selected_store(store, subset, windows)
     archive, results = _run(inputs, target.value, k, modality.value if modality else None, store_path, gpu_search, keep_pixels=keep_pixels)
@@ -94,7 +104,7 @@ def query(
             err.print(f"map page of {len(results)} quer{'ies' if len(results) != 1 else 'y'} written to {html}", highlight=False)
     if inputs.batch and not State.quiet:
         err.print(archive.stats.summary(len(inputs)), highlight=False)
-    _fail_if_any(results, len(inputs))
+    _fail_if_any(results, len(inputs), unknown_ids)
 
 
 def _run(inputs, target, k, modality, store_path, gpu_search, keep_pixels):
@@ -206,10 +216,21 @@ def _mosaics(archive, results, path: Path, batch: bool) -> None:
         err.print(f"{len(written)} mosaics written: {written[0]} ... {written[-1]}, in the order of the results", highlight=False)
 
 
-def _fail_if_any(results, n: int) -> None:
-    """A batch goes on past bad tiles; they are named here and the exit code says it."""
-    for _, reason in results.failed:
+SHOWN_FAILURES = 5  # a million unknown ids are a count and the first few, not a million lines
+
+
+def _fail_if_any(results, n: int, listing: Path | None = None) -> None:
+    """A batch goes on past bad tiles and unknown ids; the first few are named here, all of them
+    in `listing` when given (written whether or not anything failed), and the exit code says it."""
+    from rsretrieve.io.files import atomic_write
+
+    if listing is not None:
+        atomic_write(listing, "".join(f"{query}\n" for query, _ in results.failed))
+    for _, reason in results.failed[:SHOWN_FAILURES]:
         err.print(f"[yellow]skipped:[/] {reason}", highlight=False, soft_wrap=True)
     if results.failed:
         done = f"the results of the other {len(results)} were written" if results else "no results"
-        raise RSRetrieveError(f"{len(results.failed)} of {n} queries failed (named above); {done}")
+        more = len(results.failed) - SHOWN_FAILURES
+        named = ("named above" if more <= 0 else f"the first {SHOWN_FAILURES} named above; "
+                 + (f"all in {listing}" if listing is not None else "--unknown-ids FILE lists them all"))
+        raise RSRetrieveError(f"{len(results.failed)} of {n} queries failed ({named}); {done}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from rsretrieve.datasets import Chunk, PatchBatch
-from rsretrieve.errors import RSRetrieveError
+from rsretrieve.errors import CheckpointError, RSRetrieveError, located
 from rsretrieve.models.inference import embed_raw
 from rsretrieve.preprocess import RawPixels
 
@@ -90,6 +90,19 @@ def encode_group(batches: list[PatchBatch], chunks: list[Chunk], spec: EncoderSp
         results.append(ChunkResult(chunk.key, list(batch.patch_ids), embedded[i], list(batch.skipped), locations,
                                    list(getattr(batch, "converted", []))))
     return results, model.provenance
+
+
+def refuse_non_finite(results: list[ChunkResult], provenance: dict) -> None:
+    """Readers hand over finite pixels in their physical range, so a non-finite embedding is the
+    model's (NaN weights, an overflow): a CheckpointError naming the checkpoint, raised by the
+    client before anything is written (the store dropped such rows as invalid, and the chunks
+    stayed unencoded for ever: each run 'encoded' them again)."""
+    for result in results:
+        bad = ~np.isfinite(result.embeddings).all(axis=1) if len(result.embeddings) else np.zeros(0, bool)
+        if bad.any():
+            model = provenance.get("checkpoint_path") or provenance.get("model") or "the model"
+            raise CheckpointError(located(model, f"the model gave non-finite embeddings (NaN or inf) for {int(bad.sum())} of "
+                                                 f"{len(bad)} patches of chunk {result.key}; are its weights NaN?"))
 
 
 def worker_model(spec: EncoderSpec, device: str):

@@ -27,7 +27,7 @@ from rsretrieve.datasets import Chunk, patches_fingerprint
 from rsretrieve.errors import RSRetrieveError
 from rsretrieve.indexer.batching import groups, groups_in_flight
 from rsretrieve.indexer.cluster import ENCODER_RESOURCE, READER_RESOURCE, cluster, local_cluster, slots, task_resources
-from rsretrieve.indexer.encoder import EncoderSpec, encode_group
+from rsretrieve.indexer.encoder import EncoderSpec, encode_group, refuse_non_finite
 from rsretrieve.indexer.readers import DatasetSpec, read_chunk
 from rsretrieve.provenance import MODEL_KEYS, describe, differences
 from rsretrieve.io.locks import exclusive
@@ -385,6 +385,7 @@ def _collect(client, tracker, spans_of, pending, submit_next, writer, summary, d
                     summary,
                 ) from cause
             results, ran = future.result()
+            _refuse_non_finite(client, tracker, results, ran)
             wrong = differences(ran, summary.provenance, MODEL_KEYS)
             if wrong:
                 _cancel(client, tracker)
@@ -411,6 +412,15 @@ def _collect(client, tracker, spans_of, pending, submit_next, writer, summary, d
             f"interrupted: {summary.chunks_encoded} chunks written this run are kept; run the same command again to resume",
             summary,
         ) from None
+
+
+def _refuse_non_finite(client, tracker, results, ran) -> None:
+    """A model that gives NaN/inf stops the run in one line naming its checkpoint, nothing written."""
+    try:
+        refuse_non_finite(results, ran)
+    except RSRetrieveError:
+        _cancel(client, tracker)
+        raise
 
 
 def _cancel(client, tracker) -> None:

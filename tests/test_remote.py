@@ -320,3 +320,39 @@ def test_store_given_as_url_is_refused(tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)  # a stray `s3:` folder lands here
     assert not (tmp_path / "s3:").exists()
     assert_clean_error(proc, "s3://bucket/store.zarr", "local path")
+
+
+def test_a_server_that_never_answers_is_one_line_within_the_timeouts(tmp_path):
+    """A server that accepts connections and never answers: each request gives up after
+    $RSRETRIEVE_HTTP_TIMEOUT seconds, is retried a bounded number of times, and the run ends in
+    one line naming the URL (it waited forever)."""
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # the kernel completes the connections; nothing ever reads or answers them
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/majortom"
+        env = {**os.environ, "RSRETRIEVE_WORKSPACE": str(tmp_path / "ws"), "COLUMNS": "200", "PYTHONWARNINGS": "ignore",
+               "RSRETRIEVE_HTTP_TIMEOUT": "1", "RSRETRIEVE_HTTP_CONNECT_TIMEOUT": "1"}
+        start = time.monotonic()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "rsretrieve", "index", "--dataset", "majortom", "--data-root", url,
+                                   "--model", MODEL, "--modality", "s2"], capture_output=True, text=True, env=env, timeout=180)
+        except subprocess.TimeoutExpired:
+            pytest.fail("index over a silent server still waiting after 180 s")
+    assert_clean_error(proc, url, "cannot be reached")
+    print(f"\nsilent server: one line after {time.monotonic() - start:.1f} s")
+
+
+def test_remote_timeouts_are_read_from_the_environment(monkeypatch):
+    from rsretrieve.io.remote import filesystem, timeouts
+
+    assert timeouts() == (30.0, 10.0)
+    monkeypatch.setenv("RSRETRIEVE_HTTP_TIMEOUT", "2.5")
+    fs, _ = filesystem("https://example.org/MajorTOM")
+    assert fs.client_kwargs["timeout"].sock_read == 2.5 and fs.client_kwargs["timeout"].sock_connect == 10.0
+    monkeypatch.setenv("RSRETRIEVE_HTTP_CONNECT_TIMEOUT", "soon")
+    with pytest.raises(DataError, match="^RSRETRIEVE_HTTP_CONNECT_TIMEOUT: 'soon' is not a number of seconds above 0$"):
+        timeouts()

@@ -173,8 +173,27 @@ def read_metadata(path: Path) -> pa.Table:
                 multi_hot(labels or [])
             except KeyError as e:
                 raise DataError(located(path, str(e.args[0]))) from None
+        _refuse_duplicates(path, table)
         _META_CACHE[key] = table
     return _META_CACHE[key]
+
+
+def _refuse_duplicates(path: Path, table: pa.Table) -> None:
+    """A DataError naming the first duplicated ids when a patch (S2 `patch_id` or S1 `s1_name`) has
+    two rows: its store row would be written twice (the ledger counted 19 encoded, 18 valid, and
+    the encode never completed). Arrow's hash counts, once per metadata file."""
+    import pyarrow.compute as pc
+
+    for column in ("patch_id", "s1_name"):
+        if column not in table.column_names:
+            continue
+        values = table.column(column)
+        if pc.count_distinct(values).as_py() == len(values) - values.null_count:
+            continue
+        counts = pc.value_counts(values)
+        repeated = [v.as_py() for v, n in zip(counts.field("values"), counts.field("counts")) if n.as_py() > 1]
+        shown = ", ".join(repeated[:3]) + (f" (+{len(repeated) - 3} more)" if len(repeated) > 3 else "")
+        raise DataError(located(path, f"{len(repeated)} {column} value(s) on more than one row: {shown}"))
 
 
 class BENv2Dataset:

@@ -26,6 +26,7 @@ import numpy as np
 
 from rsretrieve.bands import Modality, band_groups, bands_for, native_size
 from rsretrieve.datasets.base import PATCH
+from rsretrieve.datasets.limits import check_range, check_size
 from rsretrieve.errors import DataError, located
 from rsretrieve.io.lmdb import get as lmdb_get
 from rsretrieve.preprocess import RawPixels
@@ -47,6 +48,8 @@ def _check_values(arr: np.ndarray, where: object, modality: Modality) -> np.ndar
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
         raise DataError(located(where, f"{bad} NaN/infinite pixel(s)"))
+    if modality == "s1":
+        check_range(where, arr, "s1")
     if modality == "s2" and arr.size and (arr.min() < 0 or arr.max() > 65535):
         raise DataError(located(where, f"S2 values {arr.min()}..{arr.max()} outside the uint16 range of digital numbers"))
     return arr
@@ -133,6 +136,7 @@ def read_band_tif(path: Path):
         with rasterio.open(path) as ds:
             if ds.count != 1:
                 raise DataError(located(path, f"has {ds.count} bands, expected 1"))
+            check_size(path, ds.height, ds.width, 1, ds.dtypes[0])
             return ds.read(1), ds.transform, ds.crs
     except DataError:
         raise
@@ -152,7 +156,10 @@ def read_band_pixels(path: Path) -> np.ndarray:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
             if len(tif.pages) == 1 and page.samplesperpixel == 1 and page.predictor != 3:
+                check_size(path, page.imagelength, page.imagewidth, 1, page.dtype)
                 return page.asarray()
+    except DataError:
+        raise
     except Exception:  # noqa: BLE001 - missing, truncated, another codec: GDAL's turn, with its message
         pass
     return read_band_tif(path)[0]

@@ -20,6 +20,10 @@ Rules (GeoTIFF):
   patch is embedded; a query uses the mean of its patch embeddings.
 - Invalid pixels (NaN/inf, the declared nodata; S1 non-positive linear power): patches with any are
   dropped (listed in `skipped`); if none is left, DataError.
+- Untrusted headers and values (`datasets.limits`): a declared size above the cap (width x height,
+  2**28 px by default, `--max-tile-pixels`) is a DataError before any pixel is allocated; a kept
+  patch's value outside the physical range (S2 DN -1,000 .. 100,000; S1 -100 .. +100 dB) is a
+  DataError for the tile (1e30 "reflectance" gave non-finite embeddings and no result).
 
 Reading (so memory stays near one 120 px row of patches, not the tile: a full 10,980 px S2 tile is
 2.4 GB raw): `open_tile` reads the header only; `TileReader.iter_patches` reads a GeoTIFF of at
@@ -44,6 +48,7 @@ import numpy as np
 
 from rsretrieve.bands import PATCH_SIZE as PATCH, S1_BANDS, S2_BANDS, Modality
 from rsretrieve.preprocess import RawPixels
+from rsretrieve.datasets.limits import check_range, check_size
 from rsretrieve.errors import DataError, located
 
 S2_12 = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
@@ -307,6 +312,10 @@ class TileReader:
                 out[i] = 10.0 * np.log10(patch.astype(np.float64))
             else:
                 out[i] = patch
+            if self.modality == "s2":  # raw values, before a cast to uint16 could wrap them
+                check_range(f"{self._where} window {row},{c}", patch, "s2")
+        if self.modality == "s1":
+            check_range(self._where, out, "s1")
         return PatchStrip(RawPixels(out, self.bands), wins, skipped, self._latlon(wins))
 
     def _linear(self) -> bool:
@@ -325,14 +334,17 @@ class TileReader:
         data = raw.astype(self._work())
         if linear:
             data = 10.0 * np.log10(data)
+        check_range(self._where, data, self.modality)
         wins = [(0, 0, self.height, self.width)]
         return PatchStrip(RawPixels(bilinear_resize(data.astype(np.float32), PATCH)[None], self.bands), wins, [], self._latlon(wins))
 
 
-def open_tile(path: Path | str, modality: Modality | None = None, s1_units: str = "auto") -> TileReader:
+def open_tile(path: Path | str, modality: Modality | None = None, s1_units: str = "auto", *,
+              max_pixels: int | None = None) -> TileReader:
     """A query tile (a multi-band GeoTIFF, or a BigEarthNet patch folder) opened for reading: its
-    header is checked now (band count, modality, dtype: DataError), its pixels are read by
-    `TileReader.iter_patches`. A patch folder's one 120 px patch is read now (it is small)."""
+    header is checked now (band count, modality, dtype, declared size against `max_pixels`,
+    default `limits.max_pixels()`: DataError), its pixels are read by `TileReader.iter_patches`.
+    A patch folder's one 120 px patch is read now (it is small)."""
     path = Path(path)
     where = str(path)
     if path.is_dir():
@@ -342,6 +354,7 @@ def open_tile(path: Path | str, modality: Modality | None = None, s1_units: str 
         raise DataError(located(where, "file not found"))
     with _open_dataset(path, where) as ds, _unreadable(where):
         detected, dtype, indexes = _check_header(ds, modality, where)
+        check_size(where, ds.height, ds.width, ds.count, dtype, max_pixels)
         return TileReader(path, detected, ds.height, ds.width, ds.transform, ds.crs,
                           indexes=indexes, dtype=dtype, nodata=ds.nodata, s1_units=s1_units)
 

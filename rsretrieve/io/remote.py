@@ -25,6 +25,8 @@ _URL = re.compile(r"^(?:[A-Za-z][\w+.-]*::)*([A-Za-z][\w+.-]*)://")
 _COLLAPSED = re.compile(r"^((?:[A-Za-z][\w+.-]*::)*)([A-Za-z][\w+.-]*):/(?!/)")  # what pathlib makes of a URL
 LOCAL_PROTOCOLS = ("file", "local")
 RETRIES = 3  # attempts of a read that failed on the way (connection, timeout, server error 5xx)
+TIMEOUT_ENV, CONNECT_TIMEOUT_ENV = "RSRETRIEVE_HTTP_TIMEOUT", "RSRETRIEVE_HTTP_CONNECT_TIMEOUT"
+DEFAULT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT = 30.0, 10.0  # seconds: a read waiting on a silent server, a connection
 
 
 def one_line(exc: BaseException) -> str:
@@ -58,13 +60,51 @@ def _known(protocol: str) -> bool:
     return protocol.lower() in known_implementations or protocol.lower() in registry
 
 
+def _seconds(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise DataError(located(name, f"{text!r} is not a number of seconds above 0"))
+    return value
+
+
+def timeouts() -> tuple[float, float]:
+    """(read, connect) timeouts in seconds for every remote request: $RSRETRIEVE_HTTP_TIMEOUT and
+    $RSRETRIEVE_HTTP_CONNECT_TIMEOUT, else 30 and 10. A server that accepts and never answers
+    fails a read after `read` seconds (retried `RETRIES` times) instead of hanging the run."""
+    return _seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT), _seconds(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT)
+
+
+def _options(protocol: str) -> dict:
+    """The timeouts, in the words of the file system that serves `protocol`."""
+    read, connect = timeouts()
+    protocol = protocol.lower()
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect, sock_read=read)}}
+    if protocol in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": connect, "read_timeout": read, "retries": {"max_attempts": RETRIES}}}
+    if protocol in ("gs", "gcs"):
+        return {"requests_timeout": read + connect}
+    return {}
+
+
 def filesystem(url: str):
-    """(fsspec file system, path within it) of a URL; a one-line DataError when its protocol is
-    unknown or needs a package that is not installed (s3fs, gcsfs, huggingface_hub, ...)."""
+    """(fsspec file system, path within it) of a URL, its requests bounded by `timeouts()`; a
+    one-line DataError when its protocol is unknown or needs a package that is not installed
+    (s3fs, gcsfs, huggingface_hub, ...)."""
     import fsspec
 
+    m = _URL.match(url)
+    options = _options(m.group(1)) if m else {}
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **({m.group(1): options} if options else {}))
     except ImportError as exc:
         raise DataError(located(url, f"reading this protocol needs a package that is not installed ({one_line(exc)})")) from None
     except ValueError as exc:
@@ -106,6 +146,18 @@ def reason(exc: BaseException) -> str:
     return messages[-1] if messages else ""
 
 
+def retried(call):
+    """`call()`, tried again (after 0.5 s, then 1 s, ...) while it fails on the way to the data
+    (`unreachable`), at most `RETRIES` times in all; its last error is raised."""
+    for attempt in range(RETRIES):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - the callers say what failed in one line
+            if not unreachable(exc) or attempt == RETRIES - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+
+
 class NotFound(DataError):
     """A URL that names nothing (HTTP 404, no such key)."""
 
@@ -125,7 +177,7 @@ def probe(url: str) -> None:
     rarely has a page of its own, what lies under it is found by other means."""
     fs, path = filesystem(url)
     try:
-        fs.info(path)
+        retried(lambda: fs.info(path))
     except Exception as exc:  # noqa: BLE001 - each backend fails in its own way: say which
         if isinstance(exc, FileNotFoundError) and not unreachable(exc):
             return
@@ -141,7 +193,7 @@ def entries(url: str) -> list[str]:
     cannot be listed or names nothing, a DataError when it cannot be reached."""
     fs, path = filesystem(url)
     try:
-        names = fs.ls(path, detail=False)
+        names = retried(lambda: fs.ls(path, detail=False))
     except Exception as exc:  # noqa: BLE001
         if unreachable(exc):
             raise _failure(url, exc) from None
@@ -154,7 +206,7 @@ def glob(url: str, pattern: str) -> list[str]:
     listing, a DataError when `url` cannot be reached."""
     fs, path = filesystem(url)
     try:
-        names = fs.glob(join(path, pattern))
+        names = retried(lambda: fs.glob(join(path, pattern)))
     except Exception as exc:  # noqa: BLE001
         if unreachable(exc):
             raise _failure(url, exc) from None
@@ -171,7 +223,7 @@ def info(url: str) -> dict:
     if key not in _INFO:
         fs, path = filesystem(url)
         try:
-            _INFO[key] = dict(fs.info(path))
+            _INFO[key] = dict(retried(lambda: fs.info(path)))
         except Exception as exc:  # noqa: BLE001
             raise _failure(url, exc) from None
     return _INFO[key]
@@ -249,17 +301,15 @@ class RangedFile(io.RawIOBase):
             self.blocks += list(zip([s for s, _ in ranges], self._fetch(ranges)))
 
     def _fetch(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        for attempt in range(RETRIES):
-            try:
-                if len(ranges) == 1:
-                    out = [self.fs.cat_file(self.path, start=ranges[0][0], end=ranges[0][1])]
-                else:
-                    out = self.fs.cat_ranges([self.path] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges], on_error="raise")
-                break
-            except Exception as exc:  # noqa: BLE001 - retried when the way failed, else said in one line
-                if not unreachable(exc) or attempt == RETRIES - 1:
-                    raise OSError("not found" if isinstance(exc, FileNotFoundError) and not unreachable(exc) else reason(exc)) from None
-                time.sleep(0.5 * 2**attempt)
+        def fetch():
+            if len(ranges) == 1:
+                return [self.fs.cat_file(self.path, start=ranges[0][0], end=ranges[0][1])]
+            return self.fs.cat_ranges([self.path] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges], on_error="raise")
+
+        try:
+            out = retried(fetch)
+        except Exception as exc:  # noqa: BLE001 - said in one line
+            raise OSError("not found" if isinstance(exc, FileNotFoundError) and not unreachable(exc) else reason(exc)) from None
         self.requests += len(ranges)
         checked = []
         for (s, e), data in zip(ranges, out):

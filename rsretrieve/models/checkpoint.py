@@ -11,7 +11,10 @@
 
 The sha256 of the file is recorded in `model.provenance["checkpoint_sha256"]`. Every load is
 strict: a missing, unexpected or wrongly shaped tensor raises `CheckpointError` naming the first
-offending keys, before anything is copied into the model.
+offending keys, before anything is copied into the model, and before the model is even built: the
+config's shapes come from a skeleton on the `meta` device (no memory), the file's from the
+safetensors header (no tensor read). A config that lies (embed_dim 65536 over a tiny model's
+weights) allocated its 51 GB model before the shapes were compared.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "load_own",
     "load_csmae_lightning",
     "check_state_dict",
+    "check_shapes_first",
     "sha256_file",
 ]
 
@@ -101,6 +105,17 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
         raise CheckpointError(located(path, f"checkpoint does not match config {model.config.name!r}: " + "; ".join(problems)))
 
 
+def check_shapes_first(config: CSMoEConfig, shapes: Mapping[str, tuple[int, ...]], path: object) -> None:
+    """`check_state_dict` against the config's skeleton on the meta device (nothing allocated, no
+    weights initialised), given only the checkpoint's tensor shapes: a config that does not fit
+    its tensors is refused before its model is built."""
+    try:
+        skeleton = create_model(config, device="meta")
+    except Exception as exc:  # noqa: BLE001 - a config no model can be built from
+        raise CheckpointError(located(path, f"config {config.name!r} cannot build a model ({_one_line(exc)})")) from None
+    check_state_dict(skeleton, {k: torch.empty(tuple(v), device="meta") for k, v in shapes.items()}, path)
+
+
 def _load_into(model: CSMoE, state: Mapping[str, torch.Tensor], path: object) -> None:
     check_state_dict(model, state, path)
     for k, v in state.items():
@@ -155,8 +170,8 @@ def load_own(path: str | os.PathLike, device: str = "cpu", config: CSMoEConfig |
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # truncated / corrupt header or data
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # the header: no tensor read
+    except Exception as exc:  # truncated / corrupt header
         raise CheckpointError(located(path, f"unreadable safetensors file ({type(exc).__name__}: {_one_line(exc)})")) from None
     source = {"format": "rsretrieve" if meta.get("format") == FORMAT else "state-dict"}
     if meta.get("source"):
@@ -169,13 +184,22 @@ def load_own(path: str | os.PathLike, device: str = "cpu", config: CSMoEConfig |
             config = CSMoEConfig.from_dict(json.loads(meta["config"]))
         except Exception as exc:
             raise CheckpointError(located(path, f"invalid config in metadata: {_one_line(exc)}")) from None
+    check_shapes_first(get_config(config) if isinstance(config, str) else config, shapes, path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # truncated / corrupt data
+        raise CheckpointError(located(path, f"unreadable safetensors file ({type(exc).__name__}: {_one_line(exc)})")) from None
     return _model_from_state(config, state, path, device, source)
 
 
 def _model_from_state(config: CSMoEConfig | str, state: Mapping[str, torch.Tensor], path: Path, device: str,
                       source: dict | None = None) -> CSMoE:
-    """Build the config's model, load the state strictly and stamp the file's sha256 as provenance."""
-    model = create_model(get_config(config) if isinstance(config, str) else config)
+    """Build the config's model (its shapes checked against the state's first), load the state
+    strictly and stamp the file's sha256 as provenance."""
+    config = get_config(config) if isinstance(config, str) else config
+    check_shapes_first(config, {k: tuple(v.shape) for k, v in state.items()}, path)
+    model = create_model(config)
     _load_into(model, state, path)
     model.set_provenance(sha256_file(path), str(path))
     model.source = dict(source or {})

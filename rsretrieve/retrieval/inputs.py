@@ -5,7 +5,8 @@ a file, as `rsretrieve query` takes them (and a notebook may).
 - any other folder is every `*.tif`/`*.tiff` directly in it plus the patch folders directly in it,
   in name order (not recursive: a product folder of BigEarthNet gives its patches);
 - a pattern with `*`, `?` or `[` that names no file is expanded here (the shell did not), sorted;
-  each match counts as if it had been given;
+  each match counts as if it had been given; `**` goes down folders, each real folder once (a
+  symlink loop is not followed round: `glob.glob(recursive=True)` walked one forever);
 - `-` reads one path (or pattern, or folder) per line from stdin; blank lines are skipped;
 - patch ids come from `--id` (repeatable) and an ids file (`-`: stdin), one a line, # comments skipped.
 
@@ -16,8 +17,10 @@ The same tile named twice is queried once. Reading a tile that exists is the que
 
 from __future__ import annotations
 
+import fnmatch
 import glob
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -56,10 +59,71 @@ def _is_pattern(arg: str) -> bool:
     return any(ch in arg for ch in "*?[") and not Path(arg).exists()
 
 
+def _folders_below(folder: str, seen: set[str]) -> Iterator[str]:
+    """`folder` and every folder below it (symlinks followed), hidden ones left out, each real
+    folder once: a symlink loop, or two links to one folder, is walked once."""
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current or ".")
+        if real in seen:
+            continue
+        seen.add(real)
+        yield current
+        try:
+            entries = sorted(os.scandir(current or "."), key=lambda e: e.name, reverse=True)
+        except OSError:
+            continue
+        stack += [os.path.join(current, e.name) for e in entries if not e.name.startswith(".") and _is_dir(e)]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _matches(folder: str, parts: list[str], seen: set[str]) -> Iterator[str]:
+    """The paths under `folder` that the pattern's remaining `parts` match, as glob spells them."""
+    if not parts:
+        yield folder
+        return
+    part, rest = parts[0], parts[1:]
+    if part == "**":
+        for below in _folders_below(folder, seen):
+            yield from _matches(below, rest, seen)
+            if not rest:  # a trailing ** matches files too
+                yield from (os.path.join(below, e.name) for e in _scan(below) if not e.name.startswith(".") and not _is_dir(e))
+    elif glob.has_magic(part):
+        for entry in _scan(folder):
+            if fnmatch.fnmatch(entry.name, part) and (part.startswith(".") or not entry.name.startswith(".")) \
+                    and (not rest or _is_dir(entry)):
+                yield from _matches(os.path.join(folder, entry.name), rest, seen)
+    elif os.path.lexists(path := os.path.join(folder, part)) and (not rest or os.path.isdir(path)):
+        yield from _matches(path, rest, seen)
+
+
+def _scan(folder: str) -> list[os.DirEntry]:
+    try:
+        return sorted(os.scandir(folder or "."), key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """The paths a pattern matches, sorted, as `glob.glob(pattern, recursive=True)` gives them, but
+    `**` follows each real folder once, so a symlink loop ends."""
+    if "**" not in pattern:
+        return sorted(glob.glob(pattern))  # each part one folder deep: bounded
+    anchor, *parts = Path(pattern).parts if Path(pattern).is_absolute() else ("", *Path(pattern).parts)
+    return sorted(set(_matches(anchor, parts, set())))
+
+
 def expand_tile_arg(arg: str) -> tuple[list[Path], bool]:
     """(the tiles an argument names, whether it named a batch), or a one-line RSRetrieveError."""
     if _is_pattern(arg):
-        matches = sorted(glob.glob(arg, recursive=True))
+        matches = expand_pattern(arg)
         if not matches:
             raise RSRetrieveError(located(arg, "no file or folder matches this pattern"))
         return [tile for match in matches for tile in expand_tile_arg(match)[0]], True
