@@ -76,19 +76,26 @@ def write_tile(path: Path, values, *, count=10, dtype="float32", width=240, heig
     return path
 
 
-MEMORY_PROBE = """
+def bounded_probe(module: str, function: str, limit_gib: int) -> str:
+    """A script calling `module.function(argv[1])` in a process limited to `limit_gib` of address
+    space (what the old code allocated fails there, not on the machine); it prints the outcome,
+    then the growth of its peak RSS in MB and the seconds it took."""
+    return f"""
 import resource, sys, time
-resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # the old reader's 5.5 GB fails here, not on the machine
-from rsretrieve.datasets.tile import read_tile
+resource.setrlimit(resource.RLIMIT_AS, ({limit_gib} << 30, {limit_gib} << 30))
+from {module} import {function}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.monotonic()
 try:
-    read_tile(sys.argv[1])
-    print("read")
+    {function}(sys.argv[1])
+    print("done")
 except Exception as exc:
     print(type(exc).__name__ + ": " + str(exc))
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, round(time.monotonic() - start, 2))
 """
+
+
+MEMORY_PROBE = bounded_probe("rsretrieve.datasets.tile", "read_tile", 3)  # the old reader's 5.5 GB fails at 3 GiB
 
 
 def test_a_tile_declaring_200000_px_a_side_is_refused_from_its_header(tmp_path):
@@ -191,19 +198,7 @@ def test_a_million_unknown_ids_are_a_count_and_five_lines_and_the_list_on_reques
 
 
 # -- checkpoints whose config lies about their tensors --------------------------------------------
-CHECKPOINT_PROBE = """
-import resource, sys, time
-resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # the old loader's 51 GB model fails here, not on the machine
-from rsretrieve.models.checkpoint import load_model
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-start = time.monotonic()
-try:
-    load_model(sys.argv[1])
-    print("loaded")
-except Exception as exc:
-    print(type(exc).__name__ + ": " + str(exc))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, round(time.monotonic() - start, 2))
-"""
+CHECKPOINT_PROBE = bounded_probe("rsretrieve.models.checkpoint", "load_model", 8)  # the old loader's 51 GB model fails at 8 GiB
 
 
 def test_a_checkpoint_claiming_embed_dim_65536_is_refused_before_its_model_is_built(tmp_path):
