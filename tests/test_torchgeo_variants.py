@@ -89,6 +89,18 @@ def test_int16_s1_is_read_as_float32_with_unchanged_values(tmp_path):
     np.testing.assert_array_equal(tile.pixels.fine[0], np.round(original.read_patch(folder.name, "s1").fine[0]))
 
 
+def read_20m_at_120(tmp_path, exact: bool, conversion: str):
+    """(the release sample's S2 reader, the batches of a copy whose 20 m bands are at 120 px, the
+    copy's root), every patch read (none skipped) and each converted as `conversion` says."""
+    root = tree_copy(tmp_path / "benv2")
+    s2_20m_at_120(root, exact=exact)
+    original, _ = read_all(ROOT, "s2")
+    _, batches = read_all(root, "s2")
+    assert sum(len(b.skipped) for b in batches) == 0 and sum(len(b) for b in batches) == N_PAIRS
+    assert {what for b in batches for _, what in b.converted} == {conversion}
+    return original, batches, root
+
+
 def test_20m_bands_that_are_nearest_upsampled_give_the_release_patch_and_model_input(tmp_path):
     """A 120 px band that is exactly the nearest upsampling of the 60 px band: taken back to 60 px,
     the raw pixels and what the model sees (both registered preprocessings) equal the release's."""
@@ -96,12 +108,7 @@ def test_20m_bands_that_are_nearest_upsampled_give_the_release_patch_and_model_i
     from rsretrieve.models.preprocessing import prepare
     from rsretrieve.preprocess import BENV2_NEAREST, CSMAE_BEN1, RawPixels
 
-    root = tree_copy(tmp_path / "benv2")
-    s2_20m_at_120(root, exact=True)
-    original, _ = read_all(ROOT, "s2")
-    ds, batches = read_all(root, "s2")
-    assert sum(len(b.skipped) for b in batches) == 0 and sum(len(b) for b in batches) == N_PAIRS
-    assert {what for b in batches for _, what in b.converted} == {DECIMATED}
+    original, batches, _ = read_20m_at_120(tmp_path, exact=True, conversion=DECIMATED)
     names = batches[0].patch_ids[:4]
     ours = batches[0].pixels.take(slice(0, 4))
     theirs = RawPixels.concat([original.read_patch(n, "s2") for n in names])
@@ -121,12 +128,7 @@ def test_20m_bands_on_the_10m_grid_are_not_upsampled_again(tmp_path):
     from rsretrieve.models.preprocessing import prepare
     from rsretrieve.preprocess import BENV2_NEAREST, RawPixels
 
-    root = tree_copy(tmp_path / "benv2")
-    s2_20m_at_120(root, exact=False)
-    original, _ = read_all(ROOT, "s2")
-    ds, batches = read_all(root, "s2")
-    assert sum(len(b.skipped) for b in batches) == 0 and sum(len(b) for b in batches) == N_PAIRS
-    assert {what for b in batches for _, what in b.converted} == {AT_10M}
+    original, batches, root = read_20m_at_120(tmp_path, exact=False, conversion=AT_10M)
     raw = batches[0].pixels
     assert raw.coarse is None and set(S2_COARSE) <= set(raw.fine_bands)
     name = batches[0].patch_ids[0]
