@@ -193,6 +193,8 @@ def selected_store(store: str | None, subset: str | None = None, windows: Window
         return local_store(store)
     ws = State.workspace
     selection = ws.select(subset=subset, remember=False, windows=windows.value if windows else None)
+    if windows is not None and selection.dataset != "majortom":
+        raise RSRetrieveError(f"--windows {windows.value}: the current dataset is {selection.dataset}; it applies to Major TOM stores only")
     path = ws.selection_store(selection)
     others = ws.sibling_stores(selection)
     if others and not State.quiet:
