@@ -58,6 +58,12 @@ def skip_counts(skipped: list[tuple[str, str]]) -> Counter:
     return Counter(skip_reason(message) for _, message in skipped)
 
 
+def skip_text(by_reason: dict[str, int], examples: list[str]) -> str:
+    """'3 skipped: 2 missing band file, 1 invalid pixel(s); first: <path>: <problem>; ...'."""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items(), key=lambda item: -item[1]))
+    return f"{sum(by_reason.values())} skipped: {reasons}; first: {'; '.join(examples)}"
+
+
 @dataclass
 class EncodeSummary:
     modality: Modality
@@ -82,10 +88,7 @@ class EncodeSummary:
 
     def skip_summary(self, examples: int = 3) -> str:
         """'3 skipped: 2 missing band file, 1 invalid pixel(s) ...; first: <path>, ...' (one line)."""
-        counts = skip_counts(self.skipped)
-        reasons = ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
-        first = "; ".join(message for _, message in self.skipped[:examples])
-        return f"{len(self.skipped)} skipped: {reasons}; first: {first}"
+        return skip_text(skip_counts(self.skipped), [message for _, message in self.skipped[:examples]])
 
     @property
     def patches_per_second(self) -> float:
@@ -324,9 +327,8 @@ def _check_skipped(store: EmbeddingStore, modality: Modality, summary: EncodeSum
     label = modality.upper()
     recorded = store.skipped(modality)
     by_reason = recorded.get("by_reason", {}) or skip_counts(summary.skipped)
-    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items(), key=lambda item: -item[1]))
     examples = [m for _, m in summary.skipped[:3]] or list(recorded.get("examples", []))[:3]
-    why = f"{sum(by_reason.values())} skipped: {reasons}; first: {'; '.join(examples)}" if reasons else "no reason recorded"
+    why = skip_text(by_reason, examples) if by_reason else "no reason recorded"
     valid, total = store.valid_count(modality), summary.patches_total
     if valid == 0:
         raise TooManySkipped(f"{label}: none of the {total} patches could be encoded: {why}", summary)

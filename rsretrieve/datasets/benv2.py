@@ -393,7 +393,8 @@ class BENv2Dataset:
                     txn.abort()
         keep = self._one_layout(chunk, pixels, names, skipped)
         pixels, names, centres = [pixels[i] for i in keep], [names[i] for i in keep], [centres[i] for i in keep]
-        converted = [(name, note) for name, note in converted if name in set(names)]
+        kept = set(names)
+        converted = [(name, note) for name, note in converted if name in kept]
         if not names:
             return empty_batch(modality, BATCH_COLUMNS, skipped)
         return PatchBatch(stack_raw(pixels, modality), names, meta_table(self._meta_columns(names, modality, centres)), skipped, converted)

@@ -55,12 +55,14 @@ def check_size(where: object, height: int, width: int, bands: int = 1, dtype=Non
                                    f"(raise it with {FLAG} or ${ENV})"))
 
 
-def _bytes(n: int) -> str:
+def _bytes(n: float) -> str:
+    """'460.8 GB': decimal units, B up to TB."""
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            break
         n /= 1000
-    return f"{n} B"
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def check_range(where: object, values: np.ndarray, kind: str) -> None:

@@ -51,6 +51,7 @@ import pyarrow.compute as pc
 
 from rsretrieve import geo
 from rsretrieve.errors import StoreError, located
+from rsretrieve.io.jsontext import dumps as json_text
 from rsretrieve.provenance import is_random_init
 
 GEOPARQUET_VERSION = "1.1.0"
@@ -354,7 +355,7 @@ def _file_metadata(store: Path, provenance: dict) -> dict:
         "provenance": provenance,
     }
     return {"model": str(first.get("model")), "checkpoint_sha256": str(first.get("checkpoint_sha256")),
-            "random_init": "true" if random else "false", "rsretrieve": json.dumps(ours, default=str)}
+            "random_init": "true" if random else "false", "rsretrieve": json_text(ours)}
 
 
 def _store_id(store: Path) -> str | None:
