@@ -126,6 +126,18 @@ def test_a_moved_root_with_the_same_patches_is_accepted_and_recorded(tmp_path):
     assert "the data moved" not in quiet.stdout  # recorded once
 
 
+def test_the_random_weights_notice_comes_as_soon_as_the_model_is_known(tmp_path):
+    """A first run that fails after loading a random-init model still says so (here: the metadata
+    selects no patch, found only once the model was described)."""
+    root = tmp_path / "BigEarthNet-v2"
+    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns("majortom"))
+    for name in ("metadata.parquet", "metadata_for_patches_with_snow_cloud_or_shadow.parquet"):
+        pq.write_table(pq.read_table(root / name).slice(0, 0), root / name)
+    proc = cli("encode", "--dataset", "benv2", "--data-root", root, "--modality", "s2", "--model", MODEL, workspace=tmp_path / "ws")
+    assert "the selection holds no S2 patches" in error_line(proc)
+    assert "RANDOM WEIGHTS" in proc.stderr
+
+
 def test_dask_is_silent_below_vv_and_heard_at_vv():
     from rsretrieve.cli._app import set_log_level
     from rsretrieve.indexer.cluster import dask_log_level
