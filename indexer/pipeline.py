@@ -275,6 +275,8 @@ def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, sp
     damaged = damaged_chunks(store, modality)
     if damaged:
         store.reset_chunks(modality, damaged)
+    store.discard_broken_shards(modality)  # after the reset: a crash between leaves them to the next run
+    if damaged:
         key, why = next(iter(damaged.items()))
         notes.append(f"{len(damaged)} damaged chunk(s) are encoded again (first: {key}: {why})")
     if retry_skipped:

@@ -161,6 +161,23 @@ def test_a_lost_embedding_chunk_is_encoded_again(ws):
     assert run(["verify"], ws).returncode == 0
 
 
+def test_a_truncated_embedding_shard_is_named_by_info_and_verify_and_repaired_by_encode(ws):
+    """A cut shard (a partial copy): `verify` named it and `encode` said "nothing to do", then
+    (once it was seen) zarr's read-before-write of the broken shard stopped the repair."""
+    store = the_store(ws)
+    clean = np.asarray(xr.open_zarr(store, group="s2")["embedding"].values)
+    (shard,) = [p for p in (store / "s2" / "embedding" / "c").rglob("*") if p.is_file()]
+    shard.write_bytes(shard.read_bytes()[:2000])
+    s2 = json.loads(run(["info", "--json"], ws).stdout)["stores"][0]["modalities"]["s2"]
+    assert s2["complete"] is False and s2["damaged_chunks"] == 1
+    proc = run(["verify"], ws, check=False)
+    assert proc.returncode == 1 and "its index fails its checksum" in proc.stderr and shard.name in proc.stderr
+    repaired = run(["encode", "--modality", "s2"], ws).stdout
+    assert "1 damaged chunk(s) are encoded again" in repaired and "encoded 24 patches" in repaired
+    assert run(["verify"], ws).returncode == 0
+    np.testing.assert_array_equal(np.asarray(xr.open_zarr(store, group="s2")["embedding"].values), clean)
+
+
 def test_lost_or_corrupt_metadata_is_one_line_everywhere(ws):
     store = the_store(ws)
     (store / "s2" / "embedding" / "zarr.json").unlink()

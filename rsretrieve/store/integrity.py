@@ -4,9 +4,10 @@ The ledger says which chunks are done and how many patches each encoded (`chunk_
 can disagree when files are lost or damaged outside rsretrieve (a partial copy, a full disk, a
 hand-deleted file). Two depths of checking:
 
-- `damaged_chunks` (cheap: one read of `valid` and a listing of the embedding's chunk files), run by
-  `info`, `encode` and `index`: done chunks whose valid count differs from the ledger's, or whose
-  encoded rows lie in embedding chunk files that are gone.
+- `damaged_chunks` (cheap: one read of `valid`, a listing of the embedding's chunk files and the
+  index at the end of each shard), run by `info`, `encode` and `index`: done chunks whose valid
+  count differs from the ledger's, or whose encoded rows lie in embedding chunk files that are
+  gone or whose index is cut or fails its checksum (a truncated copy).
 - `verify` (reads every embedding once): also the metadata files of every array, and rows marked
   valid whose embeddings are not finite.
 
@@ -62,12 +63,30 @@ def damaged_chunks(store, modality: Modality) -> dict[str, str]:
     missing_files = np.setdiff1d(np.arange(-(-valid.size // rows_per_file)), np.fromiter(present, np.int64, len(present)))
     lost_rows = valid & np.isin(np.arange(valid.size) // rows_per_file, missing_files) if missing_files.size else np.zeros_like(valid)
     lost_file = done & ~lost_count & (_per_chunk_sums(lost_rows, starts, stops) > 0)
+    # rows marked valid in shard files whose index is cut or fails its checksum
+    broken = broken_shards(Path(store.path) / modality, present)
+    broken_rows = valid & np.isin(np.arange(valid.size) // rows_per_file, list(broken)) if broken else np.zeros_like(valid)
+    broken_file = done & ~lost_count & ~lost_file & (_per_chunk_sums(broken_rows, starts, stops) > 0)
     damaged: dict[str, str] = {}
-    for i in np.flatnonzero(lost_count | lost_file):
+    for i in np.flatnonzero(lost_count | lost_file | broken_file):
         span = spans[i]
-        damaged[span.key] = (f"{counts[i]} patches were encoded, {int(marked[i])} are marked valid (lost `valid` data)" if lost_count[i]
-                             else f"embedding chunk file(s) of rows {span.start}-{span.stop - 1} are missing")
+        if lost_count[i]:
+            damaged[span.key] = f"{counts[i]} patches were encoded, {int(marked[i])} are marked valid (lost `valid` data)"
+        elif lost_file[i]:
+            damaged[span.key] = f"embedding chunk file(s) of rows {span.start}-{span.stop - 1} are missing"
+        else:
+            damaged[span.key] = broken[int(span.start // rows_per_file)]
     return damaged
+
+
+def broken_shards(group_dir: Path, present: set[int]) -> dict[int, str]:
+    """{shard number: what is wrong} for the embedding shard files whose index is cut or fails its
+    checksum (each read from its end only: a few KB a file)."""
+    from rsretrieve.store.rows import RowReader
+
+    reader = RowReader(group_dir)
+    problems = {shard: reader.shard_problem(shard) for shard in sorted(present)}
+    return {shard: why for shard, why in problems.items() if why}
 
 
 def chunks_with_skips(store, modality: Modality) -> list[str]:

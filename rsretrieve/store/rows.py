@@ -96,6 +96,26 @@ class RowReader:
             # inner chunks hold whole rows back to back: a row lies at its chunk's offset plus its place
             yield self._shard_file(shard), at[ok], chunk_offsets[ok].astype(np.int64) + (local[ok] % inner_rows) * row_bytes
 
+    def shard_problem(self, shard: int) -> str | None:
+        """Why a shard file of an rsretrieve layout cannot serve its rows, from its index alone (a
+        few KB at its end): the index cut or failing its checksum, or an inner chunk it lists past
+        the file's end. None for an intact shard, a shard never written, or another layout (read
+        through zarr: `verify` reads it whole)."""
+        if not self._plain:
+            return None
+        try:
+            index = self._shard_index(shard)
+        except StoreError as exc:
+            return str(exc)
+        if index is None:
+            return None
+        written = index[:, 0] != EMPTY
+        end = int((index[written, 0] + index[written, 1]).max()) if written.any() else 0
+        path = self._shard_file(shard)
+        if end > path.stat().st_size - self._index_bytes():
+            return located(path, f"embedding shard is damaged: its index lists data up to byte {end:,}, past the data it holds (truncated?)")
+        return None
+
     def _index_bytes(self) -> int:
         shard_rows, inner_rows = self._plain
         return -(-shard_rows // inner_rows) * 16 + 4  # uint64 (offset, nbytes) per inner chunk, then a CRC32C

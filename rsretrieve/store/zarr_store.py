@@ -294,6 +294,20 @@ class EmbeddingStore:
                 done[i] = False
         group["chunk_done"][:] = done
 
+    def discard_broken_shards(self, modality: Modality) -> list[int]:
+        """Delete the embedding shard files whose index is cut or fails its checksum (their chunks
+        marked not done first: `reset_chunks`); returns their numbers. Zarr reads a shard before
+        writing part of it, so a broken one would stop the repair; deleted, it is written anew
+        from the re-encoded rows."""
+        from rsretrieve.store.integrity import broken_shards, stored_chunk_rows
+
+        group_dir = self.path / modality
+        array = self._group(modality, "r")["embedding"]
+        broken = broken_shards(group_dir, stored_chunk_rows(group_dir / "embedding", array))
+        for shard in broken:
+            (group_dir / "embedding" / array.metadata.chunk_key_encoding.encode_chunk_key((shard, 0))).unlink(missing_ok=True)
+        return sorted(broken)
+
     def clear_skipped(self, modality: Modality) -> None:
         """Forget the recorded skips (their chunks are about to be read again)."""
         group = self._group(modality, "r+")
