@@ -32,7 +32,7 @@ from rsretrieve.indexer.readers import DatasetSpec, read_chunk
 from rsretrieve.provenance import MODEL_KEYS, describe, differences
 from rsretrieve.io.locks import exclusive
 from rsretrieve.store import ChunkSpan, EmbeddingStore
-from rsretrieve.store.integrity import chunks_with_skips, damaged_chunks
+from rsretrieve.store.integrity import chunks_with_skips, damaged_chunks, discard_broken_shards
 from rsretrieve.store.grow import new_rows_meta, plan_spans
 from rsretrieve.store.writer import ShardWriter
 
@@ -42,6 +42,7 @@ __all__ = ["ENCODER_RESOURCE", "READER_RESOURCE", "DatasetSpec", "EncodeInterrup
 FLOAT16_FROM = 1_000_000  # archives at least this large are stored as float16 unless a dtype is asked for
 MAX_FAILED_SHARE = 0.05  # share of a selection's patches that may be unreadable (--max-skipped; nodata windows are not failures)
 DATA_GAP = "invalid pixel(s)"  # a window with nodata: the data has a gap, nothing is broken
+UNREACHABLE = "cannot be reached"  # the way to the data failed (io.remote): read again on the next run
 
 
 def skip_reason(message: str) -> str:
@@ -56,6 +57,12 @@ def skip_reason(message: str) -> str:
 
 def skip_counts(skipped: list[tuple[str, str]]) -> Counter:
     return Counter(skip_reason(message) for _, message in skipped)
+
+
+def transient(message: str) -> bool:
+    """Whether a skip is the way to the data failing (a server error, a timeout): the next run reads
+    its chunk again by itself; a bad file stays skipped until `--retry-skipped`."""
+    return UNREACHABLE in skip_reason(message)
 
 
 def skip_text(by_reason: dict[str, int], examples: list[str]) -> str:
@@ -76,6 +83,7 @@ class EncodeSummary:
     seconds: float = 0.0
     provenance: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. a subset count that differs from the paper's
+    retry: dict[str, dict[str, int]] = field(default_factory=dict)  # chunks with patches that could not be reached: their skips
     patches_total: int = 0
     converted: list[tuple[str, str]] = field(default_factory=list)  # (patch_id, what the reader converted)
 
@@ -203,7 +211,7 @@ def encode(
             with workers:
                 _run(workers.get(), dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook)
             if summary.skipped:
-                store.record_skipped(modality, skip_counts(summary.skipped), [m for _, m in summary.skipped[:5]])
+                store.record_skipped(modality, skip_counts(summary.skipped), [m for _, m in summary.skipped[:5]], summary.retry)
             if summary.converted:
                 summary.notes.append(summary.conversion_note())
         summary.seconds = time.perf_counter() - started
@@ -244,17 +252,19 @@ def _provenance(dataset: DatasetSpec, ds, chunks: list[Chunk], encoder: EncoderS
 
 
 def _work_left(store: EmbeddingStore, modality: Modality, retry_skipped: bool) -> bool:
-    """Whether a store group lacks chunks, holds damaged ones, or (asked to retry) skipped patches, or
+    """Whether a store group lacks chunks, holds damaged ones or ones whose patches could not be
+    reached, or (asked to retry) skipped patches, or
     its metadata was never consolidated (a crash right after creating it)."""
     _, done = store.ledger(modality)
     return (not done.all() or store.needs_consolidation(modality) or bool(damaged_chunks(store, modality))
-            or (retry_skipped and bool(chunks_with_skips(store, modality))))
+            or bool(store.skipped(modality).get("retry")) or (retry_skipped and bool(chunks_with_skips(store, modality))))
 
 
 def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, spans: list[ChunkSpan], dim: int, dtype: str | None,
              retry_skipped: bool, held: str | None = None) -> tuple[str, list[str]]:
     """Under the store's lock: create the group, or check it again and mark what must be encoded
-    again (damaged chunks; with `retry_skipped`, chunks with skipped patches). Returns (the group's
+    again (damaged chunks, chunks with patches that could not be reached; with `retry_skipped`,
+    every chunk with skipped patches). Returns (the group's
     dtype, notes for the user)."""
     if not store.has(modality):
         # one row per patch, to create the store (a slab at a time); the readers find lat/lon as they read
@@ -275,7 +285,7 @@ def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, sp
     damaged = damaged_chunks(store, modality)
     if damaged:
         store.reset_chunks(modality, damaged)
-    store.discard_broken_shards(modality)  # after the reset: a crash between leaves them to the next run
+    discard_broken_shards(store, modality)  # after the reset: a crash between leaves them to the next run
     if damaged:
         key, why = next(iter(damaged.items()))
         notes.append(f"{len(damaged)} damaged chunk(s) are encoded again (first: {key}: {why})")
@@ -284,6 +294,10 @@ def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, sp
         store.reset_chunks(modality, retried)
         store.clear_skipped(modality)
         notes.append(f"{len(retried)} chunk(s) with skipped patches are read again")
+    elif store.skipped(modality).get("retry"):
+        unreached = store.take_retry(modality)
+        store.reset_chunks(modality, unreached)
+        notes.append(f"{len(unreached)} chunk(s) with patches that could not be reached last time are read again")
     return dtype, notes
 
 
@@ -404,6 +418,8 @@ def _collect(client, tracker, spans_of, pending, submit_next, writer, summary, d
                 summary.chunks_encoded += 1
                 summary.patches_encoded += len(result.patch_ids)
                 summary.skipped.extend(result.skipped)
+                if any(transient(message) for _, message in result.skipped):
+                    summary.retry[result.key] = dict(skip_counts(result.skipped))
                 summary.converted.extend(result.converted)
                 if on_chunk:
                     on_chunk(span.stop - span.start, len(result.skipped))

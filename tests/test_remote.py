@@ -8,6 +8,7 @@ import functools
 import os
 import pickle
 import re
+import shutil
 import socket
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -219,6 +220,10 @@ def test_ranged_file_reads_exact_ranges_retries_and_copes_without_range_support(
     assert f.read(64) == data[20000:20064]
     settle(served, 3)  # the server logs a request after sending it: the client may be back first
     assert [e[2] for e in served.log] == [503, 503, 206]
+    served.fail_next = 3  # more 503s than tries: the way to the data failed, and the error says so
+    f.seek(40000)
+    with pytest.raises(ConnectionError):  # `unreachable`: a Major TOM reader skips it for the next run to read again
+        f.read(10)
     served.ignore_range = True
     try:
         f.seek(30000)
@@ -356,3 +361,39 @@ def test_remote_timeouts_are_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("RSRETRIEVE_HTTP_CONNECT_TIMEOUT", "soon")
     with pytest.raises(DataError, match="^RSRETRIEVE_HTTP_CONNECT_TIMEOUT: 'soon' is not a number of seconds above 0$"):
         timeouts()
+
+
+def test_patches_that_could_not_be_reached_are_read_again_by_the_next_run_and_bad_files_are_not(tmp_path, monkeypatch):
+    """A server error is the way to the data failing: the next run reads its chunk again by itself.
+    A bad file stays skipped until --retry-skipped (before, both stayed skipped)."""
+    from distributed import Client, LocalCluster
+
+    import rsretrieve.datasets.majortom_remote as remote_shards
+    from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, encode
+    from rsretrieve.store import EmbeddingStore
+
+    root, store_path = tmp_path / "majortom", tmp_path / "s.zarr"
+    shutil.copytree(MAJORTOM, root)
+    read, server_down = remote_shards.row_group, {"on": True}
+
+    def flaky(path, meta, rg, columns):
+        if rg == 0 and server_down["on"]:
+            raise ConnectionError("503 Service Unavailable")  # what RangedFile raises when its retries ran out
+        if rg == 1:
+            raise OSError("Couldn't deserialize thrift: invalid TType")  # a damaged row group: stays broken
+        return read(path, meta, rg, columns)
+
+    monkeypatch.setattr(remote_shards, "row_group", flaky)
+    spec, model = DatasetSpec("majortom", str(root)), EncoderSpec("csmoe-tiny", "cpu", 8)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as c, Client(c) as client:
+        first = encode(spec, "s2", store_path, model, client=client, max_failed_share=0.5)
+        store = EmbeddingStore(store_path)
+        assert store.skipped("s2")["by_reason"] == {"row group cannot be reached": 1, "row group unreadable": 1}
+        assert len(first.retry) == 1 and list(store.skipped("s2")["retry"]) == list(first.retry)  # the chunk of row groups 0 and 1
+        server_down["on"] = False
+        second = encode(spec, "s2", store_path, model, client=client, max_failed_share=0.5)
+        third = encode(spec, "s2", store_path, model, client=client, max_failed_share=0.5)
+    assert any("could not be reached last time are read again" in note for note in second.notes)
+    assert second.chunks_encoded == 1 and store.valid_count("s2") == 23
+    assert store.skipped("s2")["by_reason"] == {"row group unreadable": 1} and not store.skipped("s2").get("retry")
+    assert third.nothing_to_do  # the bad row group is not read again by itself

@@ -46,7 +46,7 @@ from rsretrieve.datasets.majortom_windows import PlannedWindows, plan_metadata
 from rsretrieve.errors import DataError, ModalityAbsent, RSRetrieveError, located
 from rsretrieve.datasets.geotiff_cell import decode_band, decode_pixels
 from rsretrieve.io.files import files_version
-from rsretrieve.io.remote import as_location, is_url, probe, relative
+from rsretrieve.io.remote import as_location, is_url, probe, relative, unreachable
 from rsretrieve.io.remote import one_line as _one_line
 from rsretrieve.preprocess import RawPixels, cut_windows
 
@@ -199,8 +199,9 @@ class _RowReader:
         if self.group is None or self.group[0] != rg:
             try:
                 self.group = (rg, remote_shards.row_group(self.path, self.meta, rg, self.columns))
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(located(self.path, f"unreadable row group {rg} ({_one_line(e)})")) from None
+            except (pa.ArrowException, OSError) as e:  # the way failing is said so: the next run reads it again
+                what = "cannot be reached" if unreachable(e) else "unreadable"
+                raise DataError(located(self.path, f"row group {rg} {what} ({_one_line(e)})")) from None
         table, i = self.group[1], row - self.offsets[rg]
         return {c: table.column(c)[i].as_py() for c in self.columns}
 

@@ -308,8 +308,10 @@ class RangedFile(io.RawIOBase):
 
         try:
             out = retried(fetch)
-        except Exception as exc:  # noqa: BLE001 - said in one line
-            raise OSError("not found" if isinstance(exc, FileNotFoundError) and not unreachable(exc) else reason(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - said in one line; the way failing stays a ConnectionError (`unreachable`)
+            if unreachable(exc):
+                raise ConnectionError(reason(exc)) from None
+            raise OSError("not found" if isinstance(exc, FileNotFoundError) else reason(exc)) from None
         self.requests += len(ranges)
         checked = []
         for (s, e), data in zip(ranges, out):

@@ -150,16 +150,36 @@ class EmbeddingStore:
         """What encoding runs skipped: {"count", "by_reason", "examples"} ({} if nothing)."""
         return dict(self._group(modality, "r").attrs.get("skipped", {}))
 
-    def record_skipped(self, modality: Modality, by_reason: dict[str, int], examples: list[str]) -> None:
-        """Add a run's skipped patches (counted by reason) to the group's attributes."""
+    def record_skipped(self, modality: Modality, by_reason: dict[str, int], examples: list[str],
+                       retry: dict[str, dict[str, int]] | None = None) -> None:
+        """Add a run's skipped patches (counted by reason) to the group's attributes; `retry`: the
+        chunks the next run reads again by itself (the way to the data failed), with their counts."""
         group = self._group(modality, "r+")
         recorded = dict(group.attrs.get("skipped", {}))
         reasons = dict(recorded.get("by_reason", {}))
         for reason, n in by_reason.items():
             reasons[reason] = reasons.get(reason, 0) + int(n)
         group.attrs["skipped"] = {"count": sum(reasons.values()), "by_reason": reasons,
-                                  "examples": (list(recorded.get("examples", [])) + list(examples))[:5]}
+                                  "examples": (list(recorded.get("examples", [])) + list(examples))[:5],
+                                  "retry": {**recorded.get("retry", {}), **(retry or {})}}
         _consolidate(self.path)
+
+    def take_retry(self, modality: Modality) -> list[str]:
+        """The chunks whose patches could not be reached (`record_skipped`'s `retry`), their skips
+        taken out of the record: the run about to read them again records what still fails."""
+        group = self._group(modality, "r+")
+        recorded = dict(group.attrs.get("skipped", {}))
+        retry = recorded.pop("retry", {})
+        if not retry:
+            return []
+        reasons = dict(recorded.get("by_reason", {}))
+        for counts in retry.values():
+            for reason, n in counts.items():
+                reasons[reason] = reasons.get(reason, 0) - int(n)
+        reasons = {reason: n for reason, n in reasons.items() if n > 0}
+        group.attrs["skipped"] = {**recorded, "by_reason": reasons, "count": sum(reasons.values())}
+        _consolidate(self.path)
+        return list(retry)
 
     def summary(self) -> dict:
         """Counts per modality, for `rsretrieve info`."""
@@ -293,20 +313,6 @@ class EmbeddingStore:
             if span.key in keys:
                 done[i] = False
         group["chunk_done"][:] = done
-
-    def discard_broken_shards(self, modality: Modality) -> list[int]:
-        """Delete the embedding shard files whose index is cut or fails its checksum (their chunks
-        marked not done first: `reset_chunks`); returns their numbers. Zarr reads a shard before
-        writing part of it, so a broken one would stop the repair; deleted, it is written anew
-        from the re-encoded rows."""
-        from rsretrieve.store.integrity import broken_shards, stored_chunk_rows
-
-        group_dir = self.path / modality
-        array = self._group(modality, "r")["embedding"]
-        broken = broken_shards(group_dir, stored_chunk_rows(group_dir / "embedding", array))
-        for shard in broken:
-            (group_dir / "embedding" / array.metadata.chunk_key_encoding.encode_chunk_key((shard, 0))).unlink(missing_ok=True)
-        return sorted(broken)
 
     def clear_skipped(self, modality: Modality) -> None:
         """Forget the recorded skips (their chunks are about to be read again)."""
