@@ -159,9 +159,9 @@ class EmbeddingStore:
         reasons = dict(recorded.get("by_reason", {}))
         for reason, n in by_reason.items():
             reasons[reason] = reasons.get(reason, 0) + int(n)
+        retry = {**recorded.get("retry", {}), **(retry or {})}
         group.attrs["skipped"] = {"count": sum(reasons.values()), "by_reason": reasons,
-                                  "examples": (list(recorded.get("examples", [])) + list(examples))[:5],
-                                  "retry": {**recorded.get("retry", {}), **(retry or {})}}
+                                  "examples": (list(recorded.get("examples", [])) + list(examples))[:5], **({"retry": retry} if retry else {})}
         _consolidate(self.path)
 
     def take_retry(self, modality: Modality) -> list[str]:
