@@ -14,12 +14,9 @@ worker that dies takes its tasks with it; Dask reruns them elsewhere and the run
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rsretrieve.bands import Modality
@@ -28,11 +25,14 @@ from rsretrieve.errors import RSRetrieveError
 from rsretrieve.indexer.batching import groups, groups_in_flight
 from rsretrieve.indexer.cluster import ENCODER_RESOURCE, READER_RESOURCE, cluster, local_cluster, slots, task_resources
 from rsretrieve.indexer.encoder import EncoderSpec, encode_group, refuse_non_finite
+from rsretrieve.indexer.outcome import (MAX_FAILED_SHARE, EncodeCancelled, EncodeInterrupted, EncodeSummary,
+                                       TooManySkipped, check_skipped, skip_counts, transient)
 from rsretrieve.indexer.readers import DatasetSpec, read_chunk
 from rsretrieve.provenance import MODEL_KEYS, describe, differences
 from rsretrieve.io.locks import exclusive
 from rsretrieve.store import ChunkSpan, EmbeddingStore
-from rsretrieve.store.integrity import chunks_with_skips, damaged_chunks, discard_broken_shards
+from rsretrieve.store.integrity import chunks_with_skips, damaged_chunks, discard_broken_shards, store_damage
+from rsretrieve.store.repair import repair
 from rsretrieve.store.grow import new_rows_meta, plan_spans
 from rsretrieve.store.writer import ShardWriter
 
@@ -40,94 +40,6 @@ __all__ = ["ENCODER_RESOURCE", "READER_RESOURCE", "DatasetSpec", "EncodeInterrup
            "TooManySkipped", "cluster", "encode", "local_cluster"]
 
 FLOAT16_FROM = 1_000_000  # archives at least this large are stored as float16 unless a dtype is asked for
-MAX_FAILED_SHARE = 0.05  # share of a selection's patches that may be unreadable (--max-skipped; nodata windows are not failures)
-DATA_GAP = "invalid pixel(s)"  # a window with nodata: the data has a gap, nothing is broken
-UNREACHABLE = "cannot be reached"  # the way to the data failed (io.remote): read again on the next run
-
-
-def skip_reason(message: str) -> str:
-    """The kind of problem in a one-line skip message ('<where>: <problem>'): the problem without
-    its window, its closing details in parentheses and its numbers ('missing band file',
-    'unreadable GeoTIFF', 'invalid pixel(s)')."""
-    problem = message.split(": ", 1)[-1]
-    problem = re.sub(r"^window [\d,]+: ", "", problem)
-    problem = re.sub(r"\s*\([^()]*(\([^()]*\)[^()]*)*\)$", "", problem)
-    return re.sub(r"\b\d+\b\s*", "", problem).strip()
-
-
-def skip_counts(skipped: list[tuple[str, str]]) -> Counter:
-    return Counter(skip_reason(message) for _, message in skipped)
-
-
-def transient(message: str) -> bool:
-    """Whether a skip is the way to the data failing (a server error, a timeout): the next run reads
-    its chunk again by itself; a bad file stays skipped until `--retry-skipped`."""
-    return UNREACHABLE in skip_reason(message)
-
-
-def skip_text(by_reason: dict[str, int], examples: list[str]) -> str:
-    """'3 skipped: 2 missing band file, 1 invalid pixel(s); first: <path>: <problem>; ...'."""
-    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items(), key=lambda item: -item[1]))
-    return f"{sum(by_reason.values())} skipped: {reasons}; first: {'; '.join(examples)}"
-
-
-@dataclass
-class EncodeSummary:
-    modality: Modality
-    store: Path
-    chunks_total: int
-    chunks_already_done: int
-    chunks_encoded: int = 0
-    patches_encoded: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-    provenance: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # e.g. a subset count that differs from the paper's
-    retry: dict[str, dict[str, int]] = field(default_factory=dict)  # chunks with patches that could not be reached: their skips
-    patches_total: int = 0
-    converted: list[tuple[str, str]] = field(default_factory=list)  # (patch_id, what the reader converted)
-
-    def conversion_note(self) -> str | None:
-        """'converted on reading: 18 patches: S1 integer dB converted to float32' (one line), or None."""
-        if not self.converted:
-            return None
-        counts = Counter(what for _, what in self.converted)
-        return "converted on reading: " + ", ".join(f"{n} patch{'es' if n != 1 else ''}: {what}" for what, n in counts.most_common())
-
-    def skip_summary(self, examples: int = 3) -> str:
-        """'3 skipped: 2 missing band file, 1 invalid pixel(s) ...; first: <path>, ...' (one line)."""
-        return skip_text(skip_counts(self.skipped), [message for _, message in self.skipped[:examples]])
-
-    @property
-    def patches_per_second(self) -> float:
-        return self.patches_encoded / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def nothing_to_do(self) -> bool:
-        return self.chunks_already_done == self.chunks_total
-
-
-class EncodeFailed(RSRetrieveError):
-    """An encode that did not end well, with the summary of what it did."""
-
-    def __init__(self, message: str, summary: EncodeSummary):
-        super().__init__(message)
-        self.summary = summary
-
-
-class TooManySkipped(EncodeFailed):
-    """Every patch of a modality, or more than the allowed share of them, could not be read. What
-    was encoded stays in the store; the message says what was skipped and why."""
-
-
-class EncodeInterrupted(EncodeFailed):
-    """The run stopped (a task failed, or Ctrl-C); what was written stays valid and resumable."""
-
-
-class EncodeCancelled(EncodeInterrupted):
-    """Ctrl-C: the CLI exits 130, the shell's code for an interrupt."""
-
-    exit_code = 130
 
 
 # -- driver side --------------------------------------------------------------------------------
@@ -187,21 +99,24 @@ def encode(
         encoder.resolved_device()  # --device cuda without a GPU fails here, before anything is written
     ds = dataset.open()
     store = EmbeddingStore(store_path)
-    chunks, spans, held = _plan(store, modality, ds.chunks(modality))
+    damaged = store.has(modality) and bool(store_damage(store, modality))  # every array read once: checksums, lost files, invariants
+    chunks, spans, held = _plan(store, modality, ds.chunks(modality)) if not damaged else (ds.chunks(modality), [], None)
     provenance, dim = _provenance(dataset, ds, chunks, encoder)
     if on_model:
         on_model(provenance)
-    if store.has(modality):
+    if store.has(modality) and not damaged:
         store.check(modality, provenance, spans, dtype, held)  # another model or other data is refused here
         moved = store.moved_root(modality, provenance) is not None
         if held is None and not moved and not _work_left(store, modality, retry_skipped):  # read-only: nothing written, no lock
             summary = _finish(EncodeSummary(modality, Path(store_path), len(chunks), len(chunks), provenance=store.provenance(modality),
                                             patches_total=spans[-1].stop), ds, on_start, started)
-            _check_skipped(store, modality, summary, max_failed_share)
+            check_skipped(store, modality, summary, max_failed_share)
             return summary
     with exclusive(store.path, on_wait):  # one writer per store; a second run waits, then finds the work done
+        repaired = repair(store, modality, lambda: _data_record(ds, modality)) if store.has(modality) else []
         chunks, spans, held = _plan(store, modality, ds.chunks(modality))  # again, under the lock
         dtype, notes = _prepare(store, ds, modality, provenance, spans, dim, dtype, retry_skipped, held)
+        notes = repaired + notes
         done = store.done_chunks(modality)
         todo = [(chunk, span) for chunk, span in zip(chunks, spans) if chunk.key not in done]
         summary = EncodeSummary(modality, Path(store_path), len(chunks), len(chunks) - len(todo), provenance=store.provenance(modality),
@@ -215,7 +130,7 @@ def encode(
             if summary.converted:
                 summary.notes.append(summary.conversion_note())
         summary.seconds = time.perf_counter() - started
-        _check_skipped(store, modality, summary, max_failed_share)
+        check_skipped(store, modality, summary, max_failed_share)
     return summary
 
 
@@ -231,6 +146,12 @@ def _plan(store: EmbeddingStore, modality: Modality, chunks: list[Chunk]) -> tup
     by_key = {chunk.key: chunk for chunk in chunks}
     ordered = [by_key[span.key] for span in stored] + new
     return ordered, spans, (patches_fingerprint([c for c in ordered if c.key in known]) if new else None)
+
+
+def _data_record(ds, modality: Modality) -> tuple[object, list[ChunkSpan], str]:
+    """What a damaged group is repaired from: the data's patch rows, chunk rows and fingerprint."""
+    chunks = ds.chunks(modality)
+    return ds.patch_rows(modality), chunk_spans(chunks), patches_fingerprint(chunks)
 
 
 def default_dtype(n_rows: int) -> str:
@@ -333,33 +254,6 @@ def _finish(summary: EncodeSummary, ds, on_start, started: float | None, todo_pa
     if started is not None:
         summary.seconds = time.perf_counter() - started
     return summary
-
-
-def _check_skipped(store: EmbeddingStore, modality: Modality, summary: EncodeSummary, max_share: float) -> None:
-    """TooManySkipped when the store holds no patch of the modality, or when more than `max_share`
-    of the selection's patches are not in it (unreadable; nodata windows, a gap in the data rather
-    than a failure, do not count). Counted over the whole selection on every run, so a run says
-    the same as the one before it until the data or `max_share` changes."""
-    label = modality.upper()
-    recorded = store.skipped(modality)
-    by_reason = recorded.get("by_reason", {}) or skip_counts(summary.skipped)
-    examples = [m for _, m in summary.skipped[:3]] or list(recorded.get("examples", []))[:3]
-    why = skip_text(by_reason, examples) if by_reason else "no reason recorded"
-    valid, total = store.valid_count(modality), summary.patches_total
-    if valid == 0:
-        raise TooManySkipped(f"{label}: none of the {total} patches could be encoded: {why}", summary)
-    gaps = min(sum(n for reason, n in by_reason.items() if DATA_GAP in reason), total - valid)
-    missing = total - valid - gaps
-    if total and missing / total > max_share:
-        raise TooManySkipped(f"{label}: {missing} of {total} patches ({missing / total:.0%}) could not be read, more than the "
-                             f"{max_share:.0%} allowed ({why}); the others are in the store — fix the files and run "
-                             f"`rsretrieve encode --retry-skipped`, or accept the gap with --max-skipped {_share_text(missing / total)}",
-                             summary)
-
-
-def _share_text(share: float) -> str:
-    """The smallest two-decimal fraction at or above `share` (what --max-skipped must be at least)."""
-    return f"{min(1.0, -(-round(share * 100, 6) // 1) / 100):.2f}"
 
 
 def _run(client, dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook) -> None:

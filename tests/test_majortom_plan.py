@@ -259,6 +259,17 @@ def test_corrupt_or_incomplete_metadata_is_one_line_naming_it(tmp_path):
     assert len(open_dataset("majortom", root).chunks("s1")) == 3  # the other collection is unaffected
 
 
+def test_a_duplicated_metadata_row_is_refused_before_encoding_naming_it(tmp_path):
+    """Issue 23: duplicate ids in a dataset's metadata are refused before encoding (one line)."""
+    root = sample_copy(tmp_path)
+    md = root / "Core-S2L2A" / "metadata.parquet"
+    table = pq.read_table(md)
+    pq.write_table(pa.concat_tables([table, table.slice(1, 1)]), md)
+    with pytest.raises(DataError) as e:
+        open_dataset("majortom", root).chunks("s2")
+    one_line(e.value, str(md), f"row {table['parquet_row'][1].as_py()} of", "is listed twice")
+
+
 def test_a_tile_smaller_than_planned_names_the_windows_it_lacks(tmp_path):
     root = sample_copy(tmp_path)
     md_path = root / "Core-S2L2A" / "metadata.parquet"

@@ -24,6 +24,7 @@ from rsretrieve.labels import CLASSES
 from rsretrieve.preprocess import RawPixels
 from rsretrieve.retrieval.index_meta import index_dir
 from rsretrieve.retrieval.results import Hit, QueryResult, QueryResults, QueryStats, short_id
+from rsretrieve.store.integrity import naming_damage
 from rsretrieve.store.zarr_store import EmbeddingStore
 
 
@@ -100,7 +101,8 @@ class Archive:
         kept = [[(float(s), int(r)) for s, r in zip(line_s, line_r) if r >= 0 and r != skip][:k]
                 for line_s, line_r, skip in zip(scores, rows, excluded)]
         wanted = sorted({row for hits in kept for _, row in hits})
-        found = self.store.open(target, index=False).drop_vars("embedding").isel(patch=wanted).compute()
+        with naming_damage(self.store.path):
+            found = self.store.open(target, index=False).drop_vars("embedding").isel(patch=wanted).compute()
         at = {row: i for i, row in enumerate(wanted)}
         hits = [[self._hit(found, at[row], rank, score, row) for rank, (score, row) in enumerate(line, start=1)] for line in kept]
         self.stats.search_s += time.perf_counter() - t0
@@ -198,7 +200,8 @@ class Archive:
         for source in dict.fromkeys(mod for _, mod, _ in found):
             picks = [(i, row) for i, (_, mod, row) in enumerate(found) if mod == source]
             rows = sorted({row for _, row in picks})
-            block = self.store.open(source, index=False)["embedding"].isel(patch=rows).values.astype(np.float32)
+            with naming_damage(self.store.path):
+                block = self.store.open(source, index=False)["embedding"].isel(patch=rows).values.astype(np.float32)
             at = {row: j for j, row in enumerate(rows)}
             for i, row in picks:
                 out[i] = block[at[row]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from rsretrieve.errors import StoreError, located
 from rsretrieve.retrieval.faiss_index import EmbeddingIndex
+from rsretrieve.store.integrity import naming_damage
 from rsretrieve.store.read import DEFAULT_BATCH, iter_embeddings, open_group, provenance_of, selection_mask
 from rsretrieve.retrieval.metrics import relevant_counts, retrieval_scores
 from rsretrieve.provenance import RANDOM_INIT, is_random_init
@@ -142,7 +144,14 @@ def evaluate(
     use_gpu: bool = True,
 ) -> EvalResult:
     """Score the retrieval tasks (each "<query modality><archive modality>", e.g. "s1s2") on a store
-    path, an `EmbeddingStore`, or a mapping {"s1": Dataset, "s2": Dataset} of opened groups."""
+    path, an `EmbeddingStore`, or a mapping {"s1": Dataset, "s2": Dataset} of opened groups. Data
+    that fails its checksum is an error naming the array, never a score."""
+    where = None if isinstance(store, Mapping) else getattr(store, "path", store)
+    with naming_damage(where) if where is not None else nullcontext():
+        return _evaluate(store, tasks, k, query_split, archive_split, pair_ids, index_kind, batch_size, use_gpu)
+
+
+def _evaluate(store, tasks, k, query_split, archive_split, pair_ids, index_kind, batch_size, use_gpu) -> EvalResult:
     tasks = tuple(t.lower() for t in tasks)
     for task in tasks:
         if len(task) != 4 or task[:2] not in ("s1", "s2") or task[2:] not in ("s1", "s2"):

@@ -6,8 +6,11 @@
         ...
 """
 
+from rsretrieve.store import checksum
 from rsretrieve.store.read import DEFAULT_BATCH, iter_embeddings, normalise_rows, open_group, provenance_of, selection_mask
 from rsretrieve.store.zarr_store import ChunkSpan, EmbeddingStore
+
+checksum.install()  # every chunk checked on read, and written even when it holds only fill values
 
 __all__ = [
     "DEFAULT_BATCH",

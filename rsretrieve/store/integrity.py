@@ -8,26 +8,32 @@ hand-deleted file). Two depths of checking:
   index at the end of each shard), run by `info`, `encode` and `index`: done chunks whose valid
   count differs from the ledger's, or whose encoded rows lie in embedding chunk files that are
   gone or whose index is cut or fails its checksum (a truncated copy).
-- `verify` (reads every embedding once): also the metadata files of every array, and rows marked
-  valid whose embeddings are not finite.
+- `verify` (reads every array once): also the metadata files of every array, every chunk's
+  checksum and every file the store wrote (`store.checksum`), the ledger's own consistency, unique
+  patch ids, and rows marked valid whose embeddings are not finite.
 
-A damaged chunk is repaired by encoding it again (`EmbeddingStore.reset_chunks`, then `encode`).
+`encode` repairs all of it (`store.repair`): damaged embedding rows are encoded again
+(`EmbeddingStore.reset_chunks`), coordinates and the ledger are written again from the data.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from rsretrieve.bands import Modality
-from rsretrieve.errors import StoreError
-from rsretrieve.store.layout import storage_rows
+from rsretrieve.errors import StoreError, located
+from rsretrieve.store.checksum import ChecksumError, Damage, checksummed, scan
+from rsretrieve.store.layout import ROW_CHECKSUM, storage_rows
 
 # the arrays every store group needs (coordinates besides patch_id are optional)
 REQUIRED_ARRAYS = ("embedding", "valid", "patch_id", "chunk_key", "chunk_start", "chunk_stop", "chunk_done")
+ROW_DATA = ("embedding", "valid", "embedding_crc")  # written shard by shard as encoding goes: the ledger says which must exist
+LEDGER_ARRAYS = ("chunk_key", "chunk_start", "chunk_stop", "chunk_done", "chunk_valid")
 
 
 @dataclass(frozen=True)
@@ -59,9 +65,13 @@ def damaged_chunks(store, modality: Modality) -> dict[str, str]:
     stops = np.array([span.stop for span in spans], dtype=np.int64)
     marked = _per_chunk_sums(valid, starts, stops)  # vectorised: a ledger of 10^6 chunks takes no loop
     lost_count = done & (counts >= 0) & (marked != counts) if counts is not None else np.zeros_like(done)
-    # rows marked valid whose embedding file is gone
-    missing_files = np.setdiff1d(np.arange(-(-valid.size // rows_per_file)), np.fromiter(present, np.int64, len(present)))
-    lost_rows = valid & np.isin(np.arange(valid.size) // rows_per_file, missing_files) if missing_files.size else np.zeros_like(valid)
+    # rows marked valid whose embedding file (or row checksum file) is gone
+    lost_rows = valid & _rows_without_file(present, rows_per_file, valid.size)
+    lost_array = "embedding"
+    if ROW_CHECKSUM in group and not lost_rows.any():
+        checksums = group[ROW_CHECKSUM]
+        lost_array, lost_rows = ROW_CHECKSUM, valid & _rows_without_file(
+            stored_chunk_rows(Path(store.path) / modality / ROW_CHECKSUM, checksums), storage_rows(checksums), valid.size)
     lost_file = done & ~lost_count & (_per_chunk_sums(lost_rows, starts, stops) > 0)
     # rows marked valid in shard files whose index is cut or fails its checksum
     broken = broken_shards(Path(store.path) / modality, present)
@@ -73,10 +83,15 @@ def damaged_chunks(store, modality: Modality) -> dict[str, str]:
         if lost_count[i]:
             damaged[span.key] = f"{counts[i]} patches were encoded, {int(marked[i])} are marked valid (lost `valid` data)"
         elif lost_file[i]:
-            damaged[span.key] = f"embedding chunk file(s) of rows {span.start}-{span.stop - 1} are missing"
+            damaged[span.key] = f"{lost_array} chunk file(s) of rows {span.start}-{span.stop - 1} are missing"
         else:
             damaged[span.key] = broken[int(span.start // rows_per_file)]
     return damaged
+
+
+def _rows_without_file(present: set[int], rows_per_file: int, n_rows: int) -> np.ndarray:
+    missing = np.setdiff1d(np.arange(-(-n_rows // rows_per_file)), np.fromiter(present, np.int64, len(present)))
+    return np.isin(np.arange(n_rows) // rows_per_file, missing) if missing.size else np.zeros(n_rows, bool)
 
 
 def broken_shards(group_dir: Path, present: set[int]) -> dict[int, str]:
@@ -119,12 +134,12 @@ def _per_chunk_sums(flags: np.ndarray, starts: np.ndarray, stops: np.ndarray) ->
 
 
 def stored_chunk_rows(array_dir: Path, array) -> set[int]:
-    """Numbers of the row files (shards, or chunks of an unsharded array) of a 2-D (rows, dim) array
-    that exist on disk (one listing)."""
+    """Numbers of the row files (shards, or chunks of an unsharded array) of an array whose files
+    hold whole rows that exist on disk (one listing)."""
     encoding = array.metadata.chunk_key_encoding
     files = {p.relative_to(array_dir).as_posix() for p in array_dir.rglob("*") if p.is_file() and p.name != "zarr.json"}
     n_chunks = -(-array.shape[0] // storage_rows(array)) if array.shape[0] else 0
-    return {i for i in range(n_chunks) if encoding.encode_chunk_key((i, 0)) in files}
+    return {i for i in range(n_chunks) if encoding.encode_chunk_key((i,) + (0,) * (array.ndim - 1)) in files}
 
 
 def verify(store) -> list[Finding]:
@@ -146,36 +161,109 @@ def verify_group(store, modality: Modality) -> list[Finding]:
         problem = _metadata_problem(group_dir / name)
         if problem:
             return [Finding(str(group_dir / name), problem, rebuild)]
+    repair = f"run `rsretrieve encode --modality {modality}` to repair it"
+    damage = array_damage(store, modality)
+    findings = [Finding(str(group_dir / name), "; ".join(map(str, found[:3])) + (f" (and {len(found) - 3} more)" if len(found) > 3 else ""),
+                        repair, chunks_of_rows(store, modality, found) if name in ROW_DATA and not damage.keys() & set(LEDGER_ARRAYS) else ())
+                for name, found in damage.items()]
+    if damage.keys() & {"valid", *LEDGER_ARRAYS}:
+        return findings  # the checks below read them
+    if "patch_id" not in damage:
+        findings += [Finding(str(group_dir / name), "; ".join(map(str, found[:3])), repair)
+                     for name, found in invariant_damage(store, modality).items()]
     try:
         damaged = damaged_chunks(store, modality)
-        damaged.update(_non_finite_chunks(store, modality, exclude=damaged))
     except StoreError as exc:
-        return [Finding(str(group_dir), str(exc), rebuild)]
+        return [*findings, Finding(str(group_dir), str(exc), rebuild)]
     if not damaged:
-        return []
+        return findings
     examples = "; ".join(f"{key}: {why}" for key, why in list(damaged.items())[:3])
-    return [Finding(str(group_dir), f"{len(damaged)} chunk(s) marked done disagree with the data ({examples})",
-                    f"run `rsretrieve encode --modality {modality}` to encode them again", tuple(damaged))]
+    return [*findings, Finding(str(group_dir), f"{len(damaged)} chunk(s) marked done disagree with the data ({examples})",
+                               f"run `rsretrieve encode --modality {modality}` to encode them again", tuple(damaged))]
 
 
-def _non_finite_chunks(store, modality: Modality, exclude: dict) -> dict[str, str]:
-    """Done chunks with a row marked valid whose embedding is not finite (reads every embedding)."""
+def array_damage(store, modality: Modality) -> dict[str, list[Damage]]:
+    """{array name: its damaged rows} over every array of a group, each read once: chunks that fail
+    their checksum or do not decode, and lost files of the arrays whose files are all written at
+    once (coordinates, ledger)."""
+    group_dir = Path(store.path) / modality
+    found = {}
+    arrays = dict(store.zarr_group(modality).arrays())
+    for name, array in sorted(arrays.items()):
+        if name != "embedding":
+            found[name] = scan(array, group_dir / name, expect_files=checksummed(array) and name not in ROW_DATA)
+    valid = np.asarray(arrays["valid"][:], dtype=bool) if not found["valid"] else None
+    found["embedding"] = scan(arrays["embedding"], group_dir / "embedding", expect_files=False, wrong_rows=None if valid is None else (
+        lambda start, rows: start + np.flatnonzero(valid[start:start + len(rows)] & ~np.isfinite(rows).all(axis=1))))  # valid: finite
+    return {name: damage for name, damage in found.items() if damage}
+
+
+@contextmanager
+def naming_damage(store_path: str | Path):
+    """A checksum failure inside the block (zarr knows no file names) raised again naming the
+    array and rows of a store: the small arrays are read first, the embeddings last."""
+    try:
+        yield
+    except ChecksumError as exc:
+        if not str(exc).startswith("a stored chunk"):
+            raise  # already names its file
+        raise ChecksumError(_first_damage(Path(store_path)) or str(exc)) from None
+
+
+def _first_damage(path: Path) -> str | None:
+    import zarr
+
+    for group_dir in sorted(p.parent.parent for p in path.glob("*/embedding/zarr.json")):
+        group = zarr.open_group(group_dir, mode="r", zarr_format=3)
+        for name, array in sorted(group.arrays(), key=lambda item: item[0] == "embedding"):
+            found = scan(array, group_dir / name, expect_files=False)
+            if found:
+                return located(group_dir / name, f"{found[0]}; the store cannot answer from damaged data: run `rsretrieve verify`, then "
+                                                 f"`rsretrieve encode --modality {group_dir.name}` to repair it")
+    return None
+
+
+def chunks_of_rows(store, modality: Modality, damage: list[Damage]) -> tuple[str, ...]:
+    """The ledger's chunks that own any of the damaged rows."""
+    spans, _ = store.ledger(modality)
+    return tuple(span.key for span in spans if any(span.start < stop and start < span.stop for start, stop in (d.rows for d in damage)))
+
+
+def store_damage(store, modality: Modality) -> dict[str, list[Damage]]:
+    """{array: rows} of everything `encode` repairs: damaged arrays (`array_damage`) and, where
+    the arrays they need are readable, broken invariants (`invariant_damage`)."""
+    damage = array_damage(store, modality)
+    if not damage.keys() & {"valid", "patch_id", *LEDGER_ARRAYS}:
+        damage.update(invariant_damage(store, modality))
+    return damage
+
+
+def invariant_damage(store, modality: Modality) -> dict[str, list[Damage]]:
+    """{array: rows} of a readable group's broken invariants: ledger chunks that do not tile the
+    rows in order or repeat a key, chunks marked done without their count, repeated or empty ids."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     group = store.zarr_group(modality)
     spans, done = store.ledger(modality)
-    embedding, valid = group["embedding"], group["valid"]
-    found = {}
-    for span, is_done in zip(spans, done):
-        if not is_done or span.key in exclude or span.stop == span.start:
-            continue
-        try:
-            marked = np.asarray(valid[span.start : span.stop], dtype=bool)
-            block = np.asarray(embedding[span.start : span.stop])[marked]
-        except Exception as exc:  # noqa: BLE001 — a corrupt chunk file is damage to this chunk, not a crash
-            found[span.key] = f"unreadable data ({_short(exc)})"
-            continue
-        bad = int((~np.isfinite(block).all(axis=1)).sum()) if block.size else 0
-        if bad:
-            found[span.key] = f"{bad} row(s) marked valid are not finite"
+    n_rows, n_chunks = int(group["valid"].shape[0]), len(spans)
+    starts = np.array([span.start for span in spans], dtype=np.int64)
+    stops = np.array([span.stop for span in spans], dtype=np.int64)
+    found: dict[str, list[Damage]] = {}
+    if spans and (starts[0] != 0 or stops[-1] != n_rows or (starts[1:] != stops[:-1]).any() or (stops < starts).any()):
+        found["chunk_start"] = [Damage((0, n_chunks), f"do not cover rows 0-{n_rows - 1} in order")]
+    if len({span.key for span in spans}) != n_chunks or any(not span.key for span in spans):
+        found["chunk_key"] = [Damage((0, n_chunks), "repeat a chunk key or hold an empty one")]
+    counts = store.chunk_valid(modality)
+    uncounted = np.flatnonzero(done & (counts[:n_chunks] < 0)) if counts is not None else []
+    if len(uncounted):
+        found["chunk_valid"] = [Damage((int(i), int(i) + 1), "are marked done without their count of encoded patches") for i in uncounted]
+    ids = pa.array(np.asarray(group["patch_id"][:]).astype(object), pa.string())
+    counted = pc.value_counts(ids)
+    repeated = counted.filter(pc.greater(counted.field("counts"), 1))
+    if len(repeated) or pc.any(pc.equal(ids, "")).as_py():
+        first = f"{len(repeated)} repeated, first {repeated[0]['values'].as_py()!r}" if len(repeated) else "one is empty"
+        found["patch_id"] = [Damage((0, n_rows), f"are not unique ids ({first})")]
     return found
 
 

@@ -14,6 +14,9 @@ an index of byte ranges at its end):
   when the archive grows.
 - the ledger (chunk): chunks of `LEDGER_CHUNK` entries.
 
+Every chunk (inside shards too) ends with a CRC32C that zarr checks on each read (`store.checksum`);
+`embedding_crc` holds one per row besides, since `RowReader` reads single rows without zarr.
+
 10 M rows of 768 float16 come to ~460 embedding shards and some 60 other files.
 """
 
@@ -36,7 +39,8 @@ SLAB_ROWS = 1_000_000  # coordinates are made (as Python objects) and written th
 
 STRING_COORDS = ("patch_id", "pair_id", "split", "country", "grid_cell", "product_id")
 FLOAT_COORDS = ("lat", "lon")
-PER_PATCH_ARRAYS = ("embedding", "valid", "lat", "lon")  # written by `ShardWriter` after creation
+PER_PATCH_ARRAYS = ("embedding", "valid", "embedding_crc", "lat", "lon")  # written by `ShardWriter` after creation
+ROW_CHECKSUM = "embedding_crc"  # a coordinate: each row's CRC32C, for reads of single rows (`store.rows`)
 NOT_NORMALISED = ("the model's output as it is, not L2-normalised: L2-normalise each row before cosine "
                   "similarity (inner product), as rsretrieve's FAISS indexes do (rsretrieve.store.normalise_rows)")
 
@@ -59,23 +63,28 @@ def row_grid(n_rows: int, shard_rows: int) -> tuple[int, int]:
 
 
 def encoding(n_rows: int, dim: int, dtype: str, names: Sequence[str], n_chunks: int) -> dict:
-    """xarray's `encoding` for `to_zarr`: chunks and shards of every array of a new group."""
+    """xarray's `encoding` for `to_zarr`: chunks, shards and codecs of every array of a new group.
+    Every chunk ends with a CRC32C (`store.checksum`): embeddings as they are, the rest zstd first."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
     inner, shard = embedding_grid(n_rows, dim, np.dtype(dtype).itemsize)
     row_inner, row_shard = row_grid(n_rows, shard)
     coord_inner = min(max(1, n_rows), COORD_INNER_ROWS)
     coord = {"chunks": (coord_inner,), "shards": (min(ROWS_PER_FILE // coord_inner * coord_inner, _round_up(n_rows, coord_inner)),)}
-    out: dict = {"embedding": {"chunks": (inner, dim), "shards": (shard, dim), "compressors": None}}
+    out: dict = {"embedding": {"chunks": (inner, dim), "shards": (shard, dim), "compressors": (Crc32cCodec(),)}}
     for name in names:
-        if name in ("valid", *FLOAT_COORDS):
-            out[name] = {"chunks": (row_inner,), "shards": (row_shard,)}
+        if name != "embedding":
+            out[name] = {"compressors": (ZstdCodec(level=0), Crc32cCodec())}
+        if name in ("valid", ROW_CHECKSUM, *FLOAT_COORDS):
+            out[name].update(chunks=(row_inner,), shards=(row_shard,))
         elif name in STRING_COORDS:
-            out[name] = dict(coord)
+            out[name].update(coord)
         elif name == "timestamp":  # fixed units: rows appended later (`grow`) are encoded the same way
-            out[name] = {**coord, "units": "milliseconds since 1970-01-01", "dtype": "int64"}
+            out[name].update(coord, units="milliseconds since 1970-01-01", dtype="int64")
         elif name == "labels":
-            out[name] = {"chunks": (coord_inner, len(CLASSES)), "shards": (coord["shards"][0], len(CLASSES))}
+            out[name].update(chunks=(coord_inner, len(CLASSES)), shards=(coord["shards"][0], len(CLASSES)))
         elif name.startswith("chunk_"):
-            out[name] = {"chunks": (min(max(1, n_chunks), LEDGER_CHUNK),)}
+            out[name].update(chunks=(min(max(1, n_chunks), LEDGER_CHUNK),))
     return out
 
 
@@ -94,6 +103,8 @@ def skeleton(meta: pa.Table, spans: Sequence, dim: int, dtype: str, total_rows: 
     coords.update(patch_coords(meta))
     coords.update(ledger(spans))
     _, shard = embedding_grid(total_rows, dim, np.dtype(dtype).itemsize)
+    coords[ROW_CHECKSUM] = ("patch", np.zeros(n, np.uint32), {"description": "CRC32C of each row of `embedding` as stored "
+                                                                           "(little-endian bytes): single-row reads check it"})
     data = {
         "embedding": (("patch", "dim"), da.full((n, dim), np.nan, dtype=dtype, chunks=(shard, dim)),
                       {"normalised": False, "description": "retrieval embedding, NaN where not encoded", "comment": NOT_NORMALISED}),
@@ -102,7 +113,7 @@ def skeleton(meta: pa.Table, spans: Sequence, dim: int, dtype: str, total_rows: 
     dataset = xr.Dataset(data, coords=coords)
     chosen = encoding(total_rows, dim, dtype, list(dataset.variables), total_chunks or len(spans))
     if "timestamp" in chosen and not np.issubdtype(dataset["timestamp"].dtype, np.datetime64):
-        chosen["timestamp"] = {k: chosen["timestamp"][k] for k in ("chunks", "shards")}  # unparsed times stay strings
+        chosen["timestamp"] = {k: chosen["timestamp"][k] for k in ("chunks", "shards", "compressors")}  # unparsed times stay strings
     return dataset, chosen
 
 

@@ -19,6 +19,7 @@ DEFAULT_BATCH = 65_536
 ID_SLAB = 1 << 20  # patch ids compared a slab at a time: one shard of the coordinate (`store.layout`)
 # the resumability ledger: coordinates on `chunk` (data variables in stores written before)
 LEDGER = ("chunk_key", "chunk_start", "chunk_stop", "chunk_done", "chunk_valid")
+BOOKKEEPING = (*LEDGER, "embedding_crc")  # coordinates, not data: `data_vars` is the data alone
 
 
 def read_rows(ds, start: int, stop: int) -> np.ndarray:
@@ -122,7 +123,7 @@ def open_group(path: str | Path, modality: str):
 def ledger_as_coords(ds):
     """The ledger among the coordinates: stores written before it became coordinates list it as
     data variables."""
-    return ds.set_coords([name for name in LEDGER if name in ds.data_vars])
+    return ds.set_coords([name for name in BOOKKEEPING if name in ds.data_vars])
 
 
 class PatchIndexes:

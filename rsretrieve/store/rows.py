@@ -27,6 +27,8 @@ import numpy as np
 import zarr
 
 from rsretrieve.errors import StoreError, located
+from rsretrieve.store.checksum import ChecksumError, row_checksums
+from rsretrieve.store.layout import ROW_CHECKSUM
 
 EMPTY = np.uint64(2**64 - 1)  # the sharding index's mark of an inner chunk never written
 READ_THREADS = 8  # reads in flight: past ~8 a virtual disk answers no faster
@@ -46,6 +48,8 @@ class RowReader:
         self.n_rows, self.dim = (int(s) for s in self.array.shape)
         self._plain = _plain_sharding(self.array)
         self._indexes: dict[int, np.ndarray | None] = {}
+        self._checksums = _row_checksums(self.path)  # None for stores made before rows had their own
+        self._shard_checksums: dict[int, np.ndarray] = {}
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).ravel()
@@ -75,9 +79,28 @@ class RowReader:
             list(_pool(os.getpid()).map(lambda task: _read_runs(*task, raw, row_bytes), tasks))
         elif tasks:
             _read_runs(*tasks[0], raw, row_bytes)
+        if self._checksums is not None:
+            self._check(rows[written], raw[written])
         out = raw.view(self.array.dtype).reshape(rows.size, self.dim).astype(np.float32)
         out[~written] = np.nan
         return out
+
+    def _check(self, rows: np.ndarray, raw: np.ndarray) -> None:
+        """Each row read against its stored CRC32C (a damaged row is an error, never a score)."""
+        shard_rows = self._plain[0]
+        expected = np.empty(rows.size, np.uint32)
+        shards = rows // shard_rows
+        for shard in np.unique(shards).tolist():
+            if shard not in self._shard_checksums:  # one inner chunk of the checksum array per shard, checked by zarr
+                self._shard_checksums[shard] = np.asarray(self._checksums[shard * shard_rows:(shard + 1) * shard_rows])
+            at = shards == shard
+            expected[at] = self._shard_checksums[shard][rows[at] - shard * shard_rows]
+        bad = np.flatnonzero(row_checksums(raw) != expected)
+        if bad.size:
+            row = int(rows[bad[0]])
+            raise ChecksumError(located(self._shard_file(row // shard_rows), f"embedding row {row} fails its checksum (damaged on disk"
+                                        f"{f', and {bad.size - 1} more' if bad.size > 1 else ''}); run `rsretrieve verify`, then "
+                                        "`rsretrieve encode` to repair it"))
 
     def _locations(self, rows: np.ndarray):
         """(shard file, positions in `rows`, byte offsets) of the rows (sorted, distinct) that were
@@ -146,6 +169,13 @@ class RowReader:
         return self._indexes[shard]
 
 
+def _row_checksums(group_path: Path):
+    try:
+        return zarr.open_array(group_path / ROW_CHECKSUM, mode="r", zarr_format=3)
+    except Exception:  # noqa: BLE001 — absent (an older store): rows are read unchecked, as they were written
+        return None
+
+
 def _runs(dest: np.ndarray, offsets: np.ndarray, row_bytes: int) -> list[tuple[int, int, int]]:
     """(first result row, rows, byte offset) of each run of rows that sit back to back in the file
     and in the result, at most RUN_BYTES each."""
@@ -193,7 +223,8 @@ def _pool(pid: int) -> ThreadPoolExecutor:
 
 def _plain_sharding(array) -> tuple[int, int] | None:
     """(shard rows, inner chunk rows) when `array` is sharded with uncompressed little-endian inner
-    chunks holding whole rows and its index (with CRC32C) at the end; else None."""
+    chunks (a CRC32C at their end or not) holding whole rows, and its index (with CRC32C) at the
+    end; else None."""
     from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
     from zarr.codecs.sharding import ShardingCodecIndexLocation
 
@@ -201,7 +232,9 @@ def _plain_sharding(array) -> tuple[int, int] | None:
     if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
         return None
     sharding = codecs[0]
-    inner_ok = len(sharding.codecs) == 1 and isinstance(sharding.codecs[0], BytesCodec) and _little(sharding.codecs[0])
+    # a CRC32C after the bytes (`store.checksum`) leaves every row where it was
+    inner_ok = (isinstance(sharding.codecs[0], BytesCodec) and _little(sharding.codecs[0])
+                and all(isinstance(codec, Crc32cCodec) for codec in sharding.codecs[1:]) and len(sharding.codecs) <= 2)
     index_ok = (len(sharding.index_codecs) == 2 and isinstance(sharding.index_codecs[0], BytesCodec)
                 and _little(sharding.index_codecs[0]) and isinstance(sharding.index_codecs[1], Crc32cCodec))
     whole_rows = sharding.chunk_shape[1] == array.shape[1] and array.shards[1] == array.shape[1]

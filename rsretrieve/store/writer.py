@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rsretrieve.errors import StoreError, located
-from rsretrieve.store.layout import storage_rows
+from rsretrieve.store.checksum import read_readable, row_checksums
+from rsretrieve.store.layout import ROW_CHECKSUM, storage_rows
 
 FLUSH_EVERY_S = 60.0
 
@@ -124,6 +125,8 @@ class ShardWriter:
         for staged in entry.staged:
             self._place(staged, lo, hi, embedding, valid, locations)
         self.group["embedding"][lo:hi] = embedding
+        if ROW_CHECKSUM in self.group:  # stores made before rows had their own checksum lack it
+            self.group[ROW_CHECKSUM][lo:hi] = row_checksums(embedding)
         self.group["valid"][lo:hi] = valid
         if locations is not None:
             self.group["lat"][lo:hi], self.group["lon"][lo:hi] = locations
@@ -143,7 +146,8 @@ class ShardWriter:
         if whole:
             shape = (hi - lo, *array.shape[1:])
             return np.full(shape, np.nan, dtype=array.dtype) if array.dtype.kind == "f" else np.zeros(shape, dtype=array.dtype)
-        return np.array(array[lo:hi])
+        fill = np.nan if array.dtype.kind == "f" else 0
+        return read_readable(array, lo, hi, fill)  # a damaged chunk's rows are all encoded again (`store.repair`)
 
     def _locations(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The shard's lat/lon, to fill where the plan had none (None: nothing to fill)."""

@@ -10,8 +10,8 @@ and the whole store as `xarray.open_datatree(path, engine="zarr")` (children `s1
               grid_cell, timestamp, product_id (those the source has)
     coords    chunk_key / chunk_start / chunk_stop / chunk_done / chunk_valid (chunk)   the
               resumability ledger; chunk_valid: patches a done chunk encoded, to notice lost files
-              (`store.integrity`). Coordinates, so that `data_vars` is the data alone; on disk they
-              are plain arrays of the group (read and written with zarr directly)
+              (`store.integrity`); embedding_crc (patch): each row's CRC32C. Coordinates, so that
+              `data_vars` is the data alone; on disk plain arrays (read and written with zarr)
     attrs     provenance: model, config, checkpoint_sha256 ("random-init" for untrained weights),
               preprocessing (band order, statistics, resampling), rsretrieve version, creation time,
               and the data it was made from (dataset, root, subset, options, a fingerprint of its
@@ -21,7 +21,7 @@ and the whole store as `xarray.open_datatree(path, engine="zarr")` (children `s1
 Rows are allocated for every patch up front, in the dataset's chunk order, so each data chunk owns
 one fixed region. A chunk is written (embedding + valid) and only then marked done in the ledger;
 writing a region twice is harmless, so a crash between the two costs one chunk's recomputation and
-never a duplicate or a hole.
+never a duplicate or a hole. Every chunk of every array ends with a CRC32C (`store.checksum`).
 """
 
 from __future__ import annotations
