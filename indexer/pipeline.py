@@ -27,6 +27,7 @@ from rsretrieve.datasets import Chunk, patches_fingerprint
 from rsretrieve.errors import RSRetrieveError
 from rsretrieve.indexer.batching import groups, groups_in_flight
 from rsretrieve.indexer.cluster import ENCODER_RESOURCE, READER_RESOURCE, cluster, local_cluster, slots, task_resources
+from rsretrieve.indexer.devices import resolve_on_workers, with_store_precision
 from rsretrieve.indexer.encoder import EncoderSpec, encode_group, refuse_non_finite
 from rsretrieve.indexer.readers import DatasetSpec, read_chunk
 from rsretrieve.indexer.skips import DATA_GAP, UNREACHABLE, skip_counts, skip_reason, skip_text, too_many_skipped, transient  # noqa: F401
@@ -162,7 +163,9 @@ def encode(
     provenance, dim = _provenance(dataset, ds, chunks, encoder)
     if on_model:
         on_model(provenance)
-    if store.has(modality):
+    if store.has(modality):  # its compute precision, or a refusal naming the flag that resumes it
+        encoder = with_store_precision(encoder, store.provenance(modality), str(store.path), modality)
+        provenance["precision"] = encoder.precision
         store.check(modality, provenance, spans, dtype, held)  # another model or other data is refused here
         moved = store.moved_root(modality, provenance) is not None
         if held is None and not moved and not _work_left(store, modality, retry_skipped):  # read-only: nothing written, no lock
@@ -170,8 +173,12 @@ def encode(
                                             patches_total=spans[-1].stop), ds, on_start, started)
             _check_skipped(store, modality, summary, max_failed_share)
             return summary
-    with exclusive(store.path, on_wait):  # one writer per store; a second run waits, then finds the work done
+    # one writer per store (a second run waits, then finds the work done); the cluster starts on first use
+    with exclusive(store.path, on_wait), workers:
         chunks, spans, held = _plan(store, modality, ds.chunks(modality))  # again, under the lock
+        if not store.has(modality) and spans and spans[-1].stop:  # a new store records the encoder workers' precision
+            encoder = resolve_on_workers(workers.get(), encoder)
+            provenance["precision"] = encoder.precision
         dtype, notes = _prepare(store, ds, modality, provenance, spans, dim, dtype, retry_skipped, held)
         done = store.done_chunks(modality)
         todo = [(chunk, span) for chunk, span in zip(chunks, spans) if chunk.key not in done]
@@ -179,8 +186,7 @@ def encode(
                                 patches_total=spans[-1].stop, notes=notes)
         _finish(summary, ds, on_start, None, sum(span.stop - span.start for _, span in todo))
         if todo:
-            with workers:
-                _run(workers.get(), dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook)
+            _run(workers.get(), dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook)
             if summary.skipped:
                 store.record_skipped(modality, skip_counts(summary.skipped), [m for _, m in summary.skipped[:5]], summary.retry)
             if summary.converted:
@@ -317,7 +323,8 @@ def _run(client, dataset, encoder, store, modality, todo, summary, dtype, on_chu
 
     read_resources, encode_resources = task_resources(client)
     read_slots, encoder_slots = slots(client)
-    work = groups(todo, [span.stop - span.start for _, span in todo], encoder.resolved_batch_size())
+    encoder = resolve_on_workers(client, encoder)  # batch size and precision where the model runs, never here
+    work = groups(todo, [span.stop - span.start for _, span in todo], encoder.batch_size)
     window = groups_in_flight(read_slots, encoder_slots, len(todo) / len(work), sum(s.stop - s.start for _, s in todo) / len(work))
     pending = list(reversed(work))
     spans_of: dict[str, dict[str, ChunkSpan]] = {}
@@ -354,7 +361,7 @@ def _collect(client, tracker, spans_of, pending, submit_next, writer, summary, d
                 ) from cause
             results, ran = future.result()
             _refuse_non_finite(client, tracker, results, ran)
-            wrong = differences(ran, summary.provenance, MODEL_KEYS)
+            wrong = differences(ran, summary.provenance, (*MODEL_KEYS, "precision"))
             if wrong:
                 _cancel(client, tracker)
                 raise EncodeInterrupted(

@@ -71,8 +71,16 @@ def describe_model(spec: str, config: str | None = None) -> tuple[dict, int]:
 
 
 def model_for_provenance(provenance: dict, device: str = "cpu"):
-    """The exact model that wrote a store: the same registered config with its deterministic
-    random init, or the same checkpoint file (its sha256 must still match)."""
+    """The exact model that wrote a store, at the precision it computed in: the same registered
+    config with its deterministic random init, or the same checkpoint file (its sha256 must still
+    match). bfloat16 runs on the CPU too, so a query embeds as a GPU-encoded archive did."""
+    from rsretrieve.models.csmoe import to_inference_dtype
+    from rsretrieve.provenance import stored_precision
+
+    return to_inference_dtype(_stored_model(provenance, device), stored_precision(provenance), device)
+
+
+def _stored_model(provenance: dict, device: str):
     import warnings
     from pathlib import Path
 
