@@ -37,7 +37,7 @@ class EncoderSpec:
     batch_size: int | None = None  # default: 32 on CPU, 512 on a GPU
     config: str | None = None
     precision: str = "auto"  # compute precision: auto (bfloat16 weights on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile the model (on CUDA: ~15 % faster after ~20 s)
+    compile: bool = False  # torch.compile the model, at fixed shapes (`embed_raw` pads the last batch)
 
     @staticmethod
     def canonical_precision(name: str) -> str:
@@ -91,7 +91,7 @@ def encode_group(batches: list[PatchBatch], chunks: list[Chunk], spec: EncoderSp
     embedded = {i: np.zeros((0, model.config.embed_dim), np.float32) for i in range(len(batches))}
     for members in layouts.values():
         vectors = embed_raw(model, RawPixels.concat([batches[i].pixels for i in members]), chunks[0].modality, device,
-                            spec.resolved_batch_size())
+                            spec.resolved_batch_size(), fixed_shape=spec.compile)
         ends = np.cumsum([len(batches[i]) for i in members])
         embedded.update({i: part for i, part in zip(members, np.split(vectors, ends[:-1]))})
     results = []
@@ -139,7 +139,8 @@ def worker_model(spec: EncoderSpec, device: str):
 
 
 def _compiled(model):
-    """torch.compile the forward pass; the wrapper keeps the model's config and provenance."""
+    """torch.compile the forward pass at static shapes (`embed_raw` pads every tail batch to the
+    batch size, so a run compiles once per modality); the model keeps its config and provenance."""
     import torch
 
     model.forward_features = torch.compile(model.forward_features, dynamic=False)
