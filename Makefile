@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RSRETRIEVE_WORKSPACE ?= $(CURDIR)/rsretrieve-workspace
 
-.PHONY: install demo test bench notebook clean
+.PHONY: install demo test bench notebook clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_readers.py
 	$(BIN)/python benchmarks/bench_pipeline.py
 	$(BIN)/python benchmarks/bench_search.py --quick
+
+# On a lent GPU machine (../shared/GPU.md): the `cuda` tests and the GPU measurements, as a
+# BENCHMARKS.md table; without CUDA a dry run (tiny sizes on the CPU, says `dry run`, exits 0).
+gpu-check:
+	bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) rsretrieve-workspace

@@ -53,6 +53,13 @@ class DeviceChoice(str, Enum):
     cuda = "cuda"
 
 
+class ComputeChoice(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 class IndexKind(str, Enum):
     auto = "auto"
     flat = "flat"
@@ -219,6 +226,9 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Config name (`
 CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="rsretrieve .safetensors or CSMAE Lightning checkpoint.")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="Where the encoder runs.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Patches per model batch.", show_default="32 on a CPU, 512 on a GPU")]
+ComputeOpt = Annotated[ComputeChoice, typer.Option("--precision", help="Precision the model computes at (a store keeps its own; "
+                                                   "queries follow it). Not --float16, the stored vectors' type.",
+                                                   show_default="bfloat16 on a GPU, float32 on a CPU; an existing store's")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model on the encoder workers (GPU: faster after a ~20 s compile).")]
 ReadersOpt = Annotated[Optional[int], typer.Option("--readers", min=1, help="Reader processes of the local cluster.", show_default="one per core, less one per GPU")]
 SchedulerOpt = Annotated[Optional[str], typer.Option("--scheduler", help="Address of a dask.distributed scheduler, e.g. tcp://10.0.0.5:8786.", show_default="a local cluster")]
@@ -266,7 +276,7 @@ def store_dtype(float16: bool | None) -> str | None:
 
 def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.auto, batch_size=None, scheduler=None, store=None,
              dtype=None, windows=None, compile=False, readers=None, dashboard=None, filters: dict | None = None,
-             max_skipped: float | None = None):
+             max_skipped: float | None = None, precision: ComputeChoice = ComputeChoice.auto):
     from rsretrieve.indexer.jobs import Job
 
     from rsretrieve.io.remote import as_location, is_url
@@ -291,5 +301,6 @@ def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.
         raise RSRetrieveError("--dashboard: applies to the local cluster; a --scheduler serves its own dashboard")
     if filters and selection.dataset != "majortom":
         raise RSRetrieveError(f"--{next(iter(filters)).replace('_', '-')}: applies to --dataset majortom only")
-    job = Job(State.workspace, selection, store, device.value, batch_size, scheduler, dtype, compile, readers, dashboard)
+    job = Job(State.workspace, selection, store, device.value, batch_size, scheduler, dtype, compile, readers, dashboard,
+              precision=precision.value)
     return job if max_skipped is None else replace(job, max_skipped=max_skipped)

@@ -13,6 +13,8 @@ from rsretrieve.cli._app import (
     CellsOpt,
     CheckpointOpt,
     CompileOpt,
+    ComputeChoice,
+    ComputeOpt,
     DashboardOpt,
     DatasetOpt,
     DatesOpt,
@@ -162,12 +164,14 @@ def encode(
     dates: DatesOpt = None,
     max_nodata: MaxNodataOpt = None,
     max_skipped: MaxSkippedOpt = None,
+    precision: ComputeOpt = ComputeChoice.auto,
     retry_skipped: Annotated[bool, typer.Option("--retry-skipped", help="Read again the patches earlier runs skipped (a file fixed since).")] = False,
 ) -> None:
     """Compute the model's embeddings for every patch not yet in the store (resumable); chunks that
     `rsretrieve verify` finds damaged are encoded again."""
     job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, store_dtype(float16),
-                   windows, compile, readers, dashboard, tile_filters(cells, bbox, dates, max_nodata), max_skipped)
+                   windows, compile, readers, dashboard, tile_filters(cells, bbox, dates, max_nodata), max_skipped,
+                   precision)
     subset_note = f" / {job.selection.subset}" if job.selection.subset else ""
     console.print(f"dataset [cyan]{job.selection.dataset}[/]{subset_note} → store {job.store_path}")
     encode_all(job, modalities_of(modality), retry_skipped, both=modality is ModalityOrBoth.both)
@@ -198,13 +202,15 @@ def index(
     dates: DatesOpt = None,
     max_nodata: MaxNodataOpt = None,
     max_skipped: MaxSkippedOpt = None,
+    precision: ComputeOpt = ComputeChoice.auto,
 ) -> None:
     """Encode what is missing for a modality, then build its FAISS index (only what is missing)."""
     from rsretrieve.indexer.jobs import ensure_index
 
     require_faiss()  # before any encoding: the index is the point of this command
     job = make_job(dataset, data_root, subset, model, checkpoint, device, batch_size, scheduler, store, store_dtype(float16), windows,
-                   compile, readers, dashboard, tile_filters(cells, bbox, dates, max_nodata), max_skipped)
+                   compile, readers, dashboard, tile_filters(cells, bbox, dates, max_nodata), max_skipped,
+                   precision)
     encoded = encode_all(job, modalities_of(modality), both=modality is ModalityOrBoth.both)
     from rsretrieve.indexer.jobs import job_cluster
 

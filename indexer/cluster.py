@@ -41,8 +41,6 @@ def model_cost(config) -> float:
 def local_layout(device: str = "auto", readers: int | None = None, small_model: bool = False) -> dict:
     """{worker name: spec} of the local cluster (module docstring). `readers`: reader processes
     (default: one per core, less one per GPU); `small_model` picks the CPU layout."""
-    from distributed import Nanny
-
     cores = os.cpu_count() or 1
     gpus = 0
     if device in ("auto", "cuda"):
@@ -50,28 +48,39 @@ def local_layout(device: str = "auto", readers: int | None = None, small_model: 
 
         gpus = torch.cuda.device_count()
     readers = readers if readers is not None else max(1, cores - gpus)
-
-    def worker(resources: dict, env: dict) -> dict:
-        # OMP_WAIT_POLICY: a model's idle threads sleep rather than spin on cores others read on
-        env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MALLOC_TRIM_THRESHOLD_": str(1 << 28), **env}
-        return {"cls": Nanny, "options": {"nthreads": 1, "resources": resources, "env": env, "silence_logs": dask_log_level()}}
-
     if not gpus and small_model:
         both = {READER_RESOURCE: 1, ENCODER_RESOURCE: 1}
-        return {f"worker-{j}": worker(both, {"RSRETRIEVE_ENCODER_THREADS": "1"}) for j in range(readers)}
+        return {f"worker-{j}": _worker(both, {"RSRETRIEVE_ENCODER_THREADS": "1"}) for j in range(readers)}
     if not gpus:  # OpenMP's default spin-wait here: the model owns the cores, reads are short
-        spec = worker({READER_RESOURCE: readers, ENCODER_RESOURCE: 1}, {"RSRETRIEVE_ENCODER_THREADS": str(cores), "OMP_WAIT_POLICY": "ACTIVE"})
+        spec = _worker({READER_RESOURCE: readers, ENCODER_RESOURCE: 1}, {"RSRETRIEVE_ENCODER_THREADS": str(cores), "OMP_WAIT_POLICY": "ACTIVE"})
         spec["options"]["nthreads"] = readers + 1  # an encode and `readers` reads at once
         return {"worker-0": spec}
-    workers = {f"encoder-{i}": worker({ENCODER_RESOURCE: 1}, {"CUDA_VISIBLE_DEVICES": str(i), "RSRETRIEVE_ENCODER_THREADS": "1"})
+    return gpu_layout(gpus, readers)
+
+
+def gpu_layout(gpus: int, readers: int) -> dict:
+    """One encoder worker per GPU, pinned to it with CUDA_VISIBLE_DEVICES (its `cuda` is that GPU),
+    and `readers` single-threaded reader processes. The CPU tests build it for GPUs that are not
+    there and encode on it with the device set to CPU, so its wiring is tested everywhere."""
+    workers = {f"encoder-{i}": _worker({ENCODER_RESOURCE: 1}, {"CUDA_VISIBLE_DEVICES": str(i), "RSRETRIEVE_ENCODER_THREADS": "1"})
                for i in range(gpus)}
-    workers.update({f"reader-{j}": worker({READER_RESOURCE: 1}, {}) for j in range(readers)})
+    workers.update({f"reader-{j}": _worker({READER_RESOURCE: 1}, {}) for j in range(readers)})
     return workers
 
 
-def local_cluster(device: str = "auto", readers: int | None = None, small_model: bool = False, dashboard: str | None = None):
-    """A SpecCluster of `local_layout` on 127.0.0.1. No dashboard unless `dashboard` gives its
-    address (e.g. ":8787"; it needs bokeh); without one no fixed port is bound."""
+def _worker(resources: dict, env: dict) -> dict:
+    """A single-threaded worker process (a Nanny) declaring `resources`."""
+    from distributed import Nanny
+
+    # OMP_WAIT_POLICY: a model's idle threads sleep rather than spin on cores others read on
+    env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MALLOC_TRIM_THRESHOLD_": str(1 << 28), **env}
+    return {"cls": Nanny, "options": {"nthreads": 1, "resources": resources, "env": env, "silence_logs": dask_log_level()}}
+
+
+def local_cluster(device: str = "auto", readers: int | None = None, small_model: bool = False, dashboard: str | None = None,
+                  workers: dict | None = None):
+    """A SpecCluster of `local_layout` (or of the layout `workers`) on 127.0.0.1. No dashboard
+    unless `dashboard` gives its address (e.g. ":8787"; it needs bokeh); without one no fixed port is bound."""
     from distributed import Scheduler, SpecCluster
 
     if dashboard:
@@ -79,7 +88,7 @@ def local_cluster(device: str = "auto", readers: int | None = None, small_model:
         scheduler = {"cls": Scheduler, "options": {"dashboard": True, "dashboard_address": dashboard, "host": "127.0.0.1"}}
     else:  # its HTTP routes on an ephemeral port of 127.0.0.1 (None would bind :8787)
         scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"}}
-    workers = local_layout(device, readers, small_model)
+    workers = workers if workers is not None else local_layout(device, readers, small_model)
     for spec in workers.values():
         spec["options"]["host"] = "127.0.0.1"
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=dask_log_level(), name="rsretrieve")

@@ -38,19 +38,30 @@ def extend_index(client, index: EmbeddingIndex, rows=None, source=None, **option
 
 
 def dask_mapper(client):
-    """`mapper(fn, tasks) -> results` running one Dask task per slice (on reader slots where the
-    cluster declares them), each limited to its share of its worker's cores."""
+    """`mapper(fn, tasks) -> results` running one Dask task per slice, each limited to its share of
+    its worker's cores: on reader slots where the cluster declares them, or, for tasks that assign
+    on a GPU (`use_gpu`), on encoder slots (one GPU each), so that no reader process touches a GPU."""
 
     def run(fn, tasks: list) -> list:
         if not tasks:
             return []
         threads = thread_share(client)
-        read, _ = task_resources(client)
+        read, encode = task_resources(client)
+        if encode and any(getattr(task, "use_gpu", False) for task in tasks) and faiss_gpus_on_encoders(client):
+            read = encode
         # scattered, not embedded in the graph: each task carries its rows (8 B each) and the tuning queries
         data = client.scatter([replace(task, threads=threads) for task in tasks])
         return client.gather(client.map(fn, data, pure=False, resources=read))
 
     return run
+
+
+def faiss_gpus_on_encoders(client) -> bool:
+    """Whether faiss sees a GPU on some encoder worker (asked there: the client may have none)."""
+    from rsretrieve.indexer.devices import encoder_workers
+    from rsretrieve.retrieval.gpu import gpu_count
+
+    return any(n > 0 for n in client.run(gpu_count, workers=list(encoder_workers(client))).values())
 
 
 def thread_share(client) -> int:

@@ -36,6 +36,7 @@ class Job:
     readers: int | None = None  # reader processes of the local cluster (default: one per core)
     dashboard: str | None = None  # address of the local cluster's Dask dashboard (None: no dashboard)
     max_skipped: float = MAX_FAILED_SHARE  # share of the selection that may be unreadable (a known-incomplete download)
+    precision: str = "auto"  # compute precision: float32 | bfloat16 | float16; auto: the encoder workers' (or the store's)
 
     @property
     def store_path(self) -> Path:
@@ -48,7 +49,8 @@ class Job:
 
     @property
     def encoder_spec(self) -> EncoderSpec:
-        return EncoderSpec(self.selection.model_spec, self.device, self.batch_size, self.selection.config, compile=self.compile)
+        return EncoderSpec(self.selection.model_spec, self.device, self.batch_size, self.selection.config,
+                           precision=self.precision, compile=self.compile)
 
 
 def job_cluster(job: Job, on_connect=None) -> cluster:

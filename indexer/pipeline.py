@@ -14,9 +14,12 @@ worker that dies takes its tasks with it; Dask reruns them elsewhere and the run
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rsretrieve.bands import Modality
@@ -24,10 +27,10 @@ from rsretrieve.datasets import Chunk, patches_fingerprint
 from rsretrieve.errors import RSRetrieveError
 from rsretrieve.indexer.batching import groups, groups_in_flight
 from rsretrieve.indexer.cluster import ENCODER_RESOURCE, READER_RESOURCE, cluster, local_cluster, slots, task_resources
+from rsretrieve.indexer.devices import resolve_on_workers, with_store_precision
 from rsretrieve.indexer.encoder import EncoderSpec, encode_group, refuse_non_finite
-from rsretrieve.indexer.outcome import (MAX_FAILED_SHARE, EncodeCancelled, EncodeInterrupted, EncodeSummary,
-                                       TooManySkipped, check_skipped, skip_counts, transient)
 from rsretrieve.indexer.readers import DatasetSpec, read_chunk
+from rsretrieve.indexer.skips import DATA_GAP, UNREACHABLE, skip_counts, skip_reason, skip_text, too_many_skipped, transient  # noqa: F401
 from rsretrieve.provenance import MODEL_KEYS, describe, differences
 from rsretrieve.io.locks import exclusive
 from rsretrieve.store import ChunkSpan, EmbeddingStore
@@ -40,6 +43,64 @@ __all__ = ["ENCODER_RESOURCE", "READER_RESOURCE", "DatasetSpec", "EncodeInterrup
            "TooManySkipped", "cluster", "encode", "local_cluster"]
 
 FLOAT16_FROM = 1_000_000  # archives at least this large are stored as float16 unless a dtype is asked for
+MAX_FAILED_SHARE = 0.05  # share of a selection's patches that may be unreadable (--max-skipped; nodata windows are not failures)
+@dataclass
+class EncodeSummary:
+    modality: Modality
+    store: Path
+    chunks_total: int
+    chunks_already_done: int
+    chunks_encoded: int = 0
+    patches_encoded: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    provenance: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. a subset count that differs from the paper's
+    retry: dict[str, dict[str, int]] = field(default_factory=dict)  # chunks with patches that could not be reached: their skips
+    patches_total: int = 0
+    converted: list[tuple[str, str]] = field(default_factory=list)  # (patch_id, what the reader converted)
+
+    def conversion_note(self) -> str | None:
+        """'converted on reading: 18 patches: S1 integer dB converted to float32' (one line), or None."""
+        if not self.converted:
+            return None
+        counts = Counter(what for _, what in self.converted)
+        return "converted on reading: " + ", ".join(f"{n} patch{'es' if n != 1 else ''}: {what}" for what, n in counts.most_common())
+
+    def skip_summary(self, examples: int = 3) -> str:
+        """'3 skipped: 2 missing band file, 1 invalid pixel(s) ...; first: <path>, ...' (one line)."""
+        return skip_text(skip_counts(self.skipped), [message for _, message in self.skipped[:examples]])
+
+    @property
+    def patches_per_second(self) -> float:
+        return self.patches_encoded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.chunks_already_done == self.chunks_total
+
+
+class EncodeFailed(RSRetrieveError):
+    """An encode that did not end well, with the summary of what it did."""
+
+    def __init__(self, message: str, summary: EncodeSummary):
+        super().__init__(message)
+        self.summary = summary
+
+
+class TooManySkipped(EncodeFailed):
+    """Every patch of a modality, or more than the allowed share of them, could not be read. What
+    was encoded stays in the store; the message says what was skipped and why."""
+
+
+class EncodeInterrupted(EncodeFailed):
+    """The run stopped (a task failed, or Ctrl-C); what was written stays valid and resumable."""
+
+
+class EncodeCancelled(EncodeInterrupted):
+    """Ctrl-C: the CLI exits 130, the shell's code for an interrupt."""
+
+    exit_code = 130
 
 
 # -- driver side --------------------------------------------------------------------------------
@@ -104,17 +165,24 @@ def encode(
     provenance, dim = _provenance(dataset, ds, chunks, encoder)
     if on_model:
         on_model(provenance)
-    if store.has(modality) and not damaged:
+    if store.has(modality):  # its compute precision, or a refusal naming the flag that resumes it
+        encoder = with_store_precision(encoder, store.provenance(modality), str(store.path), modality)
+        provenance["precision"] = encoder.precision
+    if store.has(modality) and not damaged:  # a damaged group is repaired first, under the lock
         store.check(modality, provenance, spans, dtype, held)  # another model or other data is refused here
         moved = store.moved_root(modality, provenance) is not None
         if held is None and not moved and not _work_left(store, modality, retry_skipped):  # read-only: nothing written, no lock
             summary = _finish(EncodeSummary(modality, Path(store_path), len(chunks), len(chunks), provenance=store.provenance(modality),
                                             patches_total=spans[-1].stop), ds, on_start, started)
-            check_skipped(store, modality, summary, max_failed_share)
+            _check_skipped(store, modality, summary, max_failed_share)
             return summary
-    with exclusive(store.path, on_wait):  # one writer per store; a second run waits, then finds the work done
+    # one writer per store (a second run waits, then finds the work done); the cluster starts on first use
+    with exclusive(store.path, on_wait), workers:
         repaired = repair(store, modality, lambda: _data_record(ds, modality)) if store.has(modality) else []
         chunks, spans, held = _plan(store, modality, ds.chunks(modality))  # again, under the lock
+        if not store.has(modality) and spans and spans[-1].stop:  # a new store records the encoder workers' precision
+            encoder = resolve_on_workers(workers.get(), encoder)
+            provenance["precision"] = encoder.precision
         dtype, notes = _prepare(store, ds, modality, provenance, spans, dim, dtype, retry_skipped, held)
         notes = repaired + notes
         done = store.done_chunks(modality)
@@ -123,14 +191,13 @@ def encode(
                                 patches_total=spans[-1].stop, notes=notes)
         _finish(summary, ds, on_start, None, sum(span.stop - span.start for _, span in todo))
         if todo:
-            with workers:
-                _run(workers.get(), dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook)
+            _run(workers.get(), dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook)
             if summary.skipped:
                 store.record_skipped(modality, skip_counts(summary.skipped), [m for _, m in summary.skipped[:5]], summary.retry)
             if summary.converted:
                 summary.notes.append(summary.conversion_note())
         summary.seconds = time.perf_counter() - started
-        check_skipped(store, modality, summary, max_failed_share)
+        _check_skipped(store, modality, summary, max_failed_share)
     return summary
 
 
@@ -256,12 +323,19 @@ def _finish(summary: EncodeSummary, ds, on_start, started: float | None, todo_pa
     return summary
 
 
+def _check_skipped(store: EmbeddingStore, modality: Modality, summary: EncodeSummary, max_share: float) -> None:
+    message = too_many_skipped(store, modality, summary, max_share)
+    if message:
+        raise TooManySkipped(message, summary)
+
+
 def _run(client, dataset, encoder, store, modality, todo, summary, dtype, on_chunk, chunk_hook, read_hook) -> None:
     from distributed import as_completed
 
     read_resources, encode_resources = task_resources(client)
     read_slots, encoder_slots = slots(client)
-    work = groups(todo, [span.stop - span.start for _, span in todo], encoder.resolved_batch_size())
+    encoder = resolve_on_workers(client, encoder)  # batch size and precision where the model runs, never here
+    work = groups(todo, [span.stop - span.start for _, span in todo], encoder.batch_size)
     window = groups_in_flight(read_slots, encoder_slots, len(todo) / len(work), sum(s.stop - s.start for _, s in todo) / len(work))
     pending = list(reversed(work))
     spans_of: dict[str, dict[str, ChunkSpan]] = {}
@@ -298,7 +372,7 @@ def _collect(client, tracker, spans_of, pending, submit_next, writer, summary, d
                 ) from cause
             results, ran = future.result()
             _refuse_non_finite(client, tracker, results, ran)
-            wrong = differences(ran, summary.provenance, MODEL_KEYS)
+            wrong = differences(ran, summary.provenance, (*MODEL_KEYS, "precision"))
             if wrong:
                 _cancel(client, tracker)
                 raise EncodeInterrupted(

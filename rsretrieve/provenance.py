@@ -10,10 +10,12 @@ from collections.abc import Sequence
 RANDOM_INIT = "random-init"  # the checkpoint_sha256 of a model with untrained weights
 
 # provenance keys that must agree before embeddings may share a store or an index
-IDENTITY_KEYS = ("model", "config", "checkpoint_sha256", "dtype", "preprocessing")
+IDENTITY_KEYS = ("model", "config", "checkpoint_sha256", "dtype", "preprocessing", "precision")
 MODEL_KEYS = ("model", "config", "checkpoint_sha256", "preprocessing")  # what a store's S1 and S2 share
 # what a store group was made from (its provenance["dataset"]): it serves that data and no other
 DATASET_KEYS = ("name", "root", "subset", "options", "patches_sha256")
+# the compute precision of embeddings recorded before it was (every earlier store: the GPU path had never run)
+DEFAULT_PRECISION = "float32"
 
 
 def is_random_init(provenance: dict | None) -> bool:
@@ -23,8 +25,13 @@ def is_random_init(provenance: dict | None) -> bool:
 
 def identity(provenance: dict | None, keys: Sequence[str] = IDENTITY_KEYS) -> dict:
     """The identity of some embeddings, as stored (JSON round trip: tuples compare as lists)."""
-    provenance = provenance or {}
+    provenance = {**(provenance or {}), "precision": stored_precision(provenance)}
     return {key: json.loads(json.dumps(provenance.get(key), default=str)) for key in keys}
+
+
+def stored_precision(provenance: dict | None) -> str:
+    """The compute precision (float32, bfloat16, float16) some embeddings were computed at."""
+    return (provenance or {}).get("precision") or DEFAULT_PRECISION
 
 
 def differences(a: dict | None, b: dict | None, keys: Sequence[str] = IDENTITY_KEYS) -> list[str]:

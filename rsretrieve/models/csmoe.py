@@ -295,11 +295,14 @@ def encode(model: CSMoE, x: torch.Tensor, modality: str, device: str | torch.dev
 
 
 def to_inference_dtype(model: CSMoE, precision: str, device: str | torch.device) -> CSMoE:
-    """Cast the weights for inference: "bf16", "fp32", or "auto" (bf16 on CUDA, where it is 1.2x
-    faster than autocast; the CPU stays fp32). The fixed position embedding stays exact enough in
-    bf16 for retrieval (cosine >= 0.98 to fp32 on real patches, tests/test_model.py)."""
+    """Cast the weights for inference: float32, bfloat16 or float16 (bf16/fp32/fp16 accepted), or
+    "auto" (bfloat16 on CUDA, where it is 1.2x faster than autocast; the CPU stays float32). The
+    fixed position embedding stays exact enough in bf16 for retrieval (cosine >= 0.98 to fp32 on
+    real patches, tests/test_model.py)."""
     if precision == "auto":
-        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    return model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        precision = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be auto, float32, bfloat16 or float16, got {precision!r}")
+    return model.to(dtypes[precision])

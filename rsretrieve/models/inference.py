@@ -11,8 +11,14 @@ from rsretrieve.preprocess import RawPixels
 from rsretrieve.provenance import RANDOM_INIT
 
 
-def embed_raw(model, raw: RawPixels, modality: Modality, device: str | None = None, batch_size: int = 32) -> np.ndarray:
+def embed_raw(model, raw: RawPixels, modality: Modality, device: str | None = None, batch_size: int = 32,
+              fixed_shape: bool = False) -> np.ndarray:
     """Raw pixels of N patches -> retrieval vectors (N, D) float32, `batch_size` at a time.
+
+    `fixed_shape` (a model compiled with static shapes): the last batch is padded to `batch_size`
+    with copies of its last patch and the pad rows are dropped, so the model sees one shape per
+    modality and compiles once, not again for every group's tail (each patch's vector depends on
+    that patch alone: Soft MoE routes each sample on its own).
 
     Each batch goes to the device as raw values (uint16 S2 digital numbers, float32 S1 dB), where
     `models.preprocessing` applies the model's preprocessing; then `csmoe.encode` runs it
@@ -47,7 +53,10 @@ def embed_raw(model, raw: RawPixels, modality: Modality, device: str | None = No
         pending = send(starts[k + 1]) if k + 1 < len(starts) else None
         with torch.inference_mode():
             x = finish(current, modality, config.preprocessing, config.img_size)
-            out.append(encode(model, x, modality, device))
+            n = x.shape[0]
+            if fixed_shape and n < batch_size:
+                x = torch.cat([x, x[-1:].expand(batch_size - n, *x.shape[1:])])
+            out.append(encode(model, x, modality, device)[:n])
     return torch.cat(out).cpu().numpy()
 
 
@@ -71,8 +80,16 @@ def describe_model(spec: str, config: str | None = None) -> tuple[dict, int]:
 
 
 def model_for_provenance(provenance: dict, device: str = "cpu"):
-    """The exact model that wrote a store: the same registered config with its deterministic
-    random init, or the same checkpoint file (its sha256 must still match)."""
+    """The exact model that wrote a store, at the precision it computed in: the same registered
+    config with its deterministic random init, or the same checkpoint file (its sha256 must still
+    match). bfloat16 runs on the CPU too, so a query embeds as a GPU-encoded archive did."""
+    from rsretrieve.models.csmoe import to_inference_dtype
+    from rsretrieve.provenance import stored_precision
+
+    return to_inference_dtype(_stored_model(provenance, device), stored_precision(provenance), device)
+
+
+def _stored_model(provenance: dict, device: str):
     import warnings
     from pathlib import Path
 

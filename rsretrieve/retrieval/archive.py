@@ -150,7 +150,7 @@ class Archive:
         provenance = self.store.provenance(target)
         results = [QueryResult(tile.label, tile.modality, target, found, provenance, tile.first, str(path), "tile",
                                tile_footprint(path, tile.modality)) for (path, tile), found in zip(done, hits)]
-        return QueryResults(results, failed, [note] if (note := self.short_note(target, k, hits)) and results else [])
+        return QueryResults(results, failed, self._notes(target, k, hits, bool(results)))
 
     def query_id(self, patch_id: str, target: Modality, k: int = 10, modality: Modality | None = None) -> QueryResult:
         """Query with an archive patch's stored embedding (the patch itself is left out of the results)."""
@@ -173,7 +173,7 @@ class Archive:
         results = [QueryResult(f"{pid} ({source.upper()})", source, target, h, provenance,
                                self.read_pixels(source, [pid]) if keep_pixels else None, pid, "id", shape)
                    for (pid, source, _), h, shape in zip(found, hits, self._stored_footprints(found))]
-        return QueryResults(results, failed, [note] if (note := self.short_note(target, k, hits)) and results else [])
+        return QueryResults(results, failed, self._notes(target, k, hits, bool(results)))
 
     def _locate_ids(self, patch_ids: Sequence[str], modality: Modality | None) -> tuple[list[tuple[str, Modality, int]], list[tuple[str, str]]]:
         """((id, modality, store row) of each id found, in order; (id, one-line reason) of the others).
@@ -289,6 +289,12 @@ class Archive:
         return save_map_page(results, path, pictures)
 
     # -- internals --------------------------------------------------------------------------------
+    def _notes(self, target: Modality, k: int, hits, any_results: bool) -> list[str]:
+        """One line each: why --gpu-search searched on the CPU, and results short of k."""
+        notes = [self.index(target).gpu_notice] if self.use_gpu else []
+        notes.append(self.short_note(target, k, hits) if any_results else None)
+        return [note for note in notes if note]
+
     def _check_target(self, target: Modality) -> None:
         if not self.store.has(target):
             raise StoreError(located(self.store.path, f"no {target.upper()} embeddings; run `rsretrieve index --modality {target}` first"))

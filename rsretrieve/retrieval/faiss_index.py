@@ -82,7 +82,9 @@ class EmbeddingIndex:
         self.selection = dict(selection or {})
         self.n_store_rows = int(n_store_rows if n_store_rows is not None else (self.rows.max() + 1 if rows is not None and len(rows) else 0))
         self.modality = modality
-        self._search_index = _to_gpu(index) if use_gpu else index
+        self._search_index, self.gpu_notice = index, None  # the notice: why --gpu-search searches on the CPU
+        if use_gpu:
+            self._on_gpu()
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -149,7 +151,7 @@ class EmbeddingIndex:
         if tune and kind in ("ivfpq", "hnsw") and not _explicit_search_params(kind, params):
             out.tune(target_recall=target_recall, seed=seed)
         if use_gpu:
-            out._search_index = _to_gpu(out.cpu_index)
+            out._on_gpu()
         return out
 
     @classmethod
@@ -164,6 +166,12 @@ class EmbeddingIndex:
         ds = xr.Dataset({"embedding": (("patch", "dim"), vectors)}, coords=coords)
         ds.attrs["provenance"] = dict(provenance or {})
         return cls.build(ds, kind=kind, **kwargs)
+
+    def _on_gpu(self) -> None:
+        """Search through the GPU form of the index (`retrieval.gpu`), or the CPU one and say why."""
+        from rsretrieve.retrieval.gpu import to_gpu
+
+        self._search_index, self.gpu_notice = to_gpu(self.cpu_index, self.kind)
 
     # -- search ------------------------------------------------------------------------------------
     @property
@@ -223,7 +231,7 @@ class EmbeddingIndex:
             idx.hnsw.efSearch = int(params["ef_search"])
             self.params["ef_search"] = int(params["ef_search"])
         if self._search_index is not idx:  # a GPU copy: rebuild it with the new parameters
-            self._search_index = _to_gpu(idx)
+            self._on_gpu()
 
     def exact_search(self, normalised_queries: np.ndarray, k: int) -> np.ndarray:
         """Exact neighbours (faiss ids) from the full vectors the index keeps (flat storage of
@@ -287,7 +295,7 @@ class EmbeddingIndex:
         self._grown(n_rows, int(added.size))
         self.params["bytes_per_vector"] = round(memory_bytes(self.cpu_index, self.kind) / max(1, self.ntotal), 1)
         if self._search_index is not self.cpu_index:
-            self._search_index = _to_gpu(self.cpu_index)
+            self._on_gpu()
         return int(added.size)
 
     def _grown(self, n_store_rows: int, added: int) -> None:
@@ -374,7 +382,10 @@ class EmbeddingIndex:
         if meta.get("kind") == "ivfpq-disk":
             from rsretrieve.retrieval.ondisk_index import OnDiskIndex
 
-            return OnDiskIndex.from_saved(directory, meta, store_path, rebuild)
+            ondisk = OnDiskIndex.from_saved(directory, meta, store_path, rebuild)
+            if use_gpu:
+                ondisk._on_gpu()  # it searches on the CPU: the notice says so
+            return ondisk
         try:
             index = faiss.read_index(str(directory / INDEX_FILE))
             ids = pq.read_table(directory / IDS_FILE)
@@ -432,15 +443,3 @@ def _explicit_search_params(kind: str, params: dict) -> bool:
     if kind == "hnsw":
         return "ef_search" in params
     return "nprobe" in params and ("k_factor" in params or params.get("refine") == "none")
-
-
-def _to_gpu(index):
-    """A GPU copy of the index when faiss has GPUs; otherwise (or if the kind is not supported on
-    GPU, e.g. HNSW, refine wrappers) the CPU index itself."""
-    try:
-        faiss = _faiss()
-        if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() <= 0:
-            return index
-        return faiss.index_cpu_to_all_gpus(index)
-    except Exception:  # noqa: BLE001 — a GPU is an optimisation, never a requirement
-        return index
