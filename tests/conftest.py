@@ -1,12 +1,16 @@
 """Fixtures shared by several test modules."""
 
+import os
+import random
 import shutil
 from pathlib import Path
 
 import lmdb
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+import torch
 from safetensors.numpy import save
 
 from rsretrieve.datasets import sample_root
@@ -15,6 +19,21 @@ from rsretrieve.datasets.benv2 import band_path
 ROOT = sample_root()
 WHEEL_LMDB = Path("/tmp/wheels/cfg/configilm/extra/mock_data/BENv2/BigEarthNet-V2-LMDB")
 S2_ALL = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
+# Every test starts from the same global random state (Python's, NumPy's and torch's), whatever ran
+# before it: a test that draws from them without a seed of its own still draws the same numbers.
+# The seed is printed at the end of every run; RSRETRIEVE_TEST_SEED=N reruns with another one.
+SEED = int(os.environ.get("RSRETRIEVE_TEST_SEED", "0"))
+
+
+def pytest_terminal_summary(terminalreporter):  # printed under -q too, unlike the header
+    terminalreporter.write_line(f"random seed of every test: {SEED} (RSRETRIEVE_TEST_SEED={SEED} reproduces this run)")
+
+
+@pytest.fixture(autouse=True)
+def seeded_random_state():
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)  # torch's own start seed differs from process to process
 
 
 @pytest.fixture(scope="session")

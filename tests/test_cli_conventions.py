@@ -53,20 +53,44 @@ def test_every_help_fits_80_columns(tmp_path, command):
 
 
 # -- 2. an interrupted first run: the short command resumes it; Ctrl-C exits 130 --------------------
+# The CLI's own main, with one pause: when the first chunk's embeddings reach the driver, it
+# touches a file and waits there (never ending by itself), so that Ctrl-C comes mid-run at a moment
+# the test knows, neither during start-up nor after a run that ended first.
+PAUSED_CLI = """
+import pathlib, sys, time
+from rsretrieve.store.writer import ShardWriter
+paused = pathlib.Path(sys.argv[1])
+def add_after_ctrl_c(self, *args, **kwargs):
+    paused.touch()
+    while True:
+        time.sleep(0.05)
+ShardWriter.add = add_after_ctrl_c
+sys.argv = ["rsretrieve", *sys.argv[2:]]
+from rsretrieve.cli import main
+main()
+"""
+
+
 def test_an_interrupted_run_is_resumed_by_the_short_command(tmp_path):
     root = tmp_path / "benv2"
     root.symlink_to(sample_root(), target_is_directory=True)
-    ws = tmp_path / "ws"
+    ws, paused = tmp_path / "ws", tmp_path / "paused"
     env = {**os.environ, "RSRETRIEVE_WORKSPACE": str(ws), "COLUMNS": "200", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([*RSRETRIEVE, "encode", "--dataset", "benv2", "--data-root", str(root), "--modality", "s1", "--model", MODEL],
+    args = ["encode", "--dataset", "benv2", "--data-root", str(root), "--modality", "s1", "--model", MODEL]
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, str(paused), *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not _current_is(ws, "benv2") and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C once the encode started (its selection is current), before it ends
-    _, errors = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 300
+        while not paused.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert paused.exists(), f"the run did not reach its first chunk in 300 s (exit code {proc.poll()})"
+        assert _current_is(ws, "benv2")  # the selection is remembered once the run started
+        proc.send_signal(signal.SIGINT)  # Ctrl-C mid-run
+        _, errors = proc.communicate(timeout=300)
+    finally:
+        proc.kill()  # a no-op once it has exited
     assert proc.returncode == 130, errors
-    assert "Traceback" not in errors
+    assert "Traceback" not in errors and "interrupted" in errors
     resumed = run(["encode", "--modality", "s1"], ws)
     assert "dataset benv2" in resumed.stdout and "benv2--csmoe-tiny.zarr" in resumed.stdout
 

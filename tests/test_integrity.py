@@ -4,10 +4,12 @@ integrity, atomic writes, concurrent runs, read-only use. Each test fails on the
 import hashlib
 import json
 import os
+import queue
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -228,9 +230,21 @@ def test_a_second_writer_says_whom_it_waits_for(ws):
     with exclusive(store):
         proc = subprocess.Popen([sys.executable, "-m", "rsretrieve", "encode", "--modality", "s1"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(8)
-        assert proc.poll() is None  # still waiting
-    out, errs = proc.communicate(timeout=300)
+        lines: queue.Queue = queue.Queue()
+        reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)
+        reader.start()
+        seen, deadline = [], time.monotonic() + 300
+        while not any("waiting" in line for line in seen) and time.monotonic() < deadline:
+            try:  # until it says it waits (a deadline, not a guess at how long start-up takes)
+                seen.append(lines.get(timeout=0.1))
+            except queue.Empty:
+                if proc.poll() is not None:
+                    break
+        assert any("waiting" in line for line in seen), f"no 'waiting' line (exit code {proc.poll()}): {''.join(seen)}"
+        assert proc.poll() is None and not (store / "s1" / "embedding" / "c").exists()  # it waits, writing nothing
+    proc.wait(timeout=300)
+    reader.join(timeout=60)
+    out, errs = proc.stdout.read(), "".join(seen + list(lines.queue))
     assert proc.returncode == 0, errs
     assert f"pid {os.getpid()}" in errs and "waiting" in errs
     assert "encoded 24 patches" in out

@@ -9,7 +9,6 @@ import hashlib
 import io
 import pickle
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +102,7 @@ def test_a_million_tiles_are_planned_without_opening_an_image(tmp_path, monkeypa
     root = synthetic_collection(tmp_path, 1_000_000, 1000)
     ds = open_dataset("majortom", root)
     spy = OpenSpy(monkeypatch)
-    started = time.perf_counter()
-    chunks = ds.chunks("s2")
-    seconds = time.perf_counter() - started
-    print(f"\nplanned 1,000,000 tiles into {len(chunks):,} chunks in {seconds:.2f} s")
-    assert seconds < 30
+    chunks = ds.chunks("s2")  # how long it takes: benchmarks/bench_planning.py
     assert spy.of_images() == [], spy.of_images()[:5]
     assert any(name == "ParquetFile" and arg.endswith("metadata.parquet") for name, arg in spy.calls)  # the spy sees reads
     assert len(chunks) == 1_000_000 // TILES_PER_CHUNK and len({c.key for c in chunks}) == len(chunks)
