@@ -5,6 +5,7 @@
     scores = evaluate("stores/sample--csmoe-p16.zarr", k=10)
 """
 
+from rsretrieve.retrieval import ondisk_index  # noqa: F401  (registers the on-disk index kind with faiss_index.ON_DISK)
 from rsretrieve.retrieval.archive import Archive, Hit, QueryResult, short_id
 from rsretrieve.retrieval.evaluate import TASKS, EvalResult, TaskResult, evaluate
 from rsretrieve.retrieval.faiss_index import KINDS, EmbeddingIndex, recall_at_k

@@ -45,6 +45,9 @@ from rsretrieve.store.read import DEFAULT_BATCH, as_strings, coord_values, iter_
 
 AUTO_FLAT_MAX = 1_000_000
 KINDS = ("flat", "ivfpq", "hnsw", "ivfpq-disk", "auto")
+# kinds that keep their vectors in the store and re-rank from it, each registered by its own module
+# (`ondisk_index`, imported by `rsretrieve.retrieval`): the base class never imports its subclasses
+ON_DISK: dict[str, type] = {}
 
 
 def _faiss():
@@ -118,12 +121,10 @@ class EmbeddingIndex:
             "pair_ids": None if pair_ids is None else len(list(pair_ids)),
             "n_selected": n,
         }
-        if kind == "ivfpq-disk":
-            from rsretrieve.retrieval.ondisk_index import OnDiskIndex
-
+        if kind in ON_DISK:
             if store is None:
-                raise ValueError("kind 'ivfpq-disk' re-ranks from a store on disk: build it from a store path, or pass store_path=")
-            return OnDiskIndex.build_from(ds, modality or ds.attrs["modality"], selected, store, seed=seed, tune=tune,
+                raise ValueError(f"kind {kind!r} re-ranks from a store on disk: build it from a store path, or pass store_path=")
+            return ON_DISK[kind].build_from(ds, modality or ds.attrs["modality"], selected, store, seed=seed, tune=tune,
                                           target_recall=target_recall, batch_size=batch_size, mapper=mapper, work_dir=work_dir,
                                           use_gpu=use_gpu, selection=selection, **params)
         faiss = _faiss()
@@ -379,10 +380,8 @@ class EmbeddingIndex:
         problem = damage(directory, meta, checksums=LOAD_CHECKSUM_MAX_BYTES)
         if problem:
             raise StoreError(located(directory, f"damaged index: {problem}; {rebuild}"))
-        if meta.get("kind") == "ivfpq-disk":
-            from rsretrieve.retrieval.ondisk_index import OnDiskIndex
-
-            ondisk = OnDiskIndex.from_saved(directory, meta, store_path, rebuild)
+        if meta.get("kind") in ON_DISK:
+            ondisk = ON_DISK[meta["kind"]].from_saved(directory, meta, store_path, rebuild)
             if use_gpu:
                 ondisk._on_gpu()  # it searches on the CPU: the notice says so
             return ondisk

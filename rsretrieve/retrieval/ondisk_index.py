@@ -24,7 +24,7 @@ import numpy as np
 from rsretrieve.errors import StoreError, located
 from rsretrieve.retrieval import ondisk_ivf as disk
 from rsretrieve.retrieval import rerank
-from rsretrieve.retrieval.faiss_index import EmbeddingIndex
+from rsretrieve.retrieval.faiss_index import ON_DISK, EmbeddingIndex
 from rsretrieve.retrieval.index_meta import INDEX_FILE, IVFDATA_FILE
 from rsretrieve.retrieval.ivfpq import graph_bytes
 from rsretrieve.store.read import as_strings, normalise_rows
@@ -374,6 +374,9 @@ def _add_parts(group_path: Path, work: Path, rows: np.ndarray, slice_rows: int, 
     if mapper is None:
         return sequential_map(disk.add_slice, tasks)
     return mapper(disk.add_slice, tasks)
+
+
+ON_DISK["ivfpq-disk"] = OnDiskIndex
 
 
 def _remove_parts(work: Path) -> None:

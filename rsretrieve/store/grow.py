@@ -21,7 +21,7 @@ import pyarrow as pa
 import xarray as xr
 
 from rsretrieve.errors import StoreError, located
-from rsretrieve.store.layout import ledger, patch_coords
+from rsretrieve.store.layout import ChunkSpan, ledger, patch_coords
 
 GROWTH_KEYS = {"patches_sha256", "patches"}  # what a grown dataset may change in the store's record
 
@@ -29,8 +29,6 @@ GROWTH_KEYS = {"patches_sha256", "patches"}  # what a grown dataset may change i
 def plan_spans(stored: Sequence, chunks: Sequence, where) -> tuple[list, list]:
     """(spans of every chunk in store order, the chunks the store lacks) for a dataset's chunks
     against a group's ledger. A stored chunk that changed size or is gone is refused."""
-    from rsretrieve.store.zarr_store import ChunkSpan
-
     by_key = {chunk.key: chunk for chunk in chunks}
     for span in stored:
         chunk = by_key.get(span.key)

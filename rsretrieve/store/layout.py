@@ -23,6 +23,7 @@ Every chunk (inside shards too) ends with a CRC32C that zarr checks on each read
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +44,15 @@ PER_PATCH_ARRAYS = ("embedding", "valid", "embedding_crc", "lat", "lon")  # writ
 ROW_CHECKSUM = "embedding_crc"  # a coordinate: each row's CRC32C, for reads of single rows (`store.rows`)
 NOT_NORMALISED = ("the model's output as it is, not L2-normalised: L2-normalise each row before cosine "
                   "similarity (inner product), as rsretrieve's FAISS indexes do (rsretrieve.store.normalise_rows)")
+
+
+@dataclass(frozen=True)
+class ChunkSpan:
+    """A data chunk's place in the store: rows [start, stop)."""
+
+    key: str
+    start: int
+    stop: int
 
 
 def _round_up(n: int, step: int) -> int:

@@ -32,7 +32,6 @@ import json
 import shutil
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,18 +45,9 @@ from rsretrieve.provenance import (MODEL_KEYS, dataset_differences, describe, de
                                    upsampling_differences)
 from rsretrieve.store.grow import GROWTH_KEYS, extend_ledger, resize_and_fill
 from rsretrieve.store import layout
-from rsretrieve.store.layout import NOT_NORMALISED, skeleton
+from rsretrieve.store.layout import NOT_NORMALISED, ChunkSpan, skeleton
 from rsretrieve.store.read import PatchIndexes, ledger_as_coords
 
-
-
-@dataclass(frozen=True)
-class ChunkSpan:
-    """A data chunk's place in the store: rows [start, stop)."""
-
-    key: str
-    start: int
-    stop: int
 
 
 class EmbeddingStore:
