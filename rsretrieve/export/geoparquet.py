@@ -53,6 +53,7 @@ from rsretrieve import geo
 from rsretrieve.errors import StoreError, located
 from rsretrieve.io.jsontext import dumps as json_text
 from rsretrieve.provenance import is_random_init
+from rsretrieve.store import EmbeddingStore
 
 GEOPARQUET_VERSION = "1.1.0"
 DEFAULT_BATCH_ROWS = 65_536
@@ -92,8 +93,9 @@ def export_geoparquet(store_path: str | Path, out_path: str | Path, modality: st
     if batch_rows <= 0:
         raise ValueError("batch_rows must be positive")
     store, out = Path(store_path), Path(out_path)
-    groups = {m: _open_group(store, m) for m in _modalities(store, modality)}
-    provenance = {m: _provenance(store, m, ds) for m, ds in groups.items()}
+    source = EmbeddingStore(store)
+    groups = {m: _open_group(source, m) for m in _modalities(source, modality)}
+    provenance = {m: _provenance(source, m) for m in groups}
     first = next(iter(provenance.values()))
     for m, prov in provenance.items():
         if (prov.get("model"), prov.get("checkpoint_sha256")) != (first.get("model"), first.get("checkpoint_sha256")):
@@ -112,7 +114,7 @@ def export_geoparquet(store_path: str | Path, out_path: str | Path, modality: st
     if total == 0:
         raise StoreError(located(store, f"has no encoded {'/'.join(groups).upper()} patches to export; run `rsretrieve encode`"))
     geo_meta = _read(store, "", lambda: _geo_metadata(groups, valid), "(lat, lon)")
-    schema = _schema(dims.pop(), value_type, {"geo": json.dumps(geo_meta), **_file_metadata(store, provenance)})
+    schema = _schema(dims.pop(), value_type, {"geo": json.dumps(geo_meta), **_file_metadata(source, provenance)})
     if on_start:
         on_start(total)
 
@@ -143,11 +145,12 @@ def export_geoparquet(store_path: str | Path, out_path: str | Path, modality: st
     return summary
 
 
-# -- the store, read without `rsretrieve.store` (a sibling layer): its documented Zarr layout ----------
-def _modalities(store: Path, modality) -> list[str]:
-    if not (store / "zarr.json").is_file() and not any((store / m / "zarr.json").is_file() for m in MODALITIES):
+# -- the store, through its own API ----------------------------------------------------------------
+def _modalities(source: EmbeddingStore, modality) -> list[str]:
+    store = source.path
+    if not (store / "zarr.json").is_file() and not any(source.has(m) for m in MODALITIES):
         raise StoreError(located(store, "no such embedding store" if not store.exists() else "not an embedding store (no zarr.json)"))
-    present = [m for m in MODALITIES if (store / m / "zarr.json").is_file()]
+    present = source.modalities()
     if modality is None:
         if not present:
             raise StoreError(located(store, "has no embeddings yet; run `rsretrieve encode`"))
@@ -161,34 +164,27 @@ def _modalities(store: Path, modality) -> list[str]:
     return wanted
 
 
-def _open_group(store: Path, modality: str):
-    import xarray as xr
-
-    problem = None
-    for consolidated in (True, False):  # consolidated metadata when the store has it for the group
-        try:
-            ds = xr.open_zarr(store, group=modality, consolidated=consolidated)
-            break
-        except Exception as exc:  # noqa: BLE001 — zarr and xarray raise many kinds for a damaged group
-            problem = exc
-    else:
-        raise StoreError(located(store / modality, f"unreadable store group ({_short(problem)}); run `rsretrieve verify`"))
+def _open_group(source: EmbeddingStore, modality: str):
+    try:
+        ds = source.open(modality, index=False)
+    except StoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — zarr and xarray raise many kinds for a damaged group
+        raise StoreError(located(source.path / modality, f"unreadable store group ({_short(exc)}); run `rsretrieve verify`")) from None
     for name in ("embedding", "valid", "patch_id"):
         if name not in ds.variables:
-            raise StoreError(located(store / modality, f"not an rsretrieve store group (no `{name}`); run `rsretrieve verify`"))
+            raise StoreError(located(source.path / modality, f"not an rsretrieve store group (no `{name}`); run `rsretrieve verify`"))
     return ds
 
 
-def _provenance(store: Path, modality: str, ds) -> dict:
-    prov = ds.attrs.get("provenance")
-    if isinstance(prov, str):
-        try:
-            prov = json.loads(prov)
-        except ValueError:
-            prov = None
+def _provenance(source: EmbeddingStore, modality: str) -> dict:
+    try:
+        prov = source.provenance(modality)
+    except (KeyError, TypeError, ValueError):
+        prov = None
     if not isinstance(prov, dict):
-        raise StoreError(located(store / modality, "has no model provenance; not an rsretrieve store group"))
-    return dict(prov)
+        raise StoreError(located(source.path / modality, "has no model provenance; not an rsretrieve store group"))
+    return prov
 
 
 def _read(store: Path, modality: str, what: Callable, where: str = ""):
@@ -344,11 +340,11 @@ def _schema(dim: int, value_type: pa.DataType, metadata: dict) -> pa.Schema:
     return pa.schema(fields, metadata=metadata)
 
 
-def _file_metadata(store: Path, provenance: dict) -> dict:
+def _file_metadata(source: EmbeddingStore, provenance: dict) -> dict:
     first = next(iter(provenance.values()))
     random = is_random_init(first)
     ours = {
-        "store": str(store), "store_id": _store_id(store), "modalities": list(provenance), "random_init": random,
+        "store": str(source.path), "store_id": source.store_id, "modalities": list(provenance), "random_init": random,
         "embedding_normalised": False,
         "footprint": f"{PATCH_PX * PIXEL_M:.0f} m square around the patch centre in the UTM zone of its MGRS tile "
                      "(else of its position), densified and projected to WGS84 with rasterio.warp",
@@ -356,13 +352,6 @@ def _file_metadata(store: Path, provenance: dict) -> dict:
     }
     return {"model": str(first.get("model")), "checkpoint_sha256": str(first.get("checkpoint_sha256")),
             "random_init": "true" if random else "false", "rsretrieve": json_text(ours)}
-
-
-def _store_id(store: Path) -> str | None:
-    try:
-        return json.loads((store / "zarr.json").read_text()).get("attributes", {}).get("store_id")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _geo_metadata(groups: dict, valid: dict) -> dict:
