@@ -41,7 +41,7 @@ from rsretrieve.indexer.jobs import is_small_model
 from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, encode
 from rsretrieve.models.checkpoint import load_model
 from rsretrieve.models.inference import embed_raw
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 
 S2_ALL = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
 

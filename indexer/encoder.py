@@ -21,7 +21,7 @@ import numpy as np
 from rsretrieve.datasets import Chunk, PatchBatch
 from rsretrieve.errors import CheckpointError, RSRetrieveError, located
 from rsretrieve.models.inference import embed_raw
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 
 _LOCK = threading.Lock()
 _MODELS: dict = {}

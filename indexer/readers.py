@@ -1,7 +1,7 @@
 """Read tasks: a data chunk -> its raw `PatchBatch`, on a reader worker (any core of any node).
 
 A reader process opens each dataset once (`DatasetSpec.open`, cached per process) and ships raw
-values (`preprocess.RawPixels`: 158 KB per S2 patch from BigEarthNet, uint16), never normalised
+values (`pixels.RawPixels`: 158 KB per S2 patch from BigEarthNet, uint16), never normalised
 float32, to the encoder worker.
 """
 

@@ -1,7 +1,7 @@
 """Band names and native sizes of Sentinel-1 and Sentinel-2 inputs, in one place.
 
 S2: the ten 10 m and 20 m bands (20 m bands are 60 px in a BigEarthNet patch). S1: VV and VH
-backscatter in dB. Statistics and resizing belong to a model's preprocessing (`preprocess.py`).
+backscatter in dB. Statistics and resizing belong to a model's preprocessing (`recipes.py`).
 """
 
 from typing import Literal
@@ -29,7 +29,7 @@ def bands_for(modality: Modality) -> tuple[str, ...]:
 
 
 def band_groups(modality: Modality) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(bands at 10 m, bands at 20 m) of a modality, as readers ship them (`preprocess.RawPixels`)."""
+    """(bands at 10 m, bands at 20 m) of a modality, as readers ship them (`pixels.RawPixels`)."""
     if modality == "s1":
         return S1_BANDS, ()
     if modality == "s2":

@@ -52,7 +52,7 @@ def test_a_compiled_run_compiles_once_and_gives_the_eager_vectors(chunks_and_bat
 def test_padding_drops_the_pad_rows_and_changes_no_vector(chunks_and_batches):
     """Eager, so it is quick: the padded tail gives each patch the vector it has unpadded."""
     from rsretrieve.models.checkpoint import load_model
-    from rsretrieve.preprocess import RawPixels
+    from rsretrieve.pixels import RawPixels
 
     _, batches = chunks_and_batches
     model = load_model(MODEL)

@@ -67,7 +67,7 @@ def test_embeddings_equal_csmaes_own_code():
     """The library path: raw sample pixels -> the model's preprocessing -> the model."""
     from rsretrieve.datasets import open_dataset
     from rsretrieve.models import embed_raw
-    from rsretrieve.preprocess import RawPixels
+    from rsretrieve.pixels import RawPixels
 
     model = load_model(CKPT)
     ds = open_dataset("sample")
@@ -116,7 +116,7 @@ def test_a_store_refuses_embeddings_of_another_preprocessing(tmp_path):
     from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, encode
     from rsretrieve.models import register_config
     from rsretrieve.models.registry import REGISTRY, get_config
-    from rsretrieve.preprocess import BENV2_NEAREST
+    from rsretrieve.recipes import BENV2_NEAREST
 
     store = tmp_path / "s.zarr"
     spec = DatasetSpec("sample")

@@ -20,7 +20,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def sample_raw(modality: str):
     from rsretrieve.datasets import open_dataset
-    from rsretrieve.preprocess import RawPixels
+    from rsretrieve.pixels import RawPixels
 
     ds = open_dataset("sample", include_snow_cloud=True)
     return RawPixels.concat([ds.read_chunk(c).pixels for c in ds.chunks(modality)])

@@ -23,7 +23,8 @@ from rsretrieve.datasets.majortom import TileRaster
 from rsretrieve.models import load_model
 from rsretrieve.models.inference import embed_raw
 from rsretrieve.models.preprocessing import prepare
-from rsretrieve.preprocess import BENV2_NEAREST, CSMAE_BEN1, RawPixels
+from rsretrieve.pixels import RawPixels
+from rsretrieve.recipes import BENV2_NEAREST, CSMAE_BEN1
 from rsretrieve.provenance import upsampling_differences
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")

@@ -27,7 +27,8 @@ def real_pixels(modality: str, n: int = 8) -> torch.Tensor:
     if modality not in _CACHE:
         from rsretrieve.datasets import open_dataset
         from rsretrieve.models.preprocessing import prepare
-        from rsretrieve.preprocess import BENV2_NEAREST, RawPixels
+        from rsretrieve.pixels import RawPixels
+        from rsretrieve.recipes import BENV2_NEAREST
 
         ds = open_dataset("sample")
         raw = RawPixels.concat([ds.read_chunk(c).pixels for c in ds.chunks(modality)])

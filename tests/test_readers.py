@@ -14,7 +14,7 @@ from rsretrieve.datasets.benv2 import band_path
 from rsretrieve.datasets import Chunk, PatchBatch, label_matrix, open_dataset, sample_root
 from rsretrieve.bands import bands_for
 from rsretrieve.labels import multi_hot
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 
 ROOT = sample_root()
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")

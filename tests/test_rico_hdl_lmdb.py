@@ -15,7 +15,7 @@ import rasterio
 from rsretrieve.bands import bands_for
 from rsretrieve.datasets import open_dataset
 from rsretrieve.datasets.benv2 import band_path
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 
 ROOT = Path(__file__).resolve().parent / "data" / "rico_hdl"
 NAMES = {"s2": "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_75_43", "s1": "S1A_IW_GRDH_1SDV_20170613T165043_33UUP_70_48"}

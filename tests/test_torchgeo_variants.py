@@ -106,7 +106,8 @@ def test_20m_bands_that_are_nearest_upsampled_give_the_release_patch_and_model_i
     the raw pixels and what the model sees (both registered preprocessings) equal the release's."""
     torch = pytest.importorskip("torch")
     from rsretrieve.models.preprocessing import prepare
-    from rsretrieve.preprocess import BENV2_NEAREST, CSMAE_BEN1, RawPixels
+    from rsretrieve.pixels import RawPixels
+    from rsretrieve.recipes import BENV2_NEAREST, CSMAE_BEN1
 
     original, batches, _ = read_20m_at_120(tmp_path, exact=True, conversion=DECIMATED)
     names = batches[0].patch_ids[:4]
@@ -126,7 +127,8 @@ def test_20m_bands_on_the_10m_grid_are_not_upsampled_again(tmp_path):
     60 px band."""
     torch = pytest.importorskip("torch")
     from rsretrieve.models.preprocessing import prepare
-    from rsretrieve.preprocess import BENV2_NEAREST, RawPixels
+    from rsretrieve.pixels import RawPixels
+    from rsretrieve.recipes import BENV2_NEAREST
 
     original, batches, root = read_20m_at_120(tmp_path, exact=False, conversion=AT_10M)
     raw = batches[0].pixels

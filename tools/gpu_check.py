@@ -71,7 +71,7 @@ def encoder_alone(dry: bool) -> list[tuple[str, str, str]]:
 
     from rsretrieve.indexer.encoder import EncoderSpec, worker_model
     from rsretrieve.models.inference import embed_raw
-    from rsretrieve.preprocess import RawPixels
+    from rsretrieve.pixels import RawPixels
 
     model, device, batch, n = ("csmoe-tiny", "cpu", 8, 32) if dry else ("csmoe-p16", "cuda", 1024, 8192)
     raw = synthetic_s2(n)
@@ -155,7 +155,7 @@ def synthetic_s2(n: int):
     import numpy as np
 
     from rsretrieve.datasets import open_dataset
-    from rsretrieve.preprocess import RawPixels
+    from rsretrieve.pixels import RawPixels
 
     ds = open_dataset("sample", include_snow_cloud=True)
     real = RawPixels.concat([ds.read_chunk(c).pixels for c in ds.chunks("s2")])

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from rsretrieve.bands import PATCH_SIZE, Modality
 from rsretrieve.labels import CLASSES, multi_hot
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 
 PATCH = PATCH_SIZE  # kept as a name: the readers import it from here
 

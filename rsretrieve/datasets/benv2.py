@@ -13,7 +13,7 @@ tree whose folders are not where the release puts them is a one-line error namin
 rico-hdl LMDB: key = patch name (S2 patch_id or s1_name), value = safetensors bytes of a dict
 band name -> 2-D array (S2 uint16 at native size, S1 float32 dB).
 
-Pixels come back raw (`preprocess.RawPixels`): S2 digital numbers as uint16 with the 10 m bands at
+Pixels come back raw (`pixels.RawPixels`): S2 digital numbers as uint16 with the 10 m bands at
 120 px and the 20 m bands at their native 60 px, S1 dB as float32; the model's preprocessing does
 the rest. S1 and S2 patches pair through `s1_name`; both carry pair_id = S2 patch_id.
 """
@@ -34,7 +34,7 @@ from rsretrieve.geo import centres_to_wgs84, pixel_to_xy
 from rsretrieve.datasets.benv2_patch import at_10m, read_lmdb_patch, read_patch_folder, stack_raw
 from rsretrieve.io.lmdb import open_env
 from rsretrieve.labels import multi_hot
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 from rsretrieve.datasets.subsets import acquisition_time
 
 META_FILE = "metadata.parquet"

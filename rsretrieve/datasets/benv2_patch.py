@@ -1,6 +1,6 @@
 """One BigEarthNet-v2 patch's bands, read and checked: from its GeoTIFF folder or an LMDB value.
 
-Raw values (`preprocess.RawPixels`): S2 digital numbers as uint16, the 10 m bands at 120 px and the
+Raw values (`pixels.RawPixels`): S2 digital numbers as uint16, the 10 m bands at 120 px and the
 20 m bands at their native 60 px; S1 backscatter in dB as float32. Anything else (a missing band,
 a wrong shape or dtype, NaN) is a one-line `DataError` naming the file.
 
@@ -29,7 +29,7 @@ from rsretrieve.datasets.base import PATCH
 from rsretrieve.datasets.limits import check_range, check_size
 from rsretrieve.errors import DataError, located
 from rsretrieve.io.lmdb import get as lmdb_get
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 
 S1_INTEGER = "S1 integer dB converted to float32"
 DECIMATED = "20 m bands at 120 px taken back to 60 px (exact: nearest-upsampled copies)"

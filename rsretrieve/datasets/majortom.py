@@ -13,7 +13,7 @@ column moved to the edge), or with `windows="grid"` the CSMoE paper's disjoint 8
 patches discarded. The window of each patch is in its metadata. A patch with any invalid pixel is dropped and
 reported in `PatchBatch.skipped`: S1 nodata (-32768), non-positive or non-finite linear power;
 S2 the declared nodata, or 0 (L2A no-data) when none is declared. S1 is converted to dB
-(10 log10). Pixels ship raw (`preprocess.RawPixels`: S2 uint16 digital numbers, the 20 m bands at
+(10 log10). Pixels ship raw (`pixels.RawPixels`: S2 uint16 digital numbers, the 20 m bands at
 native resolution, cut around odd windows with their place in the tile; S1 float32 dB); the
 model's preprocessing does the rest, upsampling included.
 
@@ -48,7 +48,7 @@ from rsretrieve.datasets.geotiff_cell import decode_band, decode_pixels
 from rsretrieve.io.files import files_version
 from rsretrieve.io.remote import as_location, is_url, probe, relative, unreachable
 from rsretrieve.io.remote import one_line as _one_line
-from rsretrieve.preprocess import RawPixels, cut_windows
+from rsretrieve.pixels import RawPixels, cut_windows
 
 S1_NODATA = -32768.0
 COLLECTIONS = {"s2": "S2L2A", "s1": "S1RTC"}
@@ -119,7 +119,7 @@ class TileRaster:
     invalid: np.ndarray
 
     def cut(self, wins: list[tuple[int, int, int, int]]) -> RawPixels:
-        """Raw pixels of these windows (`preprocess.cut_windows`): the 20 m bands of a window on the
+        """Raw pixels of these windows (`pixels.cut_windows`): the 20 m bands of a window on the
         20 m grid (even origin) as its native crop; of any other, a block of the tile's 20 m pixels
         and the window's place in the tile, for the model to upsample as it would the whole tile."""
         return cut_windows(self.fine, self.fine_bands, self.coarse, self.coarse_bands, wins)

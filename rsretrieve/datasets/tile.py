@@ -47,7 +47,7 @@ from typing import NamedTuple
 import numpy as np
 
 from rsretrieve.bands import PATCH_SIZE as PATCH, S1_BANDS, S2_BANDS, Modality
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 from rsretrieve.datasets.limits import check_range, check_size
 from rsretrieve.errors import DataError, located
 

@@ -1,6 +1,6 @@
 """A PNG mosaic of a query patch beside its top results (Pillow only).
 
-Patches come raw, as readers ship them (`preprocess.RawPixels`, or a (C, H, W) array in
+Patches come raw, as readers ship them (`pixels.RawPixels`, or a (C, H, W) array in
 `bands.bands_for(modality)` order). S2 renders as true colour (B04, B03, B02 in reflectance DN),
 stretched jointly over the three channels (2-98 % percentiles by default;
 `stretch="fixed"` maps 0-3000 DN with gamma 1/1.6). S1 renders as a false-colour composite
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from rsretrieve.bands import Modality, bands_for
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 
 S1_RANGES_DB = {"VV": (-25.0, 0.0), "VH": (-32.0, -5.0), "ratio": (0.0, 15.0)}
 S2_FIXED_MAX_DN = 3000.0

@@ -11,7 +11,7 @@ stripping `backbone.`. What the shapes cannot tell comes from the code CSMAE tra
   `num_heads` in `cfg.yaml` (or a registered config, `--model`).
 - `global_pool: avg` (all four): timm builds `fc_norm`; the retrieval vector is
   `fc_norm(mean of the patch tokens)` (CSMAE also keeps `norm` after its shared blocks).
-- Preprocessing `csmae-ben1` (`rsretrieve.preprocess`): CSMAE's band order, BigEarthNet v1
+- Preprocessing `csmae-ben1` (`rsretrieve.recipes`): CSMAE's band order, BigEarthNet v1
   statistics, bicubic upsampling with align_corners=True, the H/W transpose.
 
 The variant is recognised from the encoder depths (SE: 10 sensor-specific + 2 shared layers, CE:
@@ -30,7 +30,7 @@ import torch
 
 from rsretrieve.errors import CheckpointError, located
 from rsretrieve.models.registry import REGISTRY, CSMoEConfig
-from rsretrieve.preprocess import CSMAE_BEN1
+from rsretrieve.recipes import CSMAE_BEN1
 
 __all__ = ["VIT_HEADS", "csmae_variant", "infer_csmae_config", "load_csmae", "read_csmae_cfg", "strip_backbone"]
 

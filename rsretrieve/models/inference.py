@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from rsretrieve.bands import Modality
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 from rsretrieve.provenance import RANDOM_INIT
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsretrieve.preprocess import Preprocessing, RawPixels
+from rsretrieve.pixels import RawPixels
+from rsretrieve.recipes import Preprocessing
 
 __all__ = ["Uploaded", "finish", "prepare", "resize_batch", "upload", "upsample", "upsample_cells"]
 

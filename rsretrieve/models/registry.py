@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rsretrieve.bands import S1_BANDS, S2_BANDS
-from rsretrieve.preprocess import BENV2_NEAREST, CSMAE_BEN1, Preprocessing
+from rsretrieve.recipes import BENV2_NEAREST, CSMAE_BEN1, Preprocessing
 
 POOLS = ("token", "avg")
 
@@ -27,7 +27,7 @@ class CSMoEConfig:
 
     `global_pool` picks the retrieval vector: "token" = the raw [CLS] after the last norm (CSMoE,
     Table V), "avg" = `fc_norm` of the mean of the patch tokens (CSMAE: timm's global_pool='avg').
-    `preprocessing` is what the model does to raw band values (`rsretrieve.preprocess`)."""
+    `preprocessing` is what the model does to raw band values (`rsretrieve.recipes`)."""
 
     name: str
     img_size: int = 224

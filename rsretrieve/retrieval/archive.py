@@ -21,7 +21,7 @@ import numpy as np
 from rsretrieve.bands import Modality
 from rsretrieve.errors import DataError, StoreError, located
 from rsretrieve.labels import CLASSES
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 from rsretrieve.retrieval.index_meta import index_dir
 from rsretrieve.retrieval.results import Hit, QueryResult, QueryResults, QueryStats, short_id
 from rsretrieve.store.integrity import naming_damage

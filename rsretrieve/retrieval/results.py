@@ -25,7 +25,7 @@ import numpy as np
 from rsretrieve.bands import Modality
 from rsretrieve.errors import RSRetrieveError, located
 from rsretrieve.io.jsontext import dumps as json_text
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 from rsretrieve.provenance import is_random_init
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ import numpy as np
 
 from rsretrieve.bands import Modality
 from rsretrieve.errors import DataError
-from rsretrieve.preprocess import RawPixels
+from rsretrieve.pixels import RawPixels
 
 Embed = Callable[[RawPixels, Modality], np.ndarray]
 
