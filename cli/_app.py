@@ -41,12 +41,6 @@ class ModalityOrBoth(str, Enum):
     both = "both"
 
 
-class DatasetChoice(str, Enum):
-    sample = "sample"
-    benv2 = "benv2"
-    majortom = "majortom"
-
-
 class DeviceChoice(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -217,7 +211,8 @@ def waiting(who: str) -> None:
 
 
 # -- options shared by the commands that encode ---------------------------------------------------
-DatasetOpt = Annotated[Optional[DatasetChoice], typer.Option("--dataset", help="Dataset to encode.", show_default="the current one, else sample")]
+DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", metavar="<sample|benv2|majortom|...>", show_default="the current one, else sample",
+                                                   help="Dataset to encode: sample, benv2, majortom, or one an installed plugin registers.")]
 RootOpt = Annotated[Optional[str], typer.Option("--data-root", help="Dataset root, a folder or (Major TOM) a URL: s3://, gs://, https://, hf://, ...; "
                                                                   "remembered in the workspace after first use.")]
 SubsetOpt = Annotated[Optional[str], typer.Option("--subset", help="Named subset, e.g. BENv2-14k or BENv2-243k.")]
@@ -291,7 +286,13 @@ def make_job(dataset, data_root, subset, model, checkpoint, device=DeviceChoice.
         from rsretrieve.datasets.subsets import get_subset
 
         subset = get_subset(subset).name  # unknown names fail here, with the known ones listed
-    selection = State.workspace.select(dataset.value if dataset else None, data_root, model, checkpoint, subset, remember=False,
+    if dataset is not None:
+        from rsretrieve.datasets import list_datasets
+
+        if dataset.lower() not in list_datasets():
+            raise RSRetrieveError(f"--dataset {dataset}: unknown dataset; registered: {', '.join(list_datasets())}")
+        dataset = dataset.lower()
+    selection = State.workspace.select(dataset, data_root, model, checkpoint, subset, remember=False,
                                        windows=windows.value if windows else None, filters=filters)
     if data_root is not None and selection.dataset == "sample":
         raise RSRetrieveError(f"{data_root}: --data-root needs --dataset benv2 or majortom (the bundled sample has its own)")

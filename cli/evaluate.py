@@ -13,7 +13,6 @@ from rsretrieve.cli._app import (
     RANDOM_INIT_WARNING,
     BatchOpt,
     CheckpointOpt,
-    DatasetChoice,
     DeviceChoice,
     DeviceOpt,
     MaxSkippedOpt,
@@ -64,7 +63,7 @@ def evaluate(
     if output is not None and str(output) != "-":
         check_writable(output)
     on_sample = subset.name == "sample"
-    dataset = DatasetChoice.sample if on_sample else DatasetChoice.benv2
+    dataset = "sample" if on_sample else "benv2"
     job = make_job(dataset, data_root, None if on_sample else subset.name, model, checkpoint, device, batch_size, scheduler,
                    max_skipped=max_skipped)
     encode_all(job, needed_modalities(task_list))

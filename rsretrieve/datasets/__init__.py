@@ -6,7 +6,9 @@
         batch.pixels  # (B, 10, 120, 120) float32, normalised; batch.skipped: bad patches
 
 The registry maps a dataset name to `"module:Class"` and default options; a reader module is
-imported only when its dataset is opened (readers never import this module).
+imported only when its dataset is opened (readers never import this module). Other packages add
+datasets through the `rsretrieve.datasets` entry-point group (a `DatasetEntry` each); rsretrieve's
+own are registered the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from rsretrieve.datasets.base import META_TYPES, PATCH, Chunk, PatchBatch, PatchDataset, empty_batch, label_matrix, meta_table, patches_fingerprint
 from rsretrieve.errors import RSRetrieveError
+from rsretrieve.io.entry_points import EntryPointRegistry
 from rsretrieve.io.remote import as_location
 
 
@@ -31,17 +34,25 @@ class DatasetEntry:
     remote: bool = False  # whether the root may be a URL (s3://, https://, hf://, any fsspec protocol)
 
 
-DATASETS: dict[str, DatasetEntry] = {
-    # the bundled archive holds all 24 real pairs; `eval sample` keeps the paper's exclusion of
-    # snowy/cloudy patches through the `sample` subset's pair list
-    "sample": DatasetEntry("rsretrieve.datasets.benv2:BENv2Dataset",
-                           defaults={"source": "tree", "include_snow_cloud": True, "dataset_name": "sample"}),
-    "benv2": DatasetEntry("rsretrieve.datasets.benv2:BENv2Dataset",
-                          needs_root="a dataset root is needed (the BigEarthNet-v2 folder or its LMDB)"),
-    "majortom": DatasetEntry("rsretrieve.datasets.majortom:MajorTOMDataset",
-                             needs_root="a dataset root is needed (folder with Core-S2L2A/ or Core-S1RTC/)",
-                             takes_subset=False, remote=True),
-}
+# the bundled archive holds all 24 real pairs; `eval sample` keeps the paper's exclusion of
+# snowy/cloudy patches through the `sample` subset's pair list
+SAMPLE = DatasetEntry("rsretrieve.datasets.benv2:BENv2Dataset",
+                      defaults={"source": "tree", "include_snow_cloud": True, "dataset_name": "sample"})
+BENV2 = DatasetEntry("rsretrieve.datasets.benv2:BENv2Dataset",
+                     needs_root="a dataset root is needed (the BigEarthNet-v2 folder or its LMDB)")
+MAJORTOM = DatasetEntry("rsretrieve.datasets.majortom:MajorTOMDataset",
+                        needs_root="a dataset root is needed (folder with Core-S2L2A/ or Core-S1RTC/)", takes_subset=False, remote=True)
+
+
+def _add_dataset(registry: dict, name: str, entry) -> None:
+    if not isinstance(entry, DatasetEntry):
+        raise TypeError(f"expected an rsretrieve.datasets.DatasetEntry, got {type(entry).__name__}")
+    registry[name.lower()] = entry
+
+
+# the registered datasets: rsretrieve's own and those installed packages declare in the
+# `rsretrieve.datasets` entry-point group (`rsretrieve.io.entry_points`), loaded on first use
+DATASETS = EntryPointRegistry("rsretrieve.datasets", _add_dataset, lambda: [("sample", SAMPLE), ("benv2", BENV2), ("majortom", MAJORTOM)])
 
 
 def sample_root() -> Path:

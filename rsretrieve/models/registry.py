@@ -3,7 +3,8 @@
     get_config("csmoe-p16")            # a registered config
     register_config(CSMoEConfig(...))  # add one (e.g. for a checkpoint of another size)
 
-Configs are frozen and JSON round-trip, so they serialise into checkpoints and store provenance.
+Other packages add configs through the `rsretrieve.models` entry-point group
+(`rsretrieve.io.entry_points`); rsretrieve's own (`BUILTIN`) are registered the same way. Configs are frozen and JSON round-trip, so they serialise into checkpoints and store provenance.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rsretrieve.bands import S1_BANDS, S2_BANDS
+from rsretrieve.io.entry_points import EntryPointRegistry
 from rsretrieve.recipes import BENV2_NEAREST, CSMAE_BEN1, Preprocessing
 
 POOLS = ("token", "avg")
@@ -124,36 +126,40 @@ class CSMoEConfig:
         return dataclasses.replace(self, **changes)
 
 
-REGISTRY: dict[str, CSMoEConfig] = {}
+def _add_configs(registry: dict, name: str, found) -> None:
+    """An entry of the `rsretrieve.models` group: one config, or an iterable of them."""
+    for config in [found] if isinstance(found, CSMoEConfig) else list(found):
+        if not isinstance(config, CSMoEConfig):
+            raise TypeError(f"{name}: expected CSMoEConfig objects, got {type(config).__name__}")
+        registry[config.name] = config
+
+
+# the registered configs: rsretrieve's own (`BUILTIN`, below) and those installed packages declare
+# in the `rsretrieve.models` entry-point group (`rsretrieve.io.entry_points`), loaded on first use
+REGISTRY = EntryPointRegistry("rsretrieve.models", _add_configs, lambda: [("builtin", BUILTIN)])
 
 
 def register_config(config: CSMoEConfig) -> CSMoEConfig:
-    REGISTRY[config.name] = config
+    """Add a config at run time (e.g. for a checkpoint of another size)."""
+    REGISTRY.load()[config.name] = config
     return config
 
 
-for _p in (14, 16, 28, 32):
-    register_config(CSMoEConfig(name=f"csmoe-p{_p}", patch_size=_p))
+BUILTIN: list[CSMoEConfig] = [CSMoEConfig(name=f"csmoe-p{_p}", patch_size=_p) for _p in (14, 16, 28, 32)]
 # CSMAE's published ViT-B/15 backbones (jakhac/CSMAE): "SE" = 10 sensor-specific + 2 shared layers
 # (csmae_secd, csmae_sesd), "CE" = 12 + 0 (csmae_cecd, csmae_cesd). Retrieval vector fc_norm(mean of
 # the patch tokens); CSMAE's own preprocessing.
 _CSMAE = dict(img_size=120, patch_size=15, moe_layers_modality=(), moe_layers_cross=(), num_experts=1,
               global_pool="avg", preprocessing=CSMAE_BEN1)
-register_config(CSMoEConfig(name="csmae-p15", depth_modality=10, depth_cross=2, **_CSMAE))
-register_config(CSMoEConfig(name="csmae-ce-p15", depth_modality=12, depth_cross=0, **_CSMAE))
-register_config(
-    CSMoEConfig(
-        name="csmoe-tiny", img_size=64, patch_size=16, embed_dim=64, num_heads=2, depth_modality=2,
-        depth_cross=1, num_experts=4, moe_layers_modality=(1,), moe_layers_cross=(0,),
-    )
-)
-register_config(
-    CSMoEConfig(
-        name="csmae-tiny", img_size=64, patch_size=16, embed_dim=64, num_heads=2, depth_modality=2,
-        depth_cross=1, num_experts=1, moe_layers_modality=(), moe_layers_cross=(), global_pool="avg",
-        preprocessing=CSMAE_BEN1,
-    )
-)
+BUILTIN += [
+    CSMoEConfig(name="csmae-p15", depth_modality=10, depth_cross=2, **_CSMAE),
+    CSMoEConfig(name="csmae-ce-p15", depth_modality=12, depth_cross=0, **_CSMAE),
+    CSMoEConfig(name="csmoe-tiny", img_size=64, patch_size=16, embed_dim=64, num_heads=2, depth_modality=2,
+                depth_cross=1, num_experts=4, moe_layers_modality=(1,), moe_layers_cross=(0,)),
+    CSMoEConfig(name="csmae-tiny", img_size=64, patch_size=16, embed_dim=64, num_heads=2, depth_modality=2,
+                depth_cross=1, num_experts=1, moe_layers_modality=(), moe_layers_cross=(), global_pool="avg",
+                preprocessing=CSMAE_BEN1),
+]
 
 
 def list_models() -> list[str]:
