@@ -133,14 +133,3 @@ def read_readable(array, start: int, stop: int, fill) -> np.ndarray:
         except ChecksumError:
             continue
     return out
-
-
-def read_checked(array, where: Path, selection=slice(None)) -> np.ndarray:
-    """`array[selection]`, a checksum failure named by file and rows (`scan`) in one line."""
-    try:
-        return np.asarray(array[selection])
-    except ChecksumError:
-        damage = scan(array, where, expect_files=False)
-        first = f" ({damage[0]})" if damage else ""
-        raise ChecksumError(located(where, f"a chunk fails its checksum{first}; run `rsretrieve verify`, then "
-                                           "`rsretrieve encode` to repair it")) from None

@@ -162,15 +162,13 @@ def verify_group(store, modality: Modality) -> list[Finding]:
         if problem:
             return [Finding(str(group_dir / name), problem, rebuild)]
     repair = f"run `rsretrieve encode --modality {modality}` to repair it"
-    damage = array_damage(store, modality)
+    damage = store_damage(store, modality)
+    ledger_sound = not damage.keys() & {"valid", *LEDGER_ARRAYS}  # else the checks below cannot read it
     findings = [Finding(str(group_dir / name), "; ".join(map(str, found[:3])) + (f" (and {len(found) - 3} more)" if len(found) > 3 else ""),
-                        repair, chunks_of_rows(store, modality, found) if name in ROW_DATA and not damage.keys() & set(LEDGER_ARRAYS) else ())
+                        repair, chunks_of_rows(store, modality, found) if name in ROW_DATA and ledger_sound else ())
                 for name, found in damage.items()]
-    if damage.keys() & {"valid", *LEDGER_ARRAYS}:
-        return findings  # the checks below read them
-    if "patch_id" not in damage:
-        findings += [Finding(str(group_dir / name), "; ".join(map(str, found[:3])), repair)
-                     for name, found in invariant_damage(store, modality).items()]
+    if not ledger_sound:
+        return findings
     try:
         damaged = damaged_chunks(store, modality)
     except StoreError as exc:

@@ -27,7 +27,7 @@ from rsretrieve.bands import Modality
 from rsretrieve.errors import StoreError, located
 from rsretrieve.labels import CLASSES
 from rsretrieve.store.checksum import Damage, read_readable
-from rsretrieve.store.integrity import LEDGER_ARRAYS, ROW_DATA, store_damage
+from rsretrieve.store.integrity import LEDGER_ARRAYS, ROW_DATA, chunks_of_rows, store_damage
 from rsretrieve.store.layout import FLOAT_COORDS, ledger, patch_coords, storage_rows
 
 
@@ -52,10 +52,11 @@ def repair(store, modality: Modality, data: Callable[[], tuple[object, Sequence,
     if coordinates:
         _rewrite_coordinates(group_dir, group, coordinates, meta)
     rows = [d for name, found in damage.items() if name in (*ROW_DATA, *FLOAT_COORDS) for d in found]
-    again = _chunks_owning(store, modality, rows)
+    again = list(chunks_of_rows(store, modality, rows))
     store.reset_chunks(modality, again)
     for name in ROW_DATA:
-        _delete_wholly_damaged(group_dir / name, group[name], damage.get(name, []))
+        if name in damage:
+            _delete_wholly_damaged(group_dir / name, group[name], damage[name])
     what = ", ".join(f"{name} ({len(found)} part{'s' if len(found) > 1 else ''})" for name, found in damage.items())
     rewritten = [*ledger_damage, *coordinates]
     done = [f"{', '.join(rewritten)} written again from the data" if rewritten else "", f"{len(again)} chunk(s) encoded again" if again else ""]
@@ -119,11 +120,6 @@ def _rewrite_coordinates(group_dir: Path, group, names: list[str], meta) -> None
         if coords:
             xr.Dataset(coords=coords).to_zarr(group_dir.parent, group=group_dir.name, region={"patch": slice(start, start + length)},
                                               mode="r+", zarr_format=3, consolidated=False)
-
-
-def _chunks_owning(store, modality: Modality, damage: list[Damage]) -> list[str]:
-    spans, _ = store.ledger(modality)
-    return [span.key for span in spans if any(span.start < stop and start < span.stop for start, stop in (d.rows for d in damage))]
 
 
 def _delete_wholly_damaged(array_dir: Path, array, damage: list[Damage]) -> None:
