@@ -57,7 +57,7 @@ def repair(store, modality: Modality, data: Callable[[], tuple[object, Sequence,
     for name in ROW_DATA:
         if name in damage:
             _delete_wholly_damaged(group_dir / name, group[name], damage[name])
-    what = ", ".join(f"{name} ({len(found)} part{'s' if len(found) > 1 else ''})" for name, found in damage.items())
+    what = ", ".join(f"{name} ({len(found)} part{'s' if len(found) > 1 else ''})" for name, found in sorted(damage.items()))
     rewritten = [*ledger_damage, *coordinates]
     done = [f"{', '.join(rewritten)} written again from the data" if rewritten else "", f"{len(again)} chunk(s) encoded again" if again else ""]
     return [f"repaired the {modality.upper()} store's damaged {what}: {'; '.join(part for part in done if part)}"]
