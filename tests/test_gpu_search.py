@@ -212,11 +212,38 @@ def test_an_ivfpq_disk_build_without_a_gpu_says_it_trained_on_the_cpu(saved_disk
     assert notices[False] is None  # not asked for a GPU
 
 
-def test_query_with_gpu_search_says_in_one_line_why_it_searches_on_the_cpu(tmp_path):
-    from rsretrieve.datasets import sample_root
-    from test_cli import indexed_workspace, run
+def test_evaluate_with_use_gpu_carries_the_notice(tmp_path):
+    from test_metrics import make_pair_store
 
-    ws = indexed_workspace(tmp_path / "ws")
+    from rsretrieve.retrieval.evaluate import evaluate
+
+    make_pair_store(tmp_path / "store.zarr")
+    result = evaluate(tmp_path / "store.zarr", tasks=("s2s2",), k=5, use_gpu=True)
+    assert result.gpu_notice.startswith("--gpu-search: searching on the CPU: ") and "faiss-cpu" in result.gpu_notice
+    assert evaluate(tmp_path / "store.zarr", tasks=("s2s2",), k=5, use_gpu=False).gpu_notice is None
+
+
+# -- the command line ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpu_indexed(tmp_path_factory):
+    """A workspace indexed (both modalities of the sample) with --gpu-search: (workspace, the run)."""
+    from test_cli import MODEL, run
+
+    ws = tmp_path_factory.mktemp("ws")
+    return ws, run(["index", "--model", MODEL, "--gpu-search"], ws)
+
+
+def test_index_with_gpu_search_says_in_one_line_why_it_built_on_the_cpu(gpu_indexed):
+    _, proc = gpu_indexed
+    notices = [line for line in proc.stderr.splitlines() if "--gpu-search" in line]
+    assert len(notices) == 1 and "on the CPU" in notices[0] and "faiss-cpu" in notices[0], proc.stderr  # once for both modalities
+
+
+def test_query_with_gpu_search_says_in_one_line_why_it_searches_on_the_cpu(gpu_indexed):
+    from rsretrieve.datasets import sample_root
+    from test_cli import run
+
+    ws, _ = gpu_indexed
     folder = sorted(p for p in (sample_root() / "BigEarthNet-S2").glob("*/*") if p.is_dir())[0]
     proc = run(["query", folder, "--target", "s2", "-k", "3", "--gpu-search"], ws)
     notices = [line for line in proc.stderr.splitlines() if "--gpu-search" in line]
