@@ -214,6 +214,7 @@ def index(
     encoded = encode_all(job, modalities_of(modality), both=modality is ModalityOrBoth.both)
     from rsretrieve.indexer.jobs import job_cluster
 
+    notices = []
     with job_cluster(job) as client:  # started only if an ivfpq-disk index adds its parts on it
         for m in encoded:
             outcome = ensure_index(job, m, kind=kind.value, use_gpu=gpu_search, on_wait=waiting, client=client)
@@ -221,4 +222,7 @@ def index(
             grown = f" (+{outcome.added} new)" if outcome.added is not None else ""
             console.print(f"{m.upper()}: index {verb} {outcome.kind} over {outcome.vectors} vectors{grown} → {outcome.path}")
             console.print(f"{m.upper()} index: {outcome.summary()}", highlight=False)
+            notices.append(outcome.gpu_notice)
+    for note in dict.fromkeys(n for n in notices if n) if not State.quiet else ():  # once, not once per modality
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     State.workspace.remember(job.selection)

@@ -94,6 +94,7 @@ class IndexOutcome:
     vectors: int
     params: dict = field(default_factory=dict)  # as in index.json: nlist, m, bytes_per_vector, ...
     added: int | None = None  # vectors added to the existing index of a grown store (None: built whole)
+    gpu_notice: str | None = None  # with use_gpu: why the work ran on the CPU (`retrieval.gpu`), shown as query shows it
 
     @property
     def bytes_per_vector(self) -> float | None:
@@ -117,7 +118,8 @@ def ensure_index(job: Job, modality: Modality, kind: str = "auto", use_gpu: bool
     Checking is read-only; building holds the store's lock (a second `index` waits, then finds the
     index current) and refuses a store whose data disagrees with its ledger (`rsretrieve verify`).
     `client`: a Dask client or `cluster` (started only if used) on which an ``ivfpq-disk`` index
-    adds its parts; without one they are added in this process."""
+    adds its parts; without one they are added in this process. With `use_gpu`, `gpu_notice` says
+    why what was built or added ran on the CPU (an index already current needs no work, hence none)."""
     store = EmbeddingStore(job.store_path)
     directory = job.workspace.index_dir(job.store_path, modality)
     current = _current_index(store, modality, directory, kind)
@@ -135,11 +137,20 @@ def ensure_index(job: Job, modality: Modality, kind: str = "auto", use_gpu: bool
         mapper = _lazy_mapper(client)
         grown = grow_index(store, modality, directory, kind, mapper)
         if grown:
+            grown.gpu_notice = _adding_notice(grown.kind) if use_gpu else None
             return grown
         index = EmbeddingIndex.build(store.open(modality, index=False), modality, kind=kind, use_gpu=use_gpu, store_path=store.path,
                                      mapper=mapper, work_dir=directory.parent)
         index.save(directory, store_id=store.store_id)
-    return IndexOutcome(directory, True, index.kind, index.ntotal, dict(index.params))
+    return IndexOutcome(directory, True, index.kind, index.ntotal, dict(index.params), gpu_notice=index.gpu_notice if use_gpu else None)
+
+
+def _adding_notice(kind: str) -> str | None:
+    """Why the rows a grown ``ivfpq-disk`` index gained were assigned to lists on the CPU (the
+    in-RAM kinds add on the CPU in any case: their GPU form is for searching)."""
+    from rsretrieve.retrieval.gpu import notice, why_no_gpu
+
+    return notice(why_no_gpu(), "adding") if kind == "ivfpq-disk" else None
 
 
 def grow_index(store: EmbeddingStore, modality: Modality, directory: Path, kind: str = "auto", mapper=None) -> IndexOutcome | None:

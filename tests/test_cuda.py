@@ -104,3 +104,25 @@ def test_faiss_gpu_search_equals_cpu_search():
         assert gpu.gpu_notice is None and gpu._search_index is not gpu.cpu_index
         (_, ra), (_, rb) = cpu.search(x[:200], 10), gpu.search(x[:200], 10)
         assert (ra[:, 0] == rb[:, 0]).mean() >= 0.99
+
+
+def test_faiss_gpu_coarse_quantizer_of_ivfpq_disk_equals_cpu_search(tmp_path):
+    """ivfpq-disk: queries assigned to lists on the GPU, lists scanned and re-ranked on the CPU."""
+    faiss = pytest.importorskip("faiss")
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        pytest.skip("faiss has no GPU here")
+    from test_index_ondisk import mixture, write_store
+
+    from rsretrieve.retrieval.faiss_index import EmbeddingIndex
+
+    x = mixture(20_000, seed=1)
+    store = write_store(tmp_path / "s.zarr", x)
+    built = EmbeddingIndex.build(store.path, "s2", kind="ivfpq-disk", use_gpu=True, nprobe=16, k_factor=4.0)
+    assert built.gpu_notice is None  # trained on the GPU
+    directory = built.save(tmp_path / "index" / "s2", store_id=store.store_id)
+    cpu = EmbeddingIndex.load(directory, store_path=store.path, use_gpu=False)
+    gpu = EmbeddingIndex.load(directory, store_path=store.path, use_gpu=True)
+    assert gpu.gpu_notice is None and gpu._search_index is not gpu.cpu_index
+    (sa, ra), (sb, rb) = cpu.search(x[:500], 10), gpu.search(x[:500], 10)
+    assert (ra[:, 0] == rb[:, 0]).mean() >= 0.99
+    np.testing.assert_allclose(sa[:, 0], sb[:, 0], atol=1e-5)

@@ -53,6 +53,7 @@ class EvalResult:
     index_kind: str
     provenance: dict = field(default_factory=dict)
     pair_subset: int | None = None
+    gpu_notice: str | None = None  # with use_gpu: why the archives were searched on the CPU (`retrieval.gpu`)
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -189,8 +190,9 @@ def _evaluate(store, tasks, k, query_split, archive_split, pair_ids, index_kind,
         results[task] = TaskResult(task, scores["precision"], scores["recall"], scores["f1"], scores["map"],
                                    scores["n_queries"], index.ntotal, k, scores["f1_pairwise"], scores["f1_macro"],
                                    bool((relevant == index.ntotal).all()))
+    notices = [index.gpu_notice for index, _ in archives.values() if index.gpu_notice]
     return EvalResult(results, k, query_split, archive_split, index_kind, provenance,
-                      None if pair_list is None else len(pair_list))
+                      None if pair_list is None else len(pair_list), notices[0] if notices else None)
 
 
 def _common_provenance(groups: Mapping) -> dict:

@@ -383,7 +383,7 @@ class EmbeddingIndex:
         if meta.get("kind") in ON_DISK:
             ondisk = ON_DISK[meta["kind"]].from_saved(directory, meta, store_path, rebuild)
             if use_gpu:
-                ondisk._on_gpu()  # it searches on the CPU: the notice says so
+                ondisk._on_gpu()  # its coarse quantizer on the GPU (a search-only copy: never saved), or the notice says why not
             return ondisk
         try:
             index = faiss.read_index(str(directory / INDEX_FILE))

@@ -90,7 +90,15 @@ class OnDiskIndex(EmbeddingIndex):
     # -- search ------------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q, k = self._normalised_queries(queries, k)
-        return rerank.search_reranked(self.cpu_index, self.vectors, q, k, float(self.params["k_factor"]))
+        return rerank.search_reranked(self.cpu_index, self.vectors, q, k, float(self.params["k_factor"]), search=self._search_index.search)
+
+    def _on_gpu(self) -> None:
+        """Assign queries to lists on the GPU (`gpu.CoarseOnGpu`: the lists are scanned on the CPU,
+        the shortlist re-ranked from the store), or say why not. `cpu_index` keeps its CPU
+        quantizer: it is what `save` writes. Called by `load` only: a build searches on the CPU."""
+        from rsretrieve.retrieval.gpu import coarse_on_gpu
+
+        self._search_index, self.gpu_notice = coarse_on_gpu(self.cpu_index, self.kind)
 
     def search_patch_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, rows = self.search(queries, k)
@@ -162,6 +170,7 @@ class OnDiskIndex(EmbeddingIndex):
             truth = rerank.merge_topk([(r.scores, r.rows) for r in results if r.scores is not None], 10)[1]
             out.tune(target_recall=target_recall, seed=seed, queries=queries, truth=truth)
         out.params["bytes_per_vector"] = round(ram_bytes(index) / max(1, index.ntotal), 1)
+        out.gpu_notice = _training_notice() if use_gpu else None
         return out
 
     def extend(self, source=None, modality: str | None = None, rows=None, *, batch_size: int = 65_536, mapper=None,
@@ -191,7 +200,9 @@ class OnDiskIndex(EmbeddingIndex):
         disk.set_nprobe(merged, int(self.params["nprobe"]))
         disk.set_prefetch(merged, int(self.params.get("prefetch_threads", 0)))
         old_cleanup = self._cleanup
-        self.cpu_index = self._search_index = merged  # the old lists are unmapped with the old index
+        # the same trained quantizer: a GPU copy of its centroids serves the grown index as well
+        self._search_index = merged if self._search_index is self.cpu_index else self._search_index.on(merged)
+        self.cpu_index = merged  # the old lists are unmapped with the old index
         self._ivfdata, self._rows, self._patch_ids = work / IVFDATA_FILE, None, None
         self._own_work(work)
         if old_cleanup is not None:
@@ -377,6 +388,13 @@ def _add_parts(group_path: Path, work: Path, rows: np.ndarray, slice_rows: int, 
 
 
 ON_DISK["ivfpq-disk"] = OnDiskIndex
+
+
+def _training_notice() -> str | None:
+    """Why a build asked to train on the GPU (`use_gpu`) trained on the CPU, or None if it did not."""
+    from rsretrieve.retrieval.gpu import notice, why_no_gpu
+
+    return notice(why_no_gpu(), "training")
 
 
 def _remove_parts(work: Path) -> None:

@@ -38,13 +38,16 @@ def merge_topk(pairs, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
-def search_reranked(index, reader, queries: np.ndarray, k: int, k_factor: float, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by exact cosine among each query's PQ shortlist of k * k_factor (`queries` normalised).
-    Returns (scores (Q, k) float32, store rows (Q, k) int64; -inf / -1 where fewer were found)."""
+def search_reranked(index, reader, queries: np.ndarray, k: int, k_factor: float, batch: int = 256,
+                    search=None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by exact cosine among each query's PQ shortlist of k * k_factor (`queries` normalised),
+    the shortlist found by `search(queries, n)` (default `index.search`; `gpu.CoarseOnGpu.search`
+    assigns the queries to lists on a GPU). Returns (scores (Q, k) float32, store rows (Q, k)
+    int64; -inf / -1 where fewer were found)."""
     import faiss
 
     shortlist = int(min(max(k, round(k * k_factor)), faiss.extract_index_ivf(index).ntotal))
-    _, candidates = index.search(np.ascontiguousarray(queries, np.float32), shortlist)
+    _, candidates = (search or index.search)(np.ascontiguousarray(queries, np.float32), shortlist)
     scores = np.full((len(queries), k), -np.inf, np.float32)
     rows = np.full((len(queries), k), -1, np.int64)
     for start in range(0, len(queries), batch):
