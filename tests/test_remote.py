@@ -354,13 +354,38 @@ def test_a_server_that_never_answers_is_one_line_within_the_timeouts(tmp_path):
 def test_remote_timeouts_are_read_from_the_environment(monkeypatch):
     from rsretrieve.io.remote import filesystem, timeouts
 
-    assert timeouts() == (30.0, 10.0)
+    assert timeouts() == (20.0, 10.0)
     monkeypatch.setenv("RSRETRIEVE_HTTP_TIMEOUT", "2.5")
     fs, _ = filesystem("https://example.org/MajorTOM")
     assert fs.client_kwargs["timeout"].sock_read == 2.5 and fs.client_kwargs["timeout"].sock_connect == 10.0
     monkeypatch.setenv("RSRETRIEVE_HTTP_CONNECT_TIMEOUT", "soon")
     with pytest.raises(DataError, match="^RSRETRIEVE_HTTP_CONNECT_TIMEOUT: 'soon' is not a number of seconds above 0$"):
         timeouts()
+
+
+def test_a_silent_server_is_given_up_after_one_timeout_a_refusing_one_after_three_tries(monkeypatch):
+    """Issue 23: a server that never answers ended the run after 3 x (HEAD + GET) read timeouts,
+    three minutes with the defaults; a retry only helps a failure that came quickly."""
+    import time
+
+    from rsretrieve.io.remote import RETRIES, retried
+
+    monkeypatch.setenv("RSRETRIEVE_HTTP_TIMEOUT", "0.2")
+    calls = {"silent": 0, "refused": 0}
+
+    def silent():
+        calls["silent"] += 1
+        time.sleep(0.25)  # waited its read timeout
+        raise TimeoutError("Timeout on reading data from socket")
+
+    def refused():
+        calls["refused"] += 1
+        raise ConnectionRefusedError(111, "Connect call failed")
+
+    for call in (silent, refused):
+        with pytest.raises(OSError):
+            retried(call)
+    assert calls == {"silent": 1, "refused": RETRIES}
 
 
 def test_patches_that_could_not_be_reached_are_read_again_by_the_next_run_and_bad_files_are_not(tmp_path, monkeypatch):

@@ -26,7 +26,8 @@ _COLLAPSED = re.compile(r"^((?:[A-Za-z][\w+.-]*::)*)([A-Za-z][\w+.-]*):/(?!/)") 
 LOCAL_PROTOCOLS = ("file", "local")
 RETRIES = 3  # attempts of a read that failed on the way (connection, timeout, server error 5xx)
 TIMEOUT_ENV, CONNECT_TIMEOUT_ENV = "RSRETRIEVE_HTTP_TIMEOUT", "RSRETRIEVE_HTTP_CONNECT_TIMEOUT"
-DEFAULT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT = 30.0, 10.0  # seconds: a read waiting on a silent server, a connection
+# seconds: a read waiting on a silent server (an HTTP `info` makes two: HEAD, then GET), a connection
+DEFAULT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT = 20.0, 10.0
 
 
 def one_line(exc: BaseException) -> str:
@@ -75,7 +76,7 @@ def _seconds(name: str, default: float) -> float:
 
 def timeouts() -> tuple[float, float]:
     """(read, connect) timeouts in seconds for every remote request: $RSRETRIEVE_HTTP_TIMEOUT and
-    $RSRETRIEVE_HTTP_CONNECT_TIMEOUT, else 30 and 10. A server that accepts and never answers
+    $RSRETRIEVE_HTTP_CONNECT_TIMEOUT, else 20 and 10. A server that accepts and never answers
     fails a read after `read` seconds (retried `RETRIES` times) instead of hanging the run."""
     return _seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT), _seconds(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT)
 
@@ -148,12 +149,17 @@ def reason(exc: BaseException) -> str:
 
 def retried(call):
     """`call()`, tried again (after 0.5 s, then 1 s, ...) while it fails on the way to the data
-    (`unreachable`), at most `RETRIES` times in all; its last error is raised."""
+    (`unreachable`), at most `RETRIES` times in all, and only while the attempts so far took less
+    than one read timeout: a refused connection or a server error is retried, a server that stays
+    silent is given up after its first timeout (not `RETRIES` of them). Its last error is raised."""
+    spent = 0.0  # in the attempts themselves, not the pauses between them
     for attempt in range(RETRIES):
+        started = time.monotonic()
         try:
             return call()
         except Exception as exc:  # noqa: BLE001 - the callers say what failed in one line
-            if not unreachable(exc) or attempt == RETRIES - 1:
+            spent += time.monotonic() - started
+            if not unreachable(exc) or attempt == RETRIES - 1 or spent >= timeouts()[0]:
                 raise
             time.sleep(0.5 * 2**attempt)
 
