@@ -234,3 +234,54 @@ def test_prepare_orders_normalises_transposes_and_resizes_as_the_references(prep
     got = prepare(RawPixels(image[None], ("VV", "VH")), "s1", preprocessing, img_size)[0].numpy()
     assert got.shape == (2, img_size, img_size)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+# -- 5. the default nlist ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 10, 38, 39, 40, 77, 78, 100, 1_000, 10_000, 24_336, 100_000, 1_000_000, 144_000_000])
+def test_default_nlist_is_within_faiss_limits(n):
+    """faiss's k-means wants `ClusteringParameters().min_points_per_centroid` (39) training points
+    per centroid; its wiki ("Guidelines to choose an index") sizes IVF at 4*sqrt(N) lists and more.
+    The default is the guideline's 4*sqrt(N) wherever the archive has the points for it, else as
+    many lists as it has points for, and never fewer than one."""
+    import faiss
+
+    from rsretrieve.retrieval.ivfpq import default_nlist
+    from rsretrieve.retrieval.ondisk_ivf import disk_nlist
+
+    per_centroid = faiss.ClusteringParameters().min_points_per_centroid
+    guideline = round(4 * np.sqrt(n))
+    nlist = default_nlist(n)
+    assert nlist == max(1, min(guideline, n // per_centroid)), (n, nlist)
+    disk = disk_nlist(n)  # ivfpq-disk: a power of two near 4*sqrt(N), as many as the sample trains
+    assert disk >= 1 and disk & (disk - 1) == 0, (n, disk)
+    assert disk == 1 or disk * per_centroid <= n, (n, disk)
+    assert disk <= 2 * guideline or disk == 1, (n, disk)
+
+
+# -- 6. the cosine an IVF-PQ index reports -------------------------------------------------------------
+
+
+def test_ivfpq_scores_are_the_exact_cosines_of_the_rows_it_returns(tmp_path):
+    """The in-RAM IVF-PQ (refined with the full vectors) reports, for every id it returns, the
+    cosine of the query and that row's stored embedding, computed here in float64."""
+    import xarray as xr
+
+    from rsretrieve.retrieval import EmbeddingIndex
+    from test_faiss_index import clustered, make_store
+
+    archive = clustered(600, dim=32, sub=8, clusters=16)
+    queries = clustered(25, dim=32, sub=8, clusters=16, seed=7)
+    make_store(tmp_path / "s.zarr", archive)
+    index = EmbeddingIndex.build(xr.open_zarr(tmp_path / "s.zarr", group="s2", consolidated=False), kind="ivfpq",
+                                 nlist=8, m=4, tune=False, use_gpu=False)
+    assert index.kind == "ivfpq"
+    scores, rows = index.search(queries, 10)
+    assert (rows >= 0).all()
+    stored = np.asarray(xr.open_zarr(tmp_path / "s.zarr", group="s2", consolidated=False)["embedding"].values, np.float64)
+    unit = stored / np.linalg.norm(stored, axis=1, keepdims=True)
+    q = queries.astype(np.float64) / np.linalg.norm(queries.astype(np.float64), axis=1, keepdims=True)
+    exact = np.einsum("qd,qkd->qk", q, unit[rows])
+    np.testing.assert_allclose(scores, exact, rtol=0, atol=2e-6)
+    assert (np.diff(scores, axis=1) <= 1e-7).all()  # best first
