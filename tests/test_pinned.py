@@ -285,3 +285,205 @@ def test_ivfpq_scores_are_the_exact_cosines_of_the_rows_it_returns(tmp_path):
     exact = np.einsum("qd,qkd->qk", q, unit[rows])
     np.testing.assert_allclose(scores, exact, rtol=0, atol=2e-6)
     assert (np.diff(scores, axis=1) <= 1e-7).all()  # best first
+
+
+# -- a real sample store, encoded in-process (tests 4, 7, 8) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client
+
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as c:
+        yield c
+
+
+def _encode_s2(store: Path, client):
+    from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, encode
+    from test_damage import CHUNKS, MODEL
+
+    return encode(DatasetSpec("sample", options=CHUNKS), "s2", store, EncoderSpec(MODEL, "cpu", 3), client=client)
+
+
+def _arrays(store: Path) -> dict[str, np.ndarray]:
+    import zarr
+
+    return {name: np.asarray(array[:]) for name, array in zarr.open_group(store / "s2", mode="r").arrays()}
+
+
+def _assert_same_arrays(store: Path, clean: dict) -> None:
+    got = _arrays(store)
+    assert set(got) == set(clean)
+    for name, values in clean.items():
+        assert np.array_equal(got[name], values, equal_nan=values.dtype.kind == "f"), name
+
+
+@pytest.fixture(scope="module")
+def clean_store(tmp_path_factory, client) -> tuple[Path, dict]:
+    store = tmp_path_factory.mktemp("clean") / "store.zarr"
+    summary = _encode_s2(store, client)
+    assert summary.chunks_encoded == 8
+    return store, _arrays(store)
+
+
+# -- 4. a chunk's data before its ledger entry ------------------------------------------------------
+
+
+class _PowerCut(Exception):
+    pass
+
+
+class _CutAfterData:
+    """A store group whose `valid` writes (the last of a shard's data: embedding, its row checksums,
+    then valid) land on disk and then fail: a crash after the data, before anything else."""
+
+    def __init__(self, group):
+        self._group = group
+
+    def __getitem__(self, name):
+        array = self._group[name]
+        return _FailAfterWrite(array) if name == "valid" else array
+
+    def __getattr__(self, name):
+        return getattr(self._group, name)
+
+    def __contains__(self, name):
+        return name in self._group
+
+
+class _FailAfterWrite:
+    def __init__(self, array):
+        self._array = array
+
+    def __setitem__(self, key, value):
+        self._array[key] = value
+        raise _PowerCut("power cut after the data write")
+
+    def __getitem__(self, key):
+        return self._array[key]
+
+    def __getattr__(self, name):
+        return getattr(self._array, name)
+
+
+def test_a_fault_after_a_chunks_data_leaves_it_not_done_and_the_next_encode_writes_it(clean_store, client, tmp_path,
+                                                                                      monkeypatch):
+    """The ledger is written after the data: a crash between the two leaves the chunks of that shard
+    not done (whatever of their data reached the disk), and the next encode encodes them again; the
+    store ends equal to a clean one."""
+    from rsretrieve.store import EmbeddingStore
+    from rsretrieve.store.integrity import verify
+    from rsretrieve.store.writer import ShardWriter
+
+    _, clean = clean_store
+    store = tmp_path / "store.zarr"
+    original = ShardWriter.__init__
+
+    def faulty_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.group = _CutAfterData(self.group)
+
+    monkeypatch.setattr(ShardWriter, "__init__", faulty_init)
+    with pytest.raises(Exception) as raised:
+        _encode_s2(store, client)
+    assert any(isinstance(e, _PowerCut) for e in _chain(raised.value)), raised.value
+    monkeypatch.setattr(ShardWriter, "__init__", original)
+    after_fault = _arrays(store)
+    assert after_fault["valid"].any()  # the data did reach the disk ...
+    assert not after_fault["chunk_done"].any()  # ... and no chunk is marked done
+    assert (after_fault["chunk_valid"] <= 0).all()
+    summary = _encode_s2(store, client)
+    assert summary.chunks_already_done == 0 and summary.chunks_encoded == 8
+    assert verify(EmbeddingStore(store)) == []
+    _assert_same_arrays(store, clean)
+
+
+def _chain(exc: BaseException):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+# -- 7. an index recorded for another store ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("owner", ["this store", "another store"])
+def test_an_index_of_another_store_is_refused_never_current_and_reported(clean_store, tmp_path, owner):
+    """An index.json carrying another store's id, at the place of this store's index, with files
+    matching their record and the same embeddings' provenance: loading refuses it, it is never
+    current (nor grown), and `verify` reports it. The same index recorded for this store passes all
+    three (the control: only the id differs)."""
+    from rsretrieve.errors import StoreError
+    from rsretrieve.retrieval import EmbeddingIndex
+    from rsretrieve.retrieval.index_meta import growable_meta, index_dir, index_is_current
+    from rsretrieve.retrieval.verify import verify_archive
+    from rsretrieve.store import EmbeddingStore
+
+    store = EmbeddingStore(clean_store[0])
+    indexes = tmp_path / "indexes"
+    directory = index_dir(indexes, store.path, store.store_id, "s2")
+    recorded_id = store.store_id if owner == "this store" else "0f" * 16
+    assert recorded_id != store.store_id or owner == "this store"
+    index = EmbeddingIndex.build(store.open("s2", index=False), "s2", kind="flat", use_gpu=False, store_path=store.path)
+    index.save(directory, store_id=recorded_id)
+    assert json.loads((directory / "index.json").read_text())["store_id"] == recorded_id
+    provenance, n_rows = store.provenance("s2"), int(store.zarr_group("s2")["valid"].shape[0])
+    current = index_is_current(directory, provenance, n_rows, selection={"n_selected": store.valid_count("s2")},
+                               store_id=store.store_id)
+    findings = [str(f) for f in verify_archive(store.path, indexes)]
+    if owner == "this store":
+        assert EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=False, store_id=store.store_id).ntotal == 24
+        assert current and growable_meta(directory, provenance, store.store_id) is not None
+        assert findings == []
+        return
+    with pytest.raises(StoreError, match="another store"):
+        EmbeddingIndex.load(directory, expected_provenance=provenance, use_gpu=False, store_id=store.store_id)
+    assert not current
+    assert growable_meta(directory, provenance, store.store_id) is None
+    assert len(findings) == 1 and "another store" in findings[0] and str(directory) in findings[0], findings
+
+
+# -- 8. a shard index damaged in place --------------------------------------------------------------
+
+
+def _flip_in_shard_index(shard: Path, index_bytes: int) -> None:
+    """Clear the lowest set bit of the first inner chunk's length in the index at the end of a
+    shard: the file keeps its length, the index its shape and lists nothing past the data (a
+    shorter chunk), so only its CRC32C tells."""
+    data = bytearray(shard.read_bytes())
+    at = len(data) - index_bytes + 8  # (offset, nbytes) uint64 pairs, little-endian, then the CRC32C
+    nbytes = int.from_bytes(data[at : at + 8], "little")
+    assert 0 < nbytes < len(data)
+    data[at : at + 8] = (nbytes & (nbytes - 1)).to_bytes(8, "little")
+    shard.write_bytes(bytes(data))
+
+
+def test_a_shard_index_flipped_in_place_is_named_by_info_and_verify_and_repaired_by_encode(clean_store, client, tmp_path):
+    import zarr
+
+    from rsretrieve.store import EmbeddingStore
+    from rsretrieve.store.integrity import damaged_chunks, verify
+
+    clean_path, clean = clean_store
+    store = tmp_path / "store.zarr"
+    shutil.copytree(clean_path, store)
+    embedding = zarr.open_array(store / "s2" / "embedding", mode="r")
+    (sharding,) = [c for c in embedding.metadata.codecs if type(c).__name__ == "ShardingCodec"]
+    shard_rows, inner_rows = embedding.metadata.chunk_grid.chunk_shape[0], sharding.chunk_shape[0]
+    index_bytes = -(-shard_rows // inner_rows) * 16 + 4  # the zarr v3 sharding spec's index, with its crc32c
+    shard = store / "s2" / "embedding" / embedding.metadata.chunk_key_encoding.encode_chunk_key((0, 0))
+    size = shard.stat().st_size
+    _flip_in_shard_index(shard, index_bytes)
+    assert shard.stat().st_size == size
+    opened = EmbeddingStore(store)
+    damaged = damaged_chunks(opened, "s2")  # what `info` and `encode` check
+    rows_in_shard = min(shard_rows, clean["valid"].size)
+    in_shard = [str(k) for k, s in zip(clean["chunk_key"], clean["chunk_start"]) if s < rows_in_shard]
+    assert sorted(damaged) == sorted(in_shard), damaged
+    assert all("index fails its checksum" in why for why in damaged.values()), damaged
+    found = [str(f) for f in verify(opened)]
+    assert any("s2/embedding" in line or "embedding shard" in line for line in found), found
+    summary = _encode_s2(store, client)
+    assert summary.chunks_encoded == len(in_shard)
+    assert damaged_chunks(EmbeddingStore(store), "s2") == {} and verify(EmbeddingStore(store)) == []
+    _assert_same_arrays(store, clean)
