@@ -60,7 +60,8 @@ def main() -> None:
         for key, (requirement, wheel_name, member, names) in SOURCES.items():
             wheel = folder / wheel_name
             if not wheel.exists():
-                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), requirement], check=True)
+                pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), requirement]
+                subprocess.run(pip, check=True)
             with zipfile.ZipFile(wheel) as zf:
                 values = literals(zf.read(member).decode(), names)
             record["sources"][key] = {"requirement": requirement, "wheel": wheel_name,
