@@ -248,3 +248,24 @@ def test_query_with_gpu_search_says_in_one_line_why_it_searches_on_the_cpu(gpu_i
     proc = run(["query", folder, "--target", "s2", "-k", "3", "--gpu-search"], ws)
     notices = [line for line in proc.stderr.splitlines() if "--gpu-search" in line]
     assert len(notices) == 1 and "searching on the CPU" in notices[0] and "faiss-cpu" in notices[0], proc.stderr
+
+
+def test_a_gpu_copy_that_fails_while_training_ivfpq_disk_is_a_notice_not_a_silent_fallback(tmp_path, monkeypatch):
+    """On a machine with a GPU, the k-means and list-assignment copies fell back to the CPU silently
+    when faiss could not make them: the build now says why, in the same one line."""
+    from rsretrieve.retrieval import ondisk_ivf as disk
+    from test_index_ondisk import mixture, write_store
+
+    def out_of_memory(index):
+        raise RuntimeError("Error in void faiss::gpu::allocMemorySpace\n  cudaMalloc error 2: out of memory")
+
+    store = write_store(tmp_path / "s.zarr", mixture(3000, seed=1))
+    monkeypatch.setattr(gpu, "why_no_gpu", lambda: None)
+    monkeypatch.setattr(gpu, "gpu_copy", out_of_memory)
+    monkeypatch.setattr(disk, "gpu_count", lambda: 1)
+    index = EmbeddingIndex.build(store.path, "s2", kind="ivfpq-disk", use_gpu=True, nprobe=8, k_factor=4.0, niter=5, opq_niter=5)
+    assert index.gpu_notice == ("--gpu-search: training on the CPU: faiss could not put the k-means assignment on the GPU "
+                                "(Error in void faiss::gpu::allocMemorySpace cudaMalloc error 2: out of memory)")
+    assert index.ntotal == 3000  # built on the CPU all the same
+    _, problem = disk.gpu_assigner(index.cpu_index, use_gpu=True)
+    assert problem and problem.startswith("faiss could not put the list assignment on the GPU")

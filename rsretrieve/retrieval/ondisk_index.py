@@ -153,7 +153,8 @@ class OnDiskIndex(EmbeddingIndex):
             t0 = time.perf_counter()
             sample = disk.read_vectors(reader, sample_rows(selected, params["train_size"], seed), batch_size)
             queries = tuning_queries(sample, TUNING_QUERIES, seed) if tuning else None
-            trained = disk.train_empty(sample, params, seed, use_gpu)  # rotates the sample in place
+            gpu_problems: list[str] = []
+            trained = disk.train_empty(sample, params, seed, use_gpu, gpu_problems)  # rotates the sample in place
             del sample
             disk.write_index(trained, work / "trained.faiss")
             t1 = time.perf_counter()
@@ -170,7 +171,8 @@ class OnDiskIndex(EmbeddingIndex):
             truth = rerank.merge_topk([(r.scores, r.rows) for r in results if r.scores is not None], 10)[1]
             out.tune(target_recall=target_recall, seed=seed, queries=queries, truth=truth)
         out.params["bytes_per_vector"] = round(ram_bytes(index) / max(1, index.ntotal), 1)
-        out.gpu_notice = _training_notice() if use_gpu else None
+        gpu_problems += [r.gpu_problem for r in results if r.gpu_problem]
+        out.gpu_notice = _training_notice(gpu_problems) if use_gpu else None
         return out
 
     def extend(self, source=None, modality: str | None = None, rows=None, *, batch_size: int = 65_536, mapper=None,
@@ -390,11 +392,12 @@ def _add_parts(group_path: Path, work: Path, rows: np.ndarray, slice_rows: int, 
 ON_DISK["ivfpq-disk"] = OnDiskIndex
 
 
-def _training_notice() -> str | None:
-    """Why a build asked to train on the GPU (`use_gpu`) trained on the CPU, or None if it did not."""
+def _training_notice(problems: list[str]) -> str | None:
+    """Why a build asked to train on the GPU (`use_gpu`) trained or assigned on the CPU (no GPU, or
+    a GPU copy that failed: `problems`), or None if it did not."""
     from rsretrieve.retrieval.gpu import notice, why_no_gpu
 
-    return notice(why_no_gpu(), "training")
+    return notice(why_no_gpu() or (problems[0] if problems else None), "training")
 
 
 def _remove_parts(work: Path) -> None:

@@ -167,11 +167,11 @@ def set_nprobe(index, nprobe: int) -> None:
 # -- training --------------------------------------------------------------------------------------
 
 
-def train_empty(sample: np.ndarray, params: dict, seed: int = 0, use_gpu: bool = True):
+def train_empty(sample: np.ndarray, params: dict, seed: int = 0, use_gpu: bool = True, gpu_problems: list[str] | None = None):
     """An empty IndexIVFPQ (L2 on unit vectors), behind an OPQ rotation if `params["opq"]`,
     trained on `sample` (normalised float32, C-contiguous). With OPQ the sample is rotated in place
     (it is the caller's to drop after): faiss's own `IndexPreTransform.train` would hold a rotated
-    copy beside it, 2 GB more at 10 M vectors."""
+    copy beside it, 2 GB more at 10 M vectors. Why a GPU could not train is added to `gpu_problems`."""
     faiss = _faiss()
     if sample.dtype != np.float32 or not sample.flags.c_contiguous:
         raise ValueError("train_empty needs a C-contiguous float32 sample (it may rotate it in place)")
@@ -197,7 +197,9 @@ def train_empty(sample: np.ndarray, params: dict, seed: int = 0, use_gpu: bool =
         rotation.train(sample)  # on a subsample of its own (max_train_points)
         for start in range(0, len(sample), 65_536):
             sample[start:start + 65_536] = rotation.apply(sample[start:start + 65_536])
-    assigner = _kmeans_assigner(dim, params, use_gpu)
+    assigner, problem = _kmeans_assigner(dim, params, use_gpu)
+    if problem and gpu_problems is not None:
+        gpu_problems.append(problem)
     if assigner is not None:  # the k-means step that dominates training: nlist centroids x the sample
         ivf.clustering_index = assigner
     ivf.train(sample)
@@ -211,19 +213,22 @@ def train_empty(sample: np.ndarray, params: dict, seed: int = 0, use_gpu: bool =
     return index
 
 
-def _kmeans_assigner(dim: int, params: dict, use_gpu: bool):
-    """What k-means assigns points with: a GPU flat index where faiss has a GPU, an HNSW graph
-    rebuilt each iteration for large nlist (16384 centroids: ~10x faster than flat on 2 cores),
-    else faiss's default (flat)."""
+def _kmeans_assigner(dim: int, params: dict, use_gpu: bool) -> tuple[object | None, str | None]:
+    """(what k-means assigns points with, why not on the GPU when one was there): a GPU flat index
+    where faiss has a GPU, an HNSW graph rebuilt each iteration for large nlist (16384 centroids:
+    ~10x faster than flat on 2 cores), else faiss's default (flat)."""
+    from rsretrieve.retrieval.gpu import failure, gpu_copy
+
     faiss = _faiss()
+    problem = None
     if use_gpu and gpu_count() > 0:
         try:
-            return faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
-        except Exception:  # noqa: BLE001
-            pass
+            return gpu_copy(faiss.IndexFlatL2(dim)), None
+        except Exception as exc:  # noqa: BLE001 — a GPU is an optimisation: train on the CPU, and say so
+            problem = failure("the k-means assignment", exc)
     if params["quantizer"] == "hnsw":
-        return faiss.IndexHNSWFlat(dim, params["hnsw_m"])
-    return None
+        return faiss.IndexHNSWFlat(dim, params["hnsw_m"]), problem
+    return None, problem
 
 
 def read_vectors(reader, rows: np.ndarray, batch_size: int) -> np.ndarray:
@@ -271,6 +276,7 @@ class SliceResult:
     scores: np.ndarray | None  # (Q, k) exact cosines of the tuning queries' top-k in this slice
     rows: np.ndarray | None  # (Q, k) their store rows (-1: fewer than k)
     seconds: float
+    gpu_problem: str | None = None  # why the vectors were assigned on the CPU although a GPU was there
 
 
 def add_slice(task: SliceTask) -> SliceResult:
@@ -284,7 +290,7 @@ def add_slice(task: SliceTask) -> SliceResult:
         faiss.omp_set_num_threads(int(task.threads))
     index = read_trained(task.trained_path)
     set_nprobe(index, 1)  # efSearch 32 for the assignment of each vector to its list
-    assigner = gpu_assigner(index, task.use_gpu)
+    assigner, problem = gpu_assigner(index, task.use_gpu)
     reader = RowReader(task.group_path)
     best = TopK(task.queries, task.k)
     rows = np.asarray(task.rows, np.int64)
@@ -295,22 +301,25 @@ def add_slice(task: SliceTask) -> SliceResult:
         best.update(vectors, ids)
     if rows.size:
         write_index(index, task.part_path)
-    return SliceResult(task.part_path if rows.size else None, int(rows.size), best.scores, best.rows, time.perf_counter() - t0)
+    return SliceResult(task.part_path if rows.size else None, int(rows.size), best.scores, best.rows, time.perf_counter() - t0, problem)
 
 
-def gpu_assigner(index, use_gpu: bool = True):
-    """A GPU flat index of the coarse centroids where faiss has a GPU (assigning vectors to their
-    lists is most of the cost of adding; PQ encoding is cheap), else None (faiss assigns on CPU)."""
+def gpu_assigner(index, use_gpu: bool = True) -> tuple[object | None, str | None]:
+    """(a GPU flat index of the coarse centroids where faiss has a GPU, else None: faiss assigns on
+    the CPU; why not, when a GPU was there). Assigning vectors to their lists is most of the cost of
+    adding; PQ encoding is cheap."""
+    from rsretrieve.retrieval.gpu import failure, gpu_copy
+
     if not use_gpu or gpu_count() == 0:
-        return None
+        return None, None
     try:
         faiss = _faiss()
         ivf = ivf_of(index)
         flat = faiss.IndexFlatL2(ivf.d)
         flat.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
-        return faiss.index_cpu_to_all_gpus(flat)
-    except Exception:  # noqa: BLE001 — a GPU is an optimisation, never a requirement
-        return None
+        return gpu_copy(flat), None
+    except Exception as exc:  # noqa: BLE001 — a GPU is an optimisation: assign on the CPU, and say so
+        return None, failure("the list assignment", exc)
 
 
 def add_vectors(index, vectors: np.ndarray, ids: np.ndarray, assigner=None) -> None:
