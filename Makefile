@@ -21,6 +21,7 @@ demo: $(STAMP)
 	bash tools/demo.sh
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 notebook: $(STAMP)

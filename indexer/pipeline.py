@@ -14,7 +14,6 @@ worker that dies takes its tasks with it; Dask reruns them elsewhere and the run
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections import Counter

@@ -1,7 +1,6 @@
 """Resumability and retries of the encoder stage: kill -9 at each chunk in turn, then resume; patches
 skipped for a bad file are read again once it is fixed (`retry_skipped`)."""
 
-import os
 import shutil
 import subprocess
 import sys

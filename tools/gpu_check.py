@@ -73,7 +73,6 @@ def encoder_alone(dry: bool) -> list[tuple[str, str, str]]:
 
     from rsretrieve.indexer.encoder import EncoderSpec, worker_model
     from rsretrieve.models.inference import embed_raw
-    from rsretrieve.pixels import RawPixels
 
     model, device, batch, n = ("csmoe-tiny", "cpu", 8, 32) if dry else ("csmoe-p16", "cuda", 1024, 8192)
     raw = synthetic_s2(n)

@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from rsretrieve.errors import StoreError, located
+from rsretrieve.errors import StoreError
 
 DAMAGED = "fail their checksum (damaged on disk)"
 
