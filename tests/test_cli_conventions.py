@@ -57,7 +57,8 @@ def test_every_help_fits_80_columns(tmp_path, command):
 # touches a file and waits there (never ending by itself), so that Ctrl-C comes mid-run at a moment
 # the test knows, neither during start-up nor after a run that ended first.
 PAUSED_CLI = """
-import pathlib, sys, time
+import faulthandler, pathlib, signal, sys, time
+faulthandler.register(signal.SIGUSR1)  # the test asks for every thread's stack if the run does not end
 from rsretrieve.store.writer import ShardWriter
 paused = pathlib.Path(sys.argv[1])
 def add_after_ctrl_c(self, *args, **kwargs):
@@ -86,7 +87,13 @@ def test_an_interrupted_run_is_resumed_by_the_short_command(tmp_path):
         assert paused.exists(), f"the run did not reach its first chunk in 300 s (exit code {proc.poll()})"
         assert _current_is(ws, "benv2")  # the selection is remembered once the run started
         proc.send_signal(signal.SIGINT)  # Ctrl-C mid-run
-        _, errors = proc.communicate(timeout=300)
+        try:
+            _, errors = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # where it hangs, for the failure message
+            time.sleep(2)
+            proc.kill()
+            pytest.fail("the run did not end within 300 s of Ctrl-C; its stacks:\n" + proc.communicate()[1][-6000:])
     finally:
         proc.kill()  # a no-op once it has exited
     assert proc.returncode == 130, errors

@@ -120,7 +120,7 @@ def test_hnsw_quantizer_and_lists_assigned_by_a_flat_index(archive, monkeypatch)
         flat = faiss.IndexFlatL2(ivf.d)
         flat.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
         calls.append(ivf.nlist)
-        return flat
+        return flat, None  # (assigner, why not on the GPU)
 
     calls = []
     monkeypatch.setattr(disk, "gpu_assigner", cpu_flat)
