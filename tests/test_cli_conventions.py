@@ -59,6 +59,9 @@ def test_every_help_fits_80_columns(tmp_path, command):
 PAUSED_CLI = """
 import faulthandler, pathlib, signal, sys, time
 faulthandler.register(signal.SIGUSR1)  # the test asks for every thread's stack if the run does not end
+# Ctrl-C as a terminal delivers it: a process started by one that ignores SIGINT (a Dask nanny run
+# earlier in the same pytest process) inherits the ignoring, and Python then keeps it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from rsretrieve.store.writer import ShardWriter
 paused = pathlib.Path(sys.argv[1])
 def add_after_ctrl_c(self, *args, **kwargs):
