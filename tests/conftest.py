@@ -59,3 +59,12 @@ def lmdb_root(tmp_path_factory):
                 txn.put(name.encode(), save(arrs))
     env.close()
     return root
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A thread-based Dask client for encoding sample stores in-process (one per test module)."""
+    from distributed import Client
+
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as c:
+        yield c

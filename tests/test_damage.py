@@ -26,14 +26,6 @@ ARRAYS = ("chunk_done", "chunk_key", "chunk_start", "chunk_stop", "chunk_valid",
           "label", "labels", "lat", "lon", "pair_id", "patch_id", "product_id", "split", "timestamp", "valid")
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client
-
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as c:
-        yield c
-
-
 def encode_s2(store: Path, client):
     return encode(DatasetSpec("sample", options=CHUNKS), "s2", store, EncoderSpec(MODEL, "cpu", 3), client=client)
 

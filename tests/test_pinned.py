@@ -290,32 +290,7 @@ def test_ivfpq_scores_are_the_exact_cosines_of_the_rows_it_returns(tmp_path):
 # -- a real sample store, encoded in-process (tests 4, 7, 8) ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client
-
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as c:
-        yield c
-
-
-def _encode_s2(store: Path, client):
-    from rsretrieve.indexer.pipeline import DatasetSpec, EncoderSpec, encode
-    from test_damage import CHUNKS, MODEL
-
-    return encode(DatasetSpec("sample", options=CHUNKS), "s2", store, EncoderSpec(MODEL, "cpu", 3), client=client)
-
-
-def _arrays(store: Path) -> dict[str, np.ndarray]:
-    import zarr
-
-    return {name: np.asarray(array[:]) for name, array in zarr.open_group(store / "s2", mode="r").arrays()}
-
-
-def _assert_same_arrays(store: Path, clean: dict) -> None:
-    got = _arrays(store)
-    assert set(got) == set(clean)
-    for name, values in clean.items():
-        assert np.array_equal(got[name], values, equal_nan=values.dtype.kind == "f"), name
+from test_damage import arrays as _arrays, assert_same_arrays as _assert_same_arrays, encode_s2 as _encode_s2  # noqa: E402
 
 
 @pytest.fixture(scope="module")
