@@ -33,7 +33,7 @@ from rsretrieve.indexer.skips import DATA_GAP, UNREACHABLE, skip_counts, skip_re
 from rsretrieve.provenance import MODEL_KEYS, describe, differences
 from rsretrieve.io.locks import exclusive
 from rsretrieve.store import ChunkSpan, EmbeddingStore
-from rsretrieve.store.integrity import chunks_with_skips, damaged_chunks, discard_broken_shards, store_damage
+from rsretrieve.store.integrity import chunks_with_skips, damaged_chunks, store_damage
 from rsretrieve.store.repair import repair
 from rsretrieve.store.grow import new_rows_meta, plan_spans
 from rsretrieve.store.writer import ShardWriter
@@ -272,8 +272,6 @@ def _prepare(store: EmbeddingStore, ds, modality: Modality, provenance: dict, sp
     damaged = damaged_chunks(store, modality)
     if damaged:
         store.reset_chunks(modality, damaged)
-    discard_broken_shards(store, modality)  # after the reset: a crash between leaves them to the next run
-    if damaged:
         key, why = next(iter(damaged.items()))
         notes.append(f"{len(damaged)} damaged chunk(s) are encoded again (first: {key}: {why})")
     if retry_skipped:

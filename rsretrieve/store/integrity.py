@@ -104,19 +104,6 @@ def broken_shards(group_dir: Path, present: set[int]) -> dict[int, str]:
     return {shard: why for shard, why in problems.items() if why}
 
 
-def discard_broken_shards(store, modality: Modality) -> list[int]:
-    """Delete the embedding shard files whose index is cut or fails its checksum (their chunks
-    marked not done first: `reset_chunks`); returns their numbers. Zarr reads a shard before
-    writing part of it, so a broken one would stop the repair; deleted, it is written anew from
-    the re-encoded rows."""
-    group_dir = Path(store.path) / modality
-    array = store.zarr_group(modality)["embedding"]
-    broken = broken_shards(group_dir, stored_chunk_rows(group_dir / "embedding", array))
-    for shard in broken:
-        (group_dir / "embedding" / array.metadata.chunk_key_encoding.encode_chunk_key((shard, 0))).unlink(missing_ok=True)
-    return sorted(broken)
-
-
 def chunks_with_skips(store, modality: Modality) -> list[str]:
     """Done chunks in which some patch is not valid (skipped: unreadable, or a gap in the data)."""
     spans, done = store.ledger(modality)
